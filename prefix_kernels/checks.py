@@ -1,0 +1,128 @@
+"""Argument checks for the public op: every bad input names the argument and the expected shape."""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+
+import torch
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256
+
+
+@dataclass(frozen=True)
+class Problem:
+    """The sizes of one call, after its arguments have been checked."""
+
+    B: int
+    Hq: int
+    Hkv: int
+    Lq: int
+    Lk: int
+    D: int
+    G: int
+    P: int
+    dtype: torch.dtype
+    device: torch.device
+
+    @property
+    def group(self) -> int:
+        """Query heads per kv head (1: MHA, Hq: MQA)."""
+        return self.Hq // self.Hkv
+
+
+# The last prefix_index whose values were checked, so that the same tensor passed to every layer
+# of a model costs one device sync per step, not one per layer.
+_checked_index: tuple = (None, -1, -1)
+
+
+def _check_index_range(prefix_index: torch.Tensor, G: int) -> None:
+    """Raise if a value lies outside [0, G): a kernel would read another tensor's memory."""
+    global _checked_index
+    if prefix_index.device.type == "meta" or torch.compiler.is_compiling():
+        return  # values unknown while tracing; eager calls of the same code are checked
+    last, version, last_G = _checked_index
+    if last is not None and last() is prefix_index and version == prefix_index._version and last_G == G:
+        return
+    lo, hi = int(prefix_index.min()), int(prefix_index.max())  # one device sync
+    if lo < 0 or hi >= G:
+        raise ValueError(f"prefix_index values must be in [0, G) = [0, {G}), got range [{lo}, {hi}]")
+    _checked_index = (weakref.ref(prefix_index), prefix_index._version, G)
+
+
+def _expect_tensor(name: str, x, shape_doc: str) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of shape {shape_doc}, got {type(x).__name__}")
+    if x.dim() != 4:
+        raise ValueError(f"{name} must be 4-D {shape_doc}, got shape {tuple(x.shape)}")
+
+
+def check_inputs(q, k, v, prefix_k, prefix_v, prefix_index, kv_mask, scale) -> Problem:
+    """Validate the arguments of shared_prefix_attention and return the problem's sizes."""
+    _expect_tensor("q", q, "(B, Hq, Lq, D)")
+    _expect_tensor("k", k, "(B, Hkv, Lk, D)")
+    _expect_tensor("v", v, "(B, Hkv, Lk, D)")
+    _expect_tensor("prefix_k", prefix_k, "(G, Hkv, P, D)")
+    _expect_tensor("prefix_v", prefix_v, "(G, Hkv, P, D)")
+    B, Hq, Lq, D = q.shape
+    _, Hkv, Lk, _ = k.shape
+    G, _, P, _ = prefix_k.shape
+
+    for name, x in (("q", q), ("k", k), ("v", v), ("prefix_k", prefix_k), ("prefix_v", prefix_v)):
+        if x.dtype not in SUPPORTED_DTYPES:
+            raise TypeError(f"{name} has dtype {x.dtype}; supported: float16, bfloat16, float32")
+        if x.dtype != q.dtype:
+            raise TypeError(f"{name} has dtype {x.dtype} but q has {q.dtype}; all five must match")
+        if x.device != q.device:
+            raise ValueError(f"{name} is on {x.device} but q is on {q.device}; all inputs must share a device")
+
+    if not MIN_HEAD_DIM <= D <= MAX_HEAD_DIM:
+        raise ValueError(f"head dim D={D} of q is not supported: it must be in [{MIN_HEAD_DIM}, {MAX_HEAD_DIM}]")
+    if Hkv == 0 or Hq % Hkv != 0:
+        raise ValueError(f"q has Hq={Hq} heads, k has Hkv={Hkv}: Hq must be a positive multiple of Hkv (GQA/MQA)")
+    if Lq == 0 or B == 0 or Hq == 0:
+        raise ValueError(f"q must have B, Hq, Lq >= 1, got shape {tuple(q.shape)}")
+    if G == 0:
+        raise ValueError(f"prefix_k must hold G >= 1 prefixes, got shape {tuple(prefix_k.shape)}")
+    expected = {
+        "k": (B, Hkv, Lk, D),
+        "v": (B, Hkv, Lk, D),
+        "prefix_k": (G, Hkv, P, D),
+        "prefix_v": (G, Hkv, P, D),
+    }
+    for name, x in (("k", k), ("v", v), ("prefix_k", prefix_k), ("prefix_v", prefix_v)):
+        if tuple(x.shape) != expected[name]:
+            raise ValueError(
+                f"{name} has shape {tuple(x.shape)}, expected {expected[name]} "
+                f"(batch B={B}, kv heads Hkv={Hkv}, head dim D={D} from q and k)"
+            )
+
+    if prefix_index is not None:
+        if not isinstance(prefix_index, torch.Tensor):
+            raise TypeError(f"prefix_index must be a (B,) = ({B},) integer tensor or None, got {type(prefix_index).__name__}")
+        if prefix_index.dtype not in (torch.int32, torch.int64, torch.int16, torch.uint8, torch.int8):
+            raise TypeError(f"prefix_index must be an integer tensor of shape ({B},), got dtype {prefix_index.dtype}")
+        if prefix_index.shape != (B,):
+            raise ValueError(f"prefix_index must have shape (B,) = ({B},), got {tuple(prefix_index.shape)}")
+        if prefix_index.device != q.device:
+            raise ValueError(f"prefix_index is on {prefix_index.device} but q is on {q.device}")
+        _check_index_range(prefix_index, G)
+
+    if kv_mask is not None:
+        if not isinstance(kv_mask, torch.Tensor):
+            raise TypeError(f"kv_mask must be a (B, Lk) = ({B}, {Lk}) bool tensor or None, got {type(kv_mask).__name__}")
+        if kv_mask.dtype != torch.bool:
+            raise TypeError(f"kv_mask must have dtype torch.bool (True = may attend), got {kv_mask.dtype}")
+        if kv_mask.shape != (B, Lk):
+            raise ValueError(f"kv_mask must have shape (B, Lk) = ({B}, {Lk}), got {tuple(kv_mask.shape)}")
+        if kv_mask.device != q.device:
+            raise ValueError(f"kv_mask is on {kv_mask.device} but q is on {q.device}")
+
+    if scale is not None:
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+            raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
+        if not scale == scale or scale in (float("inf"), float("-inf")):
+            raise ValueError(f"scale must be finite, got {scale}")
+
+    return Problem(B, Hq, Hkv, Lq, Lk, D, G, P, q.dtype, q.device)

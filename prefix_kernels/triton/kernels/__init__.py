@@ -1,0 +1,1 @@
+"""Only @triton.jit code lives here; launchers are one level up."""

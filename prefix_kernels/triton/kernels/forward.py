@@ -1,0 +1,113 @@
+"""Forward kernel of shared-prefix attention (only @triton.jit code).
+
+One program owns BLOCK_M query rows of one (request b, query head h). It streams two key
+segments through one online softmax: first the prefix prefix_index[b] (every key visible), then
+the request's own keys (causal bottom-right and kv_mask). Scores are kept in log2 units
+(scale * log2(e) folded into one multiply, so exp2 does the work); the stored lse is converted
+back to natural log.
+"""
+
+import triton
+import triton.language as tl
+
+LN2 = tl.constexpr(0.6931471805599453)  # natural-log lse = log2-units lse * ln(2)
+
+
+@triton.jit
+def _load_rows(base, stride_l, stride_d, offs_l, offs_d, L, HEAD_DIM: tl.constexpr):
+    """(len(offs_l), BLOCK_D) tile of a (L, HEAD_DIM) matrix, zero outside."""
+    mask = (offs_l[:, None] < L) & (offs_d[None, :] < HEAD_DIM)
+    return tl.load(base + offs_l[:, None] * stride_l + offs_d[None, :] * stride_d, mask=mask, other=0.0)
+
+
+@triton.jit
+def _visible(offs_m, offs_n, L, MASK_BASE, stride_mask, q_shift,
+             CAUSAL: tl.constexpr, HAS_KV_MASK: tl.constexpr):
+    """(BLOCK_M, BLOCK_N) bool: key offs_n exists, is not padding, and is not in the future."""
+    ok = (offs_n < L)[None, :] & (offs_m >= 0)[:, None]
+    if CAUSAL:
+        ok = ok & (offs_n[None, :] <= offs_m[:, None] + q_shift)
+    if HAS_KV_MASK:
+        keep = tl.load(MASK_BASE + offs_n * stride_mask, mask=offs_n < L, other=0)
+        ok = ok & (keep != 0)[None, :]
+    return ok
+
+
+@triton.jit
+def _fwd_segment(acc, m_i, l_i, q, K_BASE, V_BASE, skn, skd, svn, svd, L, hi,
+                 offs_m, offs_d, MASK_BASE, stride_mask, q_shift, qk_scale,
+                 CAUSAL: tl.constexpr, HAS_KV_MASK: tl.constexpr, HEAD_DIM: tl.constexpr,
+                 BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+    """Online softmax over keys [0, hi) of one segment (prefix or per-request) of length L."""
+    for start in range(0, hi, BLOCK_N):
+        offs_n = start + tl.arange(0, BLOCK_N)
+        k = _load_rows(K_BASE, skn, skd, offs_n, offs_d, L, HEAD_DIM)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        ok = _visible(offs_m, offs_n, L, MASK_BASE, stride_mask, q_shift, CAUSAL, HAS_KV_MASK)
+        s = tl.where(ok, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # A row with nothing visible yet keeps m = -inf; exponentiate against 0 instead so that
+        # exp2(-inf - -inf) never produces a NaN.
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = _load_rows(V_BASE, svn, svd, offs_n, offs_d, L, HEAD_DIM)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+@triton.jit
+def shared_prefix_fwd_kernel(
+    Q, K, V, PK, PV, PIDX, KVM, O, LSE,
+    sqb, sqh, sqm, sqd,
+    skb, skh, skn, skd,
+    svb, svh, svn, svd,
+    spkg, spkh, spkn, spkd,
+    spvg, spvh, spvn, spvd,
+    smb, smn,
+    sob, soh, som, sod,
+    Hq, Lq, Lk, P, group, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_PIDX: tl.constexpr, HAS_KV_MASK: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
+):
+    bh = tl.program_id(0).to(tl.int64)  # B * Hq on axis 0 (axes 1, 2 stop at 65535); 64-bit offsets
+    pid_m = tl.program_id(1)
+    b = bh // Hq
+    h = bh % Hq
+    hk = h // group
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    q = _load_rows(Q + b * sqb + h * sqh, sqm, sqd, offs_m, offs_d, Lq, HEAD_DIM)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    if HAS_PIDX:
+        g = tl.load(PIDX + b).to(tl.int64)
+    else:
+        g = 0
+    acc, m_i, l_i = _fwd_segment(
+        acc, m_i, l_i, q, PK + g * spkg + hk * spkh, PV + g * spvg + hk * spvh, spkn, spkd, spvn, spvd,
+        P, P, offs_m, offs_d, KVM, smn, 0, qk_scale,
+        False, False, HEAD_DIM, BLOCK_N, PRECISION,
+    )
+    q_shift = Lk - Lq  # bottom-right causal alignment: query i sees key j <= i + q_shift
+    hi = Lk
+    if CAUSAL:
+        hi = tl.minimum(Lk, (pid_m + 1) * BLOCK_M + q_shift)
+    acc, m_i, l_i = _fwd_segment(
+        acc, m_i, l_i, q, K + b * skb + hk * skh, V + b * svb + hk * svh, skn, skd, svn, svd,
+        Lk, hi, offs_m, offs_d, KVM + b * smb, smn, q_shift, qk_scale,
+        CAUSAL, HAS_KV_MASK, HEAD_DIM, BLOCK_N, PRECISION,
+    )
+
+    empty = l_i == 0.0  # only when P == 0 and no own key is visible: output 0, lse -inf
+    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    lse = tl.where(empty, float("-inf"), (m_i + tl.log2(tl.where(empty, 1.0, l_i))) * LN2)
+    row_ok = offs_m < Lq
+    o_ptrs = O + b * sob + h * soh + offs_m[:, None] * som + offs_d[None, :] * sod
+    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
+    tl.store(LSE + bh * Lq + offs_m, lse, mask=row_ok)
