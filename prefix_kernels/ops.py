@@ -38,10 +38,17 @@ def _fwd(
     return _backend_module(backend).forward(q, k, v, prefix_k, prefix_v, prefix_index, kv_mask, causal, scale)
 
 
+def out_layout(B: int, Hq: int, Lq: int, D: int, like: Tensor) -> Tensor:
+    """The output's memory is (B, Lq, Hq, D), returned as a (B, Hq, Lq, D) view: transformers
+    transposes attention outputs back to (B, L, H, D) and reshapes them to (B, L, H * D), which
+    is then free instead of a copy of the whole output."""
+    return like.new_empty((B, Lq, Hq, D)).transpose(1, 2)
+
+
 @_fwd.register_fake
 def _fwd_fake(q, k, v, prefix_k, prefix_v, prefix_index, kv_mask, causal, scale, backend):
     B, Hq, Lq, D = q.shape
-    return q.new_empty((B, Hq, Lq, D)), q.new_empty((B, Hq, Lq), dtype=torch.float32)
+    return out_layout(B, Hq, Lq, D, q), q.new_empty((B, Hq, Lq), dtype=torch.float32)
 
 
 @torch.library.custom_op("prefix_kernels::bwd", mutates_args=(), device_types=None)

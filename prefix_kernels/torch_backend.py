@@ -88,7 +88,9 @@ def forward(q, k, v, prefix_k, prefix_v, prefix_index, kv_mask, causal: bool, sc
     lse = torch.logaddexp(lse_p, lse_r)
     safe = _no_inf(lse)
     out = torch.exp(lse_p - safe)[..., None] * out_p + torch.exp(lse_r - safe)[..., None] * out_r
-    return out.view(B, Hq, Lq, D).to(q.dtype), lse.view(B, Hq, Lq)
+    # Same layout as the triton backend: (B, Lq, Hq, D) memory seen as (B, Hq, Lq, D).
+    out = out.view(B, Hq, Lq, D).transpose(1, 2).to(q.dtype).contiguous()
+    return out.transpose(1, 2), lse.view(B, Hq, Lq)
 
 
 def backward(dout, dlse, q, k, v, prefix_k, prefix_v, prefix_index, kv_mask, causal, scale, out, lse):

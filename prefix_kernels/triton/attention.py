@@ -38,15 +38,22 @@ class Blocks:
 
 
 def _blocks(D: int, dtype: torch.dtype, device: torch.device, backward: bool) -> Blocks:
-    """Tile sizes. On CUDA they keep the K/V, Q and accumulator tiles inside ~100 KB of shared
-    memory at D = 256 in fp32 (2 * 32 * 256 * 4 B = 64 KB per operand pair); under the
-    interpreter 16 x 16 tiles make every test shape cross several blocks in a few steps."""
+    """Tile sizes, chosen to fit shared memory and registers rather than tuned (no GPU was at
+    hand when they were set; autotuning on a GPU is owed). Forward at D = 128 in 16-bit:
+    Q 64x128x2 B = 16 KB plus K and V 64x128x2 B x 2 x 3 stages = 96 KB, inside an A100's 164 KB.
+    fp32 tiles are twice as large, so their blocks are halved. Backward programs keep two fp32
+    accumulators of (BLOCK, D), hence its smaller tiles. Under the interpreter 16 x 16 tiles make
+    every test shape cross several blocks in a few steps."""
     if device.type != "cuda":
         return Blocks(16, 16, 1, 1)
-    wide = D > 128 or dtype == torch.float32
+    wide = D > 128
+    if dtype == torch.float32:
+        if backward:
+            return Blocks(16, 16, 4, 1) if wide else Blocks(32, 32, 4, 1)
+        return Blocks(32, 16, 4, 2) if wide else Blocks(64, 32, 4, 2)
     if backward:
-        return Blocks(32, 32, 4, 2) if wide else Blocks(64, 64, 4, 2)
-    if D <= 64 and not wide:
+        return Blocks(16, 32, 4, 1) if wide else Blocks(32, 64, 4, 2)
+    if D <= 64:
         return Blocks(128, 64, 4, 3)
     return Blocks(64, 32, 4, 2) if wide else Blocks(64, 64, 4, 3)
 
@@ -84,11 +91,11 @@ def _mask_args(kv_mask, dummy):
 
 
 def forward(q, k, v, prefix_k, prefix_v, prefix_index, kv_mask, causal: bool, scale: float):
-    """Returns out (B, Hq, Lq, D) contiguous in q's dtype and the natural-log lse (B, Hq, Lq) fp32."""
+    """Returns out (B, Hq, Lq, D) in q's dtype (a (B, Lq, Hq, D) tensor transposed) and the natural-log lse (B, Hq, Lq) fp32."""
     B, Hq, Lq, D = q.shape
     G, Hkv, P, _ = prefix_k.shape
     Lk = k.shape[2]
-    out = torch.empty((B, Hq, Lq, D), dtype=q.dtype, device=q.device)
+    out = torch.empty((B, Lq, Hq, D), dtype=q.dtype, device=q.device).transpose(1, 2)  # ops.out_layout
     lse = torch.empty((B, Hq, Lq), dtype=torch.float32, device=q.device)
     blk = _blocks(D, q.dtype, q.device, backward=False)
     kvm, smb, smn = _mask_args(kv_mask, q)
