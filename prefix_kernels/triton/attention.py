@@ -116,8 +116,10 @@ def _requests_sorted_by_prefix(prefix_index, B: int, G: int, device):
 
     Built on the device with no host sync (stable sort + bincount + cumsum).
     """
-    if prefix_index is None:
-        return torch.arange(B, dtype=torch.int32, device=device), torch.tensor([0, B], dtype=torch.int32, device=device)
+    if prefix_index is None:  # all requests use prefix 0; prefixes 1.. G-1 get zero gradient
+        starts = torch.full((G + 1,), B, dtype=torch.int32, device=device)
+        starts[0] = 0
+        return torch.arange(B, dtype=torch.int32, device=device), starts
     idx = prefix_index.long()
     order = torch.sort(idx, stable=True).indices.to(torch.int32)
     starts = torch.zeros(G + 1, dtype=torch.int32, device=device)
