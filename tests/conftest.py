@@ -1,0 +1,64 @@
+"""Shared pytest configuration for the prefix_kernels test suite.
+
+The very first thing this file does is decide whether Triton runs in
+interpreter mode.  Triton reads ``TRITON_INTERPRET`` when a kernel is
+*decorated* with ``@triton.jit`` (i.e. when ``prefix_kernels`` is imported),
+not when it is launched, so the variable has to be set before anything imports
+``prefix_kernels`` or ``triton``.  ``import torch`` does not import triton.
+``torch.cuda.is_available()`` only asks the driver for a device count; it does
+not create a CUDA context.
+"""
+
+import os
+import sys
+
+import torch
+
+if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
+    # No GPU: run Triton kernels through the CPU interpreter on CPU tensors.
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest  # noqa: E402
+
+# Make ``from helpers import ...`` work even without the ``pythonpath`` ini
+# option (the project config also sets ``pythonpath = ["tests"]``).
+_TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
+if _TESTS_DIR not in sys.path:
+    sys.path.insert(0, _TESTS_DIR)
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "gpu: needs a CUDA device; skipped when torch.cuda.is_available() is False"
+    )
+
+
+def pytest_runtest_setup(item):
+    # Evaluated at run time for each test, never at import/collection time.
+    if item.get_closest_marker("gpu") is not None and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+
+
+@pytest.fixture(autouse=True)
+def seed():
+    torch.manual_seed(0)
+    yield
+
+
+def triton_interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@pytest.fixture
+def triton_device():
+    """Device on which the small "triton" lane runs.
+
+    Under the interpreter (the default on a machine without a GPU) Triton
+    kernels run on CPU tensors.  On a GPU machine without the interpreter the
+    same small lane runs on the GPU.
+    """
+    if triton_interpreting():
+        return "cpu"
+    if torch.cuda.is_available():
+        return "cuda"
+    pytest.skip("triton backend needs TRITON_INTERPRET=1 or a CUDA device")
