@@ -10,4 +10,23 @@ from .ops import shared_prefix_attention
 
 __version__ = "0.1.0"
 
-__all__ = ["shared_prefix_attention", "NoBackendError", "__version__"]
+
+
+def apply_prefix_kernels(model=None):
+    """Route transformers/PEFT attention through the shared-prefix kernels (see prefix_kernels.hf).
+
+    Call once before building a model with ``attn_implementation="prefix_kernels"``, or pass an
+    existing transformers model or PeftModel. Needs transformers (the ``hf`` extra)."""
+    from .hf import apply_prefix_kernels as apply
+
+    return apply(model)
+
+
+def revert_prefix_kernels():
+    """Undo apply_prefix_kernels: PEFT methods restored, hooks removed, models switched back."""
+    from .hf import revert_prefix_kernels as revert
+
+    return revert()
+
+
+__all__ = ["shared_prefix_attention", "apply_prefix_kernels", "revert_prefix_kernels", "NoBackendError", "__version__"]

@@ -1,0 +1,177 @@
+"""The attention function and mask builder registered under the name "prefix_kernels".
+
+transformers calls `attention_forward(module, q, k, v, attention_mask, dropout=, scaling=, **kw)`
+with (B, H, L, D) views (q is a transposed view of the projection: it is read in place, not
+copied) and expects (B, L, H, D) back. The shared prefix, if any, arrives as the kwarg
+`prefix_kernels_prefix` (a `SharedPrefix`, put there by the decoder-stack hook).
+
+`mask_forward` hands the attention a (B, kv_length) bool padding mask, or None, whenever the
+model's mask is plain causal plus padding, which the kernel computes itself (bottom-right causal
+over the own keys, the prefix always visible). For anything else (a sliding window shorter than
+the keys, packed sequences, chunked or bidirectional overlays) it returns transformers' own 4-D
+mask, and the attention falls back to the model's eager attention with the prefix materialised:
+a slower path, never a different answer.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import sys
+
+import torch
+
+from ..ops import shared_prefix_attention
+from ..reference import visible_keys
+
+logger = logging.getLogger("prefix_kernels")
+
+NAME = "prefix_kernels"  # no "flash" in it: transformers treats any such name as flash attention
+
+# Keyword arguments that change what attention computes and that the kernel does not implement.
+_UNSUPPORTED_KWARGS = {
+    "softcap": "logit soft-capping",
+    "s_aux": "attention sinks",
+    "sinks": "attention sinks",
+    "head_mask": "a head mask",
+    "alibi": "ALiBi biases",
+    "position_bias": "a position bias",
+}
+
+_warned: set = set()
+
+
+def _warn_once(reason: str) -> None:
+    if reason not in _warned:
+        _warned.add(reason)
+        logger.warning("prefix_kernels: falling back to the model's eager attention: %s", reason)
+
+
+def _mask_interface_fns():
+    from transformers import masking_utils
+
+    return masking_utils.sdpa_mask, masking_utils.causal_mask_function
+
+
+def mask_forward(*, batch_size, kv_length, mask_function=None, attention_mask=None, **kwargs):
+    """Mask builder: (B, kv_length) bool padding mask or None when the mask is causal + padding;
+    otherwise transformers' own 4-D bool mask (B, 1, q, kv), which sends attention to the fallback."""
+    sdpa_mask, causal = _mask_interface_fns()
+    if mask_function is None or mask_function is causal or _same_as_causal(
+        sdpa_mask, causal, mask_function, batch_size, kv_length, kwargs
+    ):
+        if attention_mask is None:
+            return None
+        return attention_mask[:, attention_mask.shape[-1] - kv_length:]
+    kwargs.update(allow_is_causal_skip=False, allow_is_bidirectional_skip=False)
+    return sdpa_mask(batch_size=batch_size, kv_length=kv_length, mask_function=mask_function,
+                     attention_mask=attention_mask, **kwargs)
+
+
+def _same_as_causal(sdpa_mask, causal, mask_function, batch_size, kv_length, kwargs) -> bool:
+    """Whether `mask_function` (a sliding window, say) allows exactly the causal pattern on this
+    call's (q, kv) grid: a window longer than every key is plain causal attention."""
+    kw = dict(kwargs, allow_is_causal_skip=False, allow_is_bidirectional_skip=False)
+    theirs = sdpa_mask(batch_size=batch_size, kv_length=kv_length, mask_function=mask_function,
+                       attention_mask=None, **kw)
+    ours = sdpa_mask(batch_size=batch_size, kv_length=kv_length, mask_function=causal, attention_mask=None, **kw)
+    if theirs is None or ours is None:
+        return theirs is None and ours is None
+    return bool(torch.equal(theirs.expand_as(ours), ours)) if theirs.shape[1:] == ours.shape[1:] else False
+
+
+def _scale(module, query, scaling):
+    if scaling is not None:
+        return float(scaling)
+    # GPT-2 on transformers < 5.1 passes scaling=None and scales by its own flags.
+    scale = 1.0 / math.sqrt(query.shape[-1]) if getattr(module, "scale_attn_weights", True) else 1.0
+    if getattr(module, "scale_attn_by_inverse_layer_idx", False):
+        scale /= float(module.layer_idx + 1)
+    return scale
+
+
+def _fallback_reason(module, attention_mask, dropout, kwargs):
+    if attention_mask is not None and attention_mask.dim() != 2:
+        return "the model's mask is not causal + padding (sliding window shorter than the keys, packed or chunked sequences)"
+    if dropout and dropout > 0.0:
+        return f"attention dropout ({dropout}) while training"
+    for name, what in _UNSUPPORTED_KWARGS.items():
+        if kwargs.get(name) is not None:
+            return f"{what} ({name}) in {type(module).__name__}"
+    if attention_mask is not None and attention_mask.dtype != torch.bool:
+        return f"a {attention_mask.dtype} 2-D mask"
+    return None
+
+
+def attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """AttentionInterface function: q (B, Hq, Lq, D), k/v (B, Hkv, Lk, D) -> ((B, Lq, Hq, D), None)."""
+    shared = kwargs.pop("prefix_kernels_prefix", None)
+    layer_prefix = shared.for_layer(getattr(module, "layer_idx", None)) if shared is not None else None
+    prefix_index = shared.prefix_index if shared is not None else None
+    scale = _scale(module, query, scaling)
+    causal = bool(getattr(module, "is_causal", True))
+
+    reason = _fallback_reason(module, attention_mask, dropout, kwargs)
+    if reason is not None:
+        _warn_once(reason)
+        return _eager_fallback(module, query, key, value, attention_mask, dropout, scale, causal,
+                               layer_prefix, prefix_index, kwargs)
+
+    B, Hkv, Lk, D = key.shape
+    if layer_prefix is None:
+        prefix_k = prefix_v = key.new_empty((1, Hkv, 0, D))
+    else:
+        prefix_k, prefix_v = layer_prefix
+        prefix_k, prefix_v = prefix_k.to(key.dtype), prefix_v.to(value.dtype)
+    kv_mask = None
+    if attention_mask is not None:
+        kv_mask = attention_mask[:, attention_mask.shape[-1] - Lk:]  # not [-Lk:]: Lk may be 0
+    out = shared_prefix_attention(
+        query, key, value, prefix_k, prefix_v, prefix_index=prefix_index, kv_mask=kv_mask,
+        causal=causal, scale=scale,
+    )
+    return out.transpose(1, 2), None
+
+
+def _eager_fallback(module, query, key, value, attention_mask, dropout, scale, causal, layer_prefix,
+                    prefix_index, kwargs):
+    """The model's own eager attention on the prefix materialised per request (what stock PEFT
+    runs), with a mask covering prefix + own keys."""
+    B, _, Lq, _ = query.shape
+    Lk = key.shape[2]
+    P = 0
+    if layer_prefix is not None:
+        pk, pv = layer_prefix
+        P = pk.shape[2]
+        idx = prefix_index if prefix_index is not None else torch.zeros(B, dtype=torch.long, device=key.device)
+        key = torch.cat([pk.to(key.dtype)[idx], key], dim=2)
+        value = torch.cat([pv.to(value.dtype)[idx], value], dim=2)
+
+    if attention_mask is None or attention_mask.dim() == 2:
+        own = None if attention_mask is None else attention_mask[:, attention_mask.shape[-1] - Lk:].bool()
+        allowed = visible_keys(B, Lq, Lk, own, causal, query.device)
+        allowed = torch.cat([allowed.new_ones(B, 1, Lq, P), allowed], dim=-1)
+    else:
+        allowed = attention_mask[..., -(P + Lk):] if attention_mask.shape[-1] >= P + Lk else attention_mask
+    if allowed.dtype == torch.bool:
+        additive = torch.zeros(allowed.shape, dtype=query.dtype, device=query.device)
+        additive = additive.masked_fill(~allowed, torch.finfo(query.dtype).min)
+    else:
+        additive = allowed.to(query.dtype)
+
+    eager = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+    if eager is None:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(module, query, key, value, allowed if allowed.dtype == torch.bool else additive,
+                                      dropout=dropout, scaling=scale, is_causal=False, **kwargs)
+    kwargs.pop("is_causal", None)
+    return eager(module, query, key, value, additive, dropout=dropout, scaling=scale, **kwargs)
+
+
+def register() -> None:
+    """Register the attention function and mask builder with transformers (idempotent)."""
+    from transformers import AttentionInterface, AttentionMaskInterface
+
+    AttentionInterface.register(NAME, attention_forward)
+    AttentionMaskInterface.register(NAME, mask_forward)

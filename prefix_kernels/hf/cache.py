@@ -1,0 +1,161 @@
+"""A transformers cache that holds a shared prefix once, beside each request's own keys and values.
+
+`PrefixCache` is a `DynamicCache` whose layers (`PrefixLayer`) keep the prefix keys and values
+(G, Hkv, P, D) apart from the per-request ones (B, Hkv, T, D). `update()` stores and returns the
+per-request part only; the prefix reaches the attention function through the decoder stack (see
+`delivery.py`), so it is never expanded, repeated or concatenated to batch size.
+
+`get_seq_length()` counts the prefix (P + T): transformers derives mask sizes and position ids
+from it, exactly as it does for PEFT's expanded prefix cache. Beam reordering, batch selection,
+repeat-interleave, crop and reset act on the per-request part and on `prefix_index`, never on
+the prefix tensors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
+
+
+@dataclass(frozen=True)
+class SharedPrefix:
+    """What the attention function needs from a PrefixCache: per-layer (prefix_k, prefix_v), each
+    (G, Hkv, P, D) or None for a layer without prefix, and prefix_index (B,) or None.
+
+    An immutable snapshot: a decoder layer under gradient checkpointing keeps it in the kwargs it
+    replays in the backward pass, so the recomputation sees the same prefix tensors."""
+
+    layers: tuple
+    prefix_index: Optional[torch.Tensor]
+
+    def for_layer(self, layer_idx):
+        if layer_idx is None or layer_idx >= len(self.layers):
+            return None
+        return self.layers[layer_idx]
+
+
+class PrefixLayer(DynamicLayer):
+    """One layer: the shared prefix (G, Hkv, P, D) and the requests' own keys/values (B, Hkv, T, D)."""
+
+    def __init__(self, prefix_keys: Optional[torch.Tensor], prefix_values: Optional[torch.Tensor]):
+        super().__init__()
+        if (prefix_keys is None) != (prefix_values is None):
+            raise ValueError("prefix_keys and prefix_values must both be given or both be None")
+        if prefix_keys is not None and (prefix_keys.dim() != 4 or prefix_keys.shape != prefix_values.shape):
+            raise ValueError(
+                f"prefix_keys and prefix_values must both be (G, Hkv, P, D), got {tuple(prefix_keys.shape)} "
+                f"and {tuple(prefix_values.shape)}"
+            )
+        self.prefix_keys = prefix_keys
+        self.prefix_values = prefix_values
+
+    @property
+    def prefix_length(self) -> int:
+        return 0 if self.prefix_keys is None else self.prefix_keys.shape[-2]
+
+    def own_length(self) -> int:
+        return super().get_seq_length()
+
+    def get_seq_length(self) -> int:
+        return self.prefix_length + self.own_length()
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        if self.own_length() > 0:
+            self.keys = self.keys.index_select(0, beam_idx.to(self.keys.device))
+            self.values = self.values.index_select(0, beam_idx.to(self.values.device))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.own_length() > 0:
+            self.keys = self.keys.repeat_interleave(repeats, dim=0)
+            self.values = self.values.repeat_interleave(repeats, dim=0)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self.own_length() > 0:
+            self.keys = self.keys[indices, ...]
+            self.values = self.values[indices, ...]
+
+    def crop(self, max_length: int) -> None:
+        """Remove own tokens: a negative value removes that many (clamped at the own length); a
+        positive one (transformers < 5.15 passes absolute lengths counted in input ids, which do not
+        include the prefix) keeps that many own tokens. The prefix is never cropped."""
+        own = self.own_length()
+        keep = max(own + max_length, 0) if max_length < 0 else min(max_length, own)
+        if own > 0 and keep < own:
+            self.keys = self.keys[..., :keep, :]
+            self.values = self.values[..., :keep, :]
+
+    def reset(self) -> None:
+        self.keys = self.values = None
+        self.is_initialized = False
+
+
+class PrefixCache(DynamicCache):
+    """A DynamicCache whose every layer holds a shared prefix once for the whole batch.
+
+    Build it from per-layer (prefix_k, prefix_v) pairs of shape (G, Hkv, P, D) (or None for a layer
+    without prefix) and an optional prefix_index (B,) choosing each request's prefix (None: prefix 0
+    for everyone). Pass it as the model's cache (``past_key_values=`` / ``cache=``) on a model
+    prepared by `prefix_kernels.apply_prefix_kernels`.
+    """
+
+    def __init__(self, prefixes: Sequence, prefix_index: Optional[torch.Tensor] = None):
+        layers = []
+        for i, pair in enumerate(prefixes):
+            if pair is None:
+                layers.append(PrefixLayer(None, None))
+                continue
+            if len(pair) != 2:
+                raise ValueError(f"prefixes[{i}] must be a (prefix_k, prefix_v) pair or None")
+            layers.append(PrefixLayer(*pair))
+        # Cache.__init__ directly: DynamicCache.__init__'s signature differs across transformers
+        # versions, and this cache never needs its config-driven layer types.
+        Cache.__init__(self, layers=layers)
+        self.prefix_index = prefix_index
+        self._delivered = False  # set by the decoder-stack hook; checked in update()
+
+    @classmethod
+    def from_cache(cls, cache: Cache, prefix_index: Optional[torch.Tensor] = None) -> "PrefixCache":
+        """Take each layer's keys/values of a filled cache (e.g. a prompt run at batch 1) as the prefix."""
+        prefixes = []
+        for layer in cache.layers:
+            keys = getattr(layer, "keys", None)
+            initialized = getattr(layer, "is_initialized", keys is not None)
+            prefixes.append((layer.keys, layer.values) if initialized and keys is not None and keys.numel() else None)
+        return cls(prefixes, prefix_index)
+
+    def shared_prefix(self) -> SharedPrefix:
+        return SharedPrefix(
+            tuple(None if l.prefix_keys is None else (l.prefix_keys, l.prefix_values) for l in self.layers),
+            self.prefix_index,
+        )
+
+    @property
+    def prefix_length(self) -> int:
+        return max((l.prefix_length for l in self.layers), default=0)
+
+    def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
+        if not self._delivered:
+            raise RuntimeError(
+                "a PrefixCache reached a model whose decoder stack does not hand its prefix to the "
+                "attention: call prefix_kernels.apply_prefix_kernels(model) first (without it the "
+                "prefix would be silently ignored)"
+            )
+        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor):
+        super().reorder_cache(beam_idx)
+        if self.prefix_index is not None:
+            self.prefix_index = self.prefix_index.index_select(0, beam_idx.to(self.prefix_index.device))
+
+    def batch_repeat_interleave(self, repeats: int):
+        super().batch_repeat_interleave(repeats)
+        if self.prefix_index is not None:
+            self.prefix_index = self.prefix_index.repeat_interleave(repeats, dim=0)
+
+    def batch_select_indices(self, indices: torch.Tensor):
+        super().batch_select_indices(indices)
+        if self.prefix_index is not None:
+            self.prefix_index = self.prefix_index[indices]

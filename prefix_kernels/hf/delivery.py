@@ -1,0 +1,87 @@
+"""How the shared prefix reaches the attention function: a forward pre-hook on the decoder stack.
+
+The attention function never sees the cache; it sees `module` and the keyword arguments that
+the decoder stack passes down through every decoder layer. So a pre-hook on each decoder stack
+(the module that owns the list of decoder layers: LlamaModel, GPT2Model, OPTDecoder, ...) looks
+for a `PrefixCache` among its arguments and adds `prefix_kernels_prefix=cache.shared_prefix()`
+to its kwargs.
+
+Why a kwarg and not a global or a context variable: under gradient checkpointing transformers
+drops the cache from each decoder layer (`cache=None`) and replays the layer in the backward pass
+from the kwargs it bound at the forward; the kwarg is bound with them, a context variable would
+be gone by then.
+"""
+
+from __future__ import annotations
+
+import inspect
+import weakref
+
+from torch import nn
+
+from .cache import PrefixCache
+
+KWARG = "prefix_kernels_prefix"
+_CACHE_NAMES = ("cache", "past_key_values", "layer_past")
+
+# model -> list of hook handles, for models this package prepared (weak: models die normally)
+_prepared: "weakref.WeakKeyDictionary[nn.Module, list]" = weakref.WeakKeyDictionary()
+
+
+def decoder_stacks(model: nn.Module) -> list:
+    """Modules that own a ModuleList of gradient-checkpointing decoder layers."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    stacks = []
+    for module in model.modules():
+        for child in module.children():
+            if isinstance(child, nn.ModuleList) and len(child) and isinstance(child[0], GradientCheckpointingLayer):
+                stacks.append(module)
+                break
+    return stacks
+
+
+def _positional_names(module) -> tuple:
+    names = getattr(module, "_prefix_kernels_arg_names", None)
+    if names is None:
+        params = inspect.signature(module.forward).parameters.values()
+        names = tuple(p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD))
+        module._prefix_kernels_arg_names = names
+    return names
+
+
+def _find_cache(module, args, kwargs):
+    for name in _CACHE_NAMES:
+        if kwargs.get(name) is not None:
+            return kwargs[name]
+    for name, value in zip(_positional_names(module), args):
+        if name in _CACHE_NAMES and value is not None:
+            return value
+    return None
+
+
+def _deliver(module, args, kwargs):
+    cache = _find_cache(module, args, kwargs)
+    if isinstance(cache, PrefixCache):
+        cache._delivered = True
+        kwargs[KWARG] = cache.shared_prefix()
+        return args, kwargs
+    return None
+
+
+def install(model: nn.Module) -> int:
+    """Hook every decoder stack of `model` (once). Returns the number of stacks hooked."""
+    if model in _prepared:
+        return len(_prepared[model])
+    stacks = decoder_stacks(model)
+    _prepared[model] = [s.register_forward_pre_hook(_deliver, with_kwargs=True) for s in stacks]
+    return len(stacks)
+
+
+def uninstall(model: nn.Module) -> None:
+    for handle in _prepared.pop(model, []):
+        handle.remove()
+
+
+def prepared_models() -> list:
+    return list(_prepared.keys())

@@ -1,0 +1,82 @@
+"""Prompt tuning and P-tuning (v1) with the soft prompt computed once per step at batch 1.
+
+In a causal decoder the P soft-prompt positions come first and see only the prompt, so their
+hidden states (and every layer's keys and values there) are the same for every request. Stock
+PEFT runs them B times. Here they run once at batch 1; their per-layer K/V become the shared
+prefix of the batch (a `PrefixCache`), and the requests' own tokens run after them at positions
+P, P + 1, ... exactly as in the stock concatenation.
+
+Loss parity: stock PEFT pads the labels with P x -100 and predicts each label from the position
+before it, so the last virtual token predicts labels[:, 0]. That one extra term is kept: the
+prompt's last logits row (the same for every request) is put in front of the own logits before
+the model's own loss function runs. Logits returned are the own tokens' (B, L, V), not PEFT's
+(B, P + L, V).
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+
+from . import delivery
+from .cache import PrefixCache
+
+
+@contextmanager
+def checkpointing_off(model):
+    """Gradient checkpointing off for a pass (the prompt pass needs its cache, which checkpointed
+    layers drop; it is P tokens at batch 1, so its activations are small)."""
+    flipped = [m for m in model.modules() if getattr(m, "gradient_checkpointing", False)]
+    for m in flipped:
+        m.gradient_checkpointing = False
+    try:
+        yield
+    finally:
+        for m in flipped:
+            m.gradient_checkpointing = True
+
+
+def _returned_cache(output):
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else getattr(output, "past_key_values", None)
+
+
+def _vocab_size(model) -> int:
+    config = model.config
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return text.vocab_size
+
+
+def shared_prompt_forward(peft_model, input_ids=None, attention_mask=None, inputs_embeds=None, labels=None,
+                          output_attentions=None, output_hidden_states=None, return_dict=None, task_ids=None,
+                          **kwargs):
+    """PeftModelForCausalLM.forward for PROMPT_TUNING / P_TUNING on a model using prefix_kernels."""
+    config = peft_model.active_peft_config
+    base = peft_model.base_model
+    P = config.num_virtual_tokens
+    if inputs_embeds is None:
+        inputs_embeds = peft_model.word_embeddings(input_ids)
+    batch = inputs_embeds.shape[0]
+    prompts = peft_model.get_prompt(batch_size=1, task_ids=task_ids).to(inputs_embeds.dtype)  # (1, P, H)
+
+    delivery.install(base)
+    with checkpointing_off(base):
+        prompt_out = base(inputs_embeds=prompts, use_cache=True, return_dict=True)
+    prefix = PrefixCache.from_cache(_returned_cache(prompt_out))
+
+    if attention_mask is not None:
+        attention_mask = torch.cat([attention_mask.new_ones(batch, P), attention_mask], dim=1)
+    peft_model._adjust_prompt_learning_kwargs(config, kwargs=kwargs)  # position ids: as stock PEFT
+    loss_kwargs = {k: kwargs.pop(k) for k in ("num_items_in_batch", "ignore_index") if k in kwargs}
+    out = base(
+        inputs_embeds=inputs_embeds, attention_mask=attention_mask, past_key_values=prefix,
+        output_attentions=output_attentions, output_hidden_states=output_hidden_states, return_dict=True,
+        **kwargs,
+    )
+    if labels is not None:
+        first = prompt_out.logits[:, -1:, :].expand(batch, 1, -1)  # predicts labels[:, 0], as in stock PEFT
+        logits = torch.cat([first, out.logits], dim=1)
+        padded = torch.cat([labels.new_full((batch, 1), -100), labels.to(logits.device)], dim=1)
+        out.loss = base.loss_function(logits=logits, labels=padded, vocab_size=_vocab_size(base), **loss_kwargs)
+    return out if return_dict is not False else out.to_tuple()

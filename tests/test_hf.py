@@ -1,0 +1,362 @@
+"""transformers + PEFT integration: the patched model against stock PEFT with eager attention.
+
+Every comparison builds the same tiny random model twice (same seeds, so the same weights and
+the same prompt-encoder initialisation), once with attn_implementation="eager" (stock PEFT) and
+once with "prefix_kernels", and runs the same batch. fp32 targets from the issue: loss relative
+error <= 1e-5 and every trainable parameter's gradient relative error <= 1e-4.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+
+import prefix_kernels  # noqa: E402
+from hf_models import assert_matches, batch, build_model, build_peft, loss_and_grads  # noqa: E402
+from prefix_kernels.hf import PrefixCache  # noqa: E402
+from prefix_kernels.hf import attention as hf_attention  # noqa: E402
+
+MODELS = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gpt2", "opt", "gpt_neox"]
+ACCELERATED = [m for m in MODELS if m != "gemma2"]  # gemma2's logit softcapping falls back to eager
+
+
+@pytest.fixture(autouse=True)
+def patched():
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    prefix_kernels.apply_prefix_kernels()
+    yield
+    prefix_kernels.revert_prefix_kernels()
+
+
+def compare(model_type, method="prefix", padding="left", projection=False, gc=False, B=3, L=9, P=5, **kw):
+    ids, mask, labels = batch(B, L, padding)
+    stock = loss_and_grads(build_peft(model_type, "eager", method, P, projection, **kw), ids, mask, labels)
+    ours_model = build_peft(model_type, "prefix_kernels", method, P, projection, gradient_checkpointing=gc, **kw)
+    ours = loss_and_grads(ours_model, ids, mask, labels)
+    assert_matches(stock, ours)
+    return ours_model, stock, ours
+
+
+# ------------------------------------------------------------------ prefix tuning / P-tuning v2
+
+
+@pytest.mark.parametrize("model_type", MODELS)
+@pytest.mark.parametrize("projection", [False, True], ids=["ptuning_v2", "projection"])
+def test_prefix_tuning_matches_stock(model_type, projection):
+    compare(model_type, "prefix", "left", projection)
+
+
+@pytest.mark.parametrize("padding", ["right", None])
+@pytest.mark.parametrize("model_type", ["llama", "gpt2", "opt"])
+def test_prefix_tuning_paddings(model_type, padding):
+    compare(model_type, "prefix", padding)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen3", "gpt2", "gpt_neox"])
+@pytest.mark.parametrize("projection", [False, True], ids=["ptuning_v2", "projection"])
+def test_gradient_checkpointing_with_prefix_tuning(model_type, projection):
+    """Stock PEFT refuses gradient checkpointing with prefix tuning; patched it works and matches
+    stock PEFT without checkpointing. Checkpointing is enabled before get_peft_model, the case
+    PEFT refuses."""
+    model, _, ours = compare(model_type, "prefix", "left", projection, gc=True)
+    assert any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
+
+
+def test_stock_peft_still_refuses_checkpointing_on_models_not_patched():
+    model = build_model("llama", "eager")
+    model.gradient_checkpointing_enable()
+    with pytest.raises(ValueError, match="gradient checkpointing"):
+        peft.get_peft_model(model, peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4))
+
+
+# ------------------------------------------------------------------ prompt tuning / P-tuning v1
+
+
+@pytest.mark.parametrize("model_type", MODELS)
+@pytest.mark.parametrize("method", ["prompt", "ptuning"])
+def test_prompt_tuning_matches_stock(model_type, method):
+    compare(model_type, method, "left")
+
+
+@pytest.mark.parametrize("method", ["prompt", "ptuning"])
+def test_prompt_tuning_right_padding_and_checkpointing(method):
+    compare("llama", method, "right", gc=True)
+
+
+def test_prompt_pass_runs_at_batch_one():
+    """The soft prompt's P positions run once at batch 1: the decoder sees B*L + P tokens, not B*(P+L)."""
+    pm = build_peft("llama", "prefix_kernels", "prompt", P=5)
+    seen = []
+    hook = pm.get_base_model().model.embed_tokens  # noqa: F841 (prompts bypass it; count at the norm)
+    handle = pm.get_base_model().model.norm.register_forward_hook(lambda m, i, o: seen.append(tuple(o.shape[:2])))
+    ids, mask, labels = batch(4, 7)
+    pm(input_ids=ids, attention_mask=mask, labels=labels)
+    handle.remove()
+    assert seen == [(1, 5), (4, 7)]
+
+
+# ------------------------------------------------------------------ the triton backend (interpreter on CPU)
+
+
+@pytest.mark.parametrize("model_type,method", [("llama", "prefix"), ("qwen3", "prefix"), ("gpt2", "prompt")])
+def test_triton_backend_matches_stock(model_type, method, monkeypatch, triton_device):
+    monkeypatch.setenv("PREFIX_KERNELS_BACKEND", "triton")
+    if triton_device != "cpu":
+        pytest.skip("the GPU lane covers triton on CUDA")
+    compare(model_type, method, "left", B=2, L=5, P=3)
+
+
+# ------------------------------------------------------------------ no per-request copy
+
+
+def test_prefix_is_never_copied_per_request():
+    """Record every allocation of a patched forward + backward: none holds B copies of a layer's
+    prefix (B, Hkv, P, D), and the prefix encoder ran at batch 1."""
+    from test_no_copy import AllocationRecorder
+
+    B, L, P, Hkv, D = 5, 7, 23, 2, 16
+    pm = build_peft("llama", "prefix_kernels", "prefix", P=P, projection=True)
+    ids, mask, labels = batch(B, L)
+    rec = AllocationRecorder()
+    with rec:
+        out = pm(input_ids=ids, attention_mask=mask, labels=labels)
+        out.loss.backward()
+    per_request = B * Hkv * P * D
+    bad = [(name, shape) for name, shape, numel in rec.allocs if numel and numel % per_request == 0]
+    assert not bad, f"per-request prefix-sized allocations: {bad}"
+    # the stock path makes exactly such copies: the detector can fail
+    stock = build_peft("llama", "eager", "prefix", P=P, projection=True)
+    rec = AllocationRecorder()
+    with rec:
+        stock(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+    assert any(numel and numel % per_request == 0 for _, _, numel in rec.allocs)
+
+
+def test_prefix_cache_leaves_prefix_alone():
+    pk, pv = torch.randn(1, 2, 4, 8), torch.randn(1, 2, 4, 8)
+    cache = PrefixCache([(pk, pv), (pk, pv)])
+    cache._delivered = True
+    own = torch.randn(3, 2, 5, 8)
+    for i in range(2):
+        k, v = cache.update(own, own + 1, i)
+        assert k.shape == (3, 2, 5, 8)
+    assert cache.get_seq_length() == 9
+    cache.reorder_cache(torch.tensor([2, 2, 0]))
+    cache.batch_repeat_interleave(2)
+    cache.batch_select_indices(torch.tensor([0, 1, 4]))
+    cache.crop(-2)
+    layer = cache.layers[0]
+    assert layer.prefix_keys is pk and layer.prefix_values is pv
+    assert layer.keys.shape == (3, 2, 3, 8) and cache.get_seq_length() == 7
+    torch.testing.assert_close(layer.keys[0], own[2, :, :3])
+    cache.crop(100)  # positive: an own length (older transformers); nothing to remove
+    assert cache.get_seq_length() == 7
+    cache.reset()
+    assert cache.get_seq_length() == 4 and cache.layers[0].prefix_keys is pk
+
+
+def test_prefix_cache_refuses_unprepared_model():
+    """A PrefixCache on a model whose stack was not hooked would silently drop the prefix: it raises."""
+    model = build_model("llama", "prefix_kernels")
+    cache = PrefixCache([(torch.randn(1, 2, 3, 16), torch.randn(1, 2, 3, 16))] * 2)
+    ids, mask, _ = batch(2, 4)
+    with pytest.raises(RuntimeError, match="apply_prefix_kernels"):
+        model(input_ids=ids, attention_mask=torch.cat([torch.ones(2, 3, dtype=torch.long), mask], 1),
+              past_key_values=cache)
+    prefix_kernels.apply_prefix_kernels(model)
+    model(input_ids=ids, attention_mask=torch.cat([torch.ones(2, 3, dtype=torch.long), mask], 1),
+          past_key_values=PrefixCache([(torch.randn(1, 2, 3, 16), torch.randn(1, 2, 3, 16))] * 2))
+
+
+# ------------------------------------------------------------------ plain models, fallbacks, patch lifecycle
+
+
+@pytest.mark.parametrize("model_type", MODELS)
+def test_model_without_prefix_matches_sdpa(model_type):
+    ids, mask, _ = batch(3, 9, "left")
+    with torch.no_grad():
+        # gemma2 has no SDPA path in transformers (softcapping): its own eager attention is the reference
+        ref_attn = "eager" if model_type == "gemma2" else "sdpa"
+        ref = build_model(model_type, ref_attn)(input_ids=ids, attention_mask=mask).logits
+        out = build_model(model_type, "prefix_kernels")(input_ids=ids, attention_mask=mask).logits
+    valid = mask.bool()
+    torch.testing.assert_close(out[valid], ref[valid], rtol=1e-5, atol=1e-5)
+
+
+def _fallback_warnings(caplog):
+    return [r.getMessage() for r in caplog.records if "falling back" in r.getMessage()]
+
+
+def test_softcapping_falls_back_with_a_warning(caplog):
+    hf_attention._warned.clear()
+    with caplog.at_level(logging.WARNING, logger="prefix_kernels"):
+        compare("gemma2", "prefix")
+    assert any("soft-capping" in m for m in _fallback_warnings(caplog))
+
+
+def test_short_sliding_window_falls_back_and_matches(caplog):
+    """Mistral with a 6-token window over 5 + 9 keys: the kernel cannot do it; eager does."""
+    hf_attention._warned.clear()
+    with caplog.at_level(logging.WARNING, logger="prefix_kernels"):
+        compare("mistral", "prefix", sliding_window=6)
+    assert any("sliding window" in m for m in _fallback_warnings(caplog))
+
+
+def test_long_sliding_window_uses_the_kernel(caplog, monkeypatch):
+    hf_attention._warned.clear()
+    calls = []
+    original = hf_attention.shared_prefix_attention
+    monkeypatch.setattr(hf_attention, "shared_prefix_attention", lambda *a, **k: calls.append(1) or original(*a, **k))
+    with caplog.at_level(logging.WARNING, logger="prefix_kernels"):
+        compare("qwen2", "prefix", use_sliding_window=True, sliding_window=64, max_window_layers=0)
+    assert calls and not _fallback_warnings(caplog)
+
+
+def test_attention_dropout_falls_back(caplog):
+    hf_attention._warned.clear()
+    pm = build_peft("gpt2", "prefix_kernels", "prefix", attn_pdrop=0.1)
+    ids, mask, labels = batch()
+    with caplog.at_level(logging.WARNING, logger="prefix_kernels"):
+        loss_and_grads(pm, ids, mask, labels)
+    assert any("dropout" in m for m in _fallback_warnings(caplog))
+
+
+def test_apply_twice_and_revert():
+    prefix_kernels.apply_prefix_kernels()
+    prefix_kernels.apply_prefix_kernels()
+    compare("llama", "prefix")
+    prefix_kernels.revert_prefix_kernels()
+    assert peft.PeftModel.get_prompt.__module__.startswith("peft")
+    pm = build_peft("llama", "prefix_kernels", "prefix")
+    ids, mask, labels = batch()
+    out = pm(input_ids=ids, attention_mask=mask, labels=labels)
+    assert not isinstance(getattr(out, "past_key_values", None), PrefixCache)  # stock PEFT cache again
+    stock = loss_and_grads(build_peft("llama", "eager", "prefix"), ids, mask, labels)
+    assert_matches(stock, loss_and_grads(pm, ids, mask, labels))
+
+
+def test_apply_to_existing_peft_model_and_revert_restores_it():
+    prefix_kernels.revert_prefix_kernels()
+    pm = build_peft("llama", "sdpa", "prefix")
+    prefix_kernels.apply_prefix_kernels(pm)
+    assert pm.get_base_model().config._attn_implementation == "prefix_kernels"
+    ids, mask, labels = batch()
+    out = pm(input_ids=ids, attention_mask=mask, labels=labels)
+    assert isinstance(out.past_key_values, PrefixCache)
+    prefix_kernels.revert_prefix_kernels()
+    assert pm.get_base_model().config._attn_implementation == "sdpa"
+
+
+def test_models_not_patched_are_left_alone():
+    """With the patch applied, a PEFT model on sdpa attention runs stock PEFT exactly."""
+    ids, mask, labels = batch()
+    pm = build_peft("llama", "sdpa", "prefix")
+    out = pm(input_ids=ids, attention_mask=mask, labels=labels)
+    assert not isinstance(out.past_key_values, PrefixCache)
+    assert pm.get_base_model().config._attn_implementation == "sdpa"
+
+
+def test_apply_refuses_what_it_cannot_serve():
+    with pytest.raises(TypeError, match="model"):
+        prefix_kernels.apply_prefix_kernels(torch.nn.Linear(2, 2))
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    t5 = T5ForConditionalGeneration(T5Config(vocab_size=32, d_model=16, d_kv=4, d_ff=16, num_layers=1, num_heads=2))
+    with pytest.raises(ValueError, match="encoder-decoder"):
+        prefix_kernels.apply_prefix_kernels(t5)
+    assert t5.config._attn_implementation != "prefix_kernels"
+
+
+# ------------------------------------------------------------------ dtypes and training loops
+
+
+def test_bf16_model_trains_close_to_stock():
+    ids, mask, labels = batch()
+    stock = loss_and_grads(build_peft("llama", "eager", "prefix", dtype=torch.bfloat16), ids, mask, labels)
+    ours = loss_and_grads(build_peft("llama", "prefix_kernels", "prefix", dtype=torch.bfloat16), ids, mask, labels)
+    assert abs(float(stock[0]) - float(ours[0])) <= 2e-2 * abs(float(stock[0]))
+    for name, g in stock[1].items():
+        assert ours[1][name].dtype == torch.bfloat16
+        assert float((ours[1][name].float() - g.float()).norm() / g.float().norm()) < 5e-2
+
+
+def test_trainer_steps_match_stock(tmp_path):
+    from transformers import Trainer, TrainingArguments
+
+    ids, mask, labels = batch(4, 8)
+    rows = [{"input_ids": ids[i], "attention_mask": mask[i], "labels": labels[i]} for i in range(4)]
+    losses = {}
+    for attn in ("eager", "prefix_kernels"):
+        pm = build_peft("llama", attn, "prefix", projection=True)
+        args = TrainingArguments(output_dir=str(tmp_path / attn), per_device_train_batch_size=2, max_steps=3,
+                                 learning_rate=1e-2, logging_steps=1, report_to=[], use_cpu=True, seed=0,
+                                 save_strategy="no", disable_tqdm=True, dataloader_num_workers=0)
+        trainer = Trainer(model=pm, args=args, train_dataset=rows)
+        trainer.train()
+        losses[attn] = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert len(losses["eager"]) == 3
+    torch.testing.assert_close(torch.tensor(losses["prefix_kernels"]), torch.tensor(losses["eager"]),
+                               rtol=1e-4, atol=1e-5)
+
+
+# ------------------------------------------------------------------ generation with PEFT prefix tuning
+
+
+def _greedy_by_full_forward(pm, ids, mask, steps, pad=0):
+    """Greedy decoding by recomputing stock PEFT's forward on the whole sequence at every step, with
+    generate's position convention (mask cumsum - 1; PEFT adds P): the truth for generate()."""
+    eos = pm.get_base_model().generation_config.eos_token_id
+    eos = torch.tensor(eos if isinstance(eos, list) else [eos if eos is not None else -1])[None, :]
+    seq, m = ids, mask
+    done = torch.zeros(ids.shape[0], 1, dtype=torch.bool)
+    for _ in range(steps):
+        pos = (m.cumsum(-1) - 1).masked_fill(m == 0, 1)
+        nxt = pm(input_ids=seq, attention_mask=m, position_ids=pos).logits[:, -1].argmax(-1, keepdim=True)
+        nxt = nxt.masked_fill(done, pad)  # finished rows are padded, as generate does
+        done |= (nxt == eos).any(-1, keepdim=True)
+        seq, m = torch.cat([seq, nxt], 1), torch.cat([m, torch.ones_like(nxt)], 1)
+    return seq
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gpt2", "qwen2"])
+def test_prefix_tuning_greedy_generate_is_exact(model_type):
+    """Patched generate (PrefixCache, one token per step) against greedy decoding by full stock
+    forwards. Stock PEFT's own generate() cannot be the reference here: with transformers 5.24 and
+    peft 0.21 it injects `past_key_values` while generate passes `cache`, and its logits differ
+    from its own forward by ~0.5 (measured)."""
+    ids, mask, _ = batch(3, 6, "left")
+    with torch.no_grad():
+        truth = _greedy_by_full_forward(build_peft(model_type, "eager", "prefix", projection=True).eval(), ids, mask, 6)
+        pm = build_peft(model_type, "prefix_kernels", "prefix", projection=True).eval()
+        got = pm.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert torch.equal(got, truth)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gpt2", "qwen2"])
+def test_prefix_tuning_beam_search_reorders_only_own_cache(model_type):
+    """Beam search with the cache (beam reorders act on the PrefixCache) equals beam search that
+    recomputes everything each step (no cache, nothing to reorder), token for token."""
+    ids, mask, _ = batch(3, 6, "left")
+    kwargs = dict(max_new_tokens=6, do_sample=False, pad_token_id=0, num_beams=3, num_return_sequences=2)
+    pm = build_peft(model_type, "prefix_kernels", "prefix", projection=True).eval()
+    with torch.no_grad():
+        cached = pm.generate(input_ids=ids, attention_mask=mask, use_cache=True, **kwargs)
+        recomputed = pm.generate(input_ids=ids, attention_mask=mask, use_cache=False, **kwargs)
+    assert cached.shape == (6, 12)
+    assert torch.equal(cached, recomputed)
+
+
+def test_prefix_tuning_sampling_runs():
+    ids, mask, _ = batch(3, 6, "left")
+    pm = build_peft("llama", "prefix_kernels", "prefix").eval()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        out = pm.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=True, top_k=10,
+                          num_return_sequences=2, pad_token_id=0)
+    assert out.shape == (6, 11) and torch.equal(out[::2, :6], ids)
