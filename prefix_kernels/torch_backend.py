@@ -59,8 +59,102 @@ def _per_request_scores(q5, k, kv_mask, causal, scale, Lq):
     return s5.view(B, Hkv, R, Lk)
 
 
+# ---------------------------------------------------------------- fused CPU path
+#
+# On CPU tensors both parts run through ATen's fused flash-attention kernel for CPU (the one SDPA
+# uses), which also returns the natural-log lse and accepts GQA directly. The per-request part is
+# one call with an additive bias (bottom-right causal + padding); the prefix part is one call per
+# prefix whose "batch" is the stacked queries of all its requests, so its backward reduces the
+# prefix gradient over the batch inside the kernel. Measured on 2 CPU cores, B=16, Hq=8, Hkv=2,
+# L=40, P=16, D=32, fp32, forward + backward: see benchmarks/NOTES.md.
+
+
+def _cpu_flash():
+    return (torch.ops.aten._scaled_dot_product_flash_attention_for_cpu,
+            torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward)
+
+
+def _own_bias(B, Lq, Lk, kv_mask, causal, dtype, device):
+    """(B, 1, Lq, Lk) additive bias (0 or -inf) and (B, 1, Lq) whether a row sees any own key."""
+    allowed = visible_keys(B, Lq, Lk, kv_mask, causal, device)
+    bias = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(~allowed, float("-inf"))
+    return bias, allowed.any(-1)
+
+
+def _forward_cpu(q, k, v, prefix_k, prefix_v, prefix_index, kv_mask, causal, scale):
+    fwd, _ = _cpu_flash()
+    B, Hq, Lq, D = q.shape
+    G, Hkv, P, _ = prefix_k.shape
+    Lk = k.shape[2]
+    neg_inf = torch.full((B, Hq, Lq), float("-inf"), device=q.device)
+    out_r, lse_r = torch.zeros(B, Hq, Lq, D, device=q.device), neg_inf
+    if Lk > 0:
+        bias, any_own = _own_bias(B, Lq, Lk, kv_mask, causal, q.dtype, q.device)
+        o, lse = fwd(q, k, v, 0.0, False, attn_mask=bias, scale=scale)
+        lse_r = lse.float().masked_fill(~any_own, float("-inf"))  # the kernel gives 0 for such rows
+        out_r = o.float()
+    out_p, lse_p = torch.zeros(B, Hq, Lq, D, device=q.device), neg_inf.clone()
+    if P > 0:
+        q5 = q.reshape(B, Hkv, -1, D)
+        for g, rows in _requests_by_prefix(prefix_index, B):
+            n = B if rows is None else rows.numel()
+            o, lse = fwd(_stack_rows(q5, rows)[None], prefix_k[g][None], prefix_v[g][None], 0.0, False, scale=scale)
+            _scatter(out_p.view(B, Hkv, -1, D), rows, _unstack_rows(o[0].float(), n))
+            _scatter(lse_p.view(B, Hkv, -1), rows, _unstack_rows(lse[0].float()[..., None], n)[..., 0])
+    return _merge(q, out_p, lse_p, out_r, lse_r)
+
+
+def _merge(q, out_p, lse_p, out_r, lse_r):
+    B, Hq, Lq, D = q.shape
+    lse = torch.logaddexp(lse_p, lse_r)
+    safe = _no_inf(lse)
+    out = torch.exp(lse_p - safe)[..., None] * out_p + torch.exp(lse_r - safe)[..., None] * out_r
+    # Same layout as the triton backend: (B, Lq, Hq, D) memory seen as (B, Hq, Lq, D).
+    out = out.transpose(1, 2).to(q.dtype).contiguous()
+    return out.transpose(1, 2), lse
+
+
+def _backward_cpu(dout, q, k, v, prefix_k, prefix_v, prefix_index, kv_mask, causal, scale, out, lse):
+    """Gradients through the fused CPU kernel's backward, given the merged out and lse: each part's
+    probabilities are exp(s - lse_total), which is what that backward computes from them."""
+    _, bwd = _cpu_flash()
+    B, Hq, Lq, D = q.shape
+    G, Hkv, P, _ = prefix_k.shape
+    Lk = k.shape[2]
+    lse_safe = _no_inf(lse).to(torch.float32).contiguous()  # rows that see nothing: p = exp(-inf) = 0
+    out = out.contiguous()
+    dout = dout.to(q.dtype).contiguous()
+    dq = torch.zeros(B, Hq, Lq, D, device=q.device)
+    dk, dv = torch.zeros_like(k), torch.zeros_like(v)
+    if Lk > 0:
+        bias, _ = _own_bias(B, Lq, Lk, kv_mask, causal, q.dtype, q.device)
+        dq_r, dk, dv = bwd(dout, q, k, v, out, lse_safe, 0.0, False, attn_mask=bias, scale=scale)
+        dq += dq_r.float()
+    dpk, dpv = torch.zeros_like(prefix_k), torch.zeros_like(prefix_v)
+    if P > 0:
+        q5, do5, o5 = (x.reshape(B, Hkv, -1, D) for x in (q, dout, out))
+        lse5 = lse_safe.view(B, Hkv, -1)
+        dq5 = dq.view(B, Hkv, -1, D)
+        for g, rows in _requests_by_prefix(prefix_index, B):
+            n = B if rows is None else rows.numel()
+            qs, dos, os_ = (_stack_rows(x, rows)[None] for x in (q5, do5, o5))
+            lses = _stack_rows(lse5[..., None], rows)[None, ..., 0]
+            dqs, dpk_g, dpv_g = bwd(dos, qs, prefix_k[g][None], prefix_v[g][None], os_, lses, 0.0, False, scale=scale)
+            dpk[g], dpv[g] = dpk_g[0], dpv_g[0]
+            if rows is None:
+                dq5 += _unstack_rows(dqs[0].float(), n)
+            else:
+                dq5[rows] += _unstack_rows(dqs[0].float(), n)
+    return dq.to(q.dtype), dk, dv, dpk, dpv
+
+
+# ---------------------------------------------------------------- explicit path (any device)
+
+
 def forward(q, k, v, prefix_k, prefix_v, prefix_index, kv_mask, causal: bool, scale: float):
     """Returns out (B, Hq, Lq, D) in q's dtype and the natural-log lse (B, Hq, Lq) in float32."""
+    if q.device.type == "cpu":
+        return _forward_cpu(q, k, v, prefix_k, prefix_v, prefix_index, kv_mask, causal, scale)
     B, Hq, Lq, D = q.shape
     G, Hkv, P, _ = prefix_k.shape
     Lk = k.shape[2]
@@ -85,12 +179,7 @@ def forward(q, k, v, prefix_k, prefix_v, prefix_index, kv_mask, causal: bool, sc
         lse_r = torch.logsumexp(s, dim=-1)
         out_r = torch.matmul(torch.exp(s - _no_inf(lse_r)[..., None]), v.float())
 
-    lse = torch.logaddexp(lse_p, lse_r)
-    safe = _no_inf(lse)
-    out = torch.exp(lse_p - safe)[..., None] * out_p + torch.exp(lse_r - safe)[..., None] * out_r
-    # Same layout as the triton backend: (B, Lq, Hq, D) memory seen as (B, Hq, Lq, D).
-    out = out.view(B, Hq, Lq, D).transpose(1, 2).to(q.dtype).contiguous()
-    return out.transpose(1, 2), lse.view(B, Hq, Lq)
+    return _merge(q, out_p.view(B, Hq, Lq, D), lse_p.view(B, Hq, Lq), out_r.view(B, Hq, Lq, D), lse_r.view(B, Hq, Lq))
 
 
 def backward(dout, dlse, q, k, v, prefix_k, prefix_v, prefix_index, kv_mask, causal, scale, out, lse):
@@ -99,6 +188,8 @@ def backward(dout, dlse, q, k, v, prefix_k, prefix_v, prefix_index, kv_mask, cau
     With p = softmax probabilities over all visible keys and delta = rowsum(dout * out) - dlse:
     dv = p^T dout, ds = p * (dout v^T - delta), dq = scale * ds k, dk = scale * ds^T q.
     """
+    if q.device.type == "cpu" and dlse is None:
+        return _backward_cpu(dout, q, k, v, prefix_k, prefix_v, prefix_index, kv_mask, causal, scale, out, lse)
     B, Hq, Lq, D = q.shape
     G, Hkv, P, _ = prefix_k.shape
     Lk = k.shape[2]
