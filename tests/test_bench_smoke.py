@@ -22,3 +22,21 @@ def test_bench_attention_smoke_writes_rows(tmp_path):
         assert row["status"] == "ok"
         for field in ("device", "torch", "commit", "prefix_kernels", "median_ms", "tflops", "shape", "dtype"):
             assert field in row
+
+
+def test_bench_train_step_smoke_writes_rows(tmp_path):
+    import pytest
+
+    pytest.importorskip("peft")
+    sys.path.insert(0, str(BENCH))
+    try:
+        import bench_train_step
+    finally:
+        sys.path.remove(str(BENCH))
+    out = tmp_path / "train.jsonl"
+    bench_train_step.main(["--smoke", "--out", str(out)])
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert {r["provider"] for r in rows} == {"peft_sdpa", "peft_eager", "prefix_kernels"}
+    for row in rows:
+        assert row["status"] == "ok", row.get("reason")
+        assert row["tokens_per_s"] > 0 and row["workload"] == "train_step"
