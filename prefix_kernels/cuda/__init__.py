@@ -76,16 +76,20 @@ def decode_reasons(problem) -> list[str]:
         return [f"CUDA decode backend could not check this case ({type(exc).__name__}: {exc})"]
 
 
-@torch.library.custom_op("prefix_kernels::decode_cuda", mutates_args=(), device_types="cuda")
-def _decode_cuda(
-    q: Tensor, k: Tensor, v: Tensor, prefix_k: Tensor, prefix_v: Tensor,
-    prefix_index: Optional[Tensor], kv_mask: Optional[Tensor], causal: bool, scale: float,
-) -> tuple[Tensor, Tensor]:
+def _decode_impl(q, k, v, prefix_k, prefix_v, prefix_index, kv_mask, causal, scale):
     why = build.ensure_loaded()
     if why:
         raise RuntimeError(f"prefix_kernels: the CUDA decode kernels are unavailable: {why}")
     op = getattr(torch.ops, build.EXTENSION).decode
     return op(q, k, v, prefix_k, prefix_v, prefix_index, kv_mask, causal, scale)
+
+
+@torch.library.custom_op("prefix_kernels::decode_cuda", mutates_args=(), device_types="cuda")
+def _decode_cuda(
+    q: Tensor, k: Tensor, v: Tensor, prefix_k: Tensor, prefix_v: Tensor,
+    prefix_index: Optional[Tensor], kv_mask: Optional[Tensor], causal: bool, scale: float,
+) -> tuple[Tensor, Tensor]:
+    return _decode_impl(q, k, v, prefix_k, prefix_v, prefix_index, kv_mask, causal, scale)
 
 
 @_decode_cuda.register_fake
