@@ -1,0 +1,614 @@
+/*
+ * Shared-prefix decode attention: the CUDA kernels (torch-free).
+ *
+ * Three kernels, all on one stream, no host synchronisation:
+ *
+ *   prefix_kernel    grid (prefix row blocks, Hkv, prefix splits). For prefix g and kv head hk the
+ *                    query rows of every request using g, times all Hq/Hkv query heads of hk, times
+ *                    Lq, are stacked into one matrix; a block takes ROWS of those stacked rows and
+ *                    one chunk of the prefix's keys. Each key tile is read from global memory once
+ *                    per block and applied to all ROWS rows, so the prefix is read once per ROWS
+ *                    stacked rows instead of once per request.
+ *   request_kernel   grid (B * Hkv * row blocks, request splits): flash-decoding over each
+ *                    request's own keys; a block holds all (Hq/Hkv) * Lq rows of one (b, hk)
+ *                    (ROWS at a time) and one chunk of the keys; kv_mask and causal masking.
+ *   merge_kernel     one warp per output row: combines the partial (out, lse) of every split by
+ *                    log-sum-exp and writes out (q's dtype) and lse (natural log).
+ *
+ * Inside an attention block, warp w owns stacked rows [16w, 16w + 16). Key tiles of N keys are
+ * staged in shared memory with 16-byte cp.async copies, double-buffered. Scores and the output
+ * accumulator live in registers in the mma.sync m16n8k16 accumulator layout: lane = 4 * gid + tig
+ * holds rows gid and gid + 8, columns 2 * tig and 2 * tig + 1 of every 8-column tile. fp16 and bf16
+ * use the tensor cores (mma.sync, fp32 accumulation); fp32 uses CUDA-core FMAs on the same layout
+ * (TF32 would be ~1000x less accurate than the float32 reference). Scores are in log2 units (the
+ * scale is multiplied by log2(e) once); every lse in the workspace is base 2, and only the merge
+ * converts to the natural log that leaves this file.
+ */
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+#include <type_traits>
+
+namespace spd {
+
+constexpr float kLn2 = 0.6931471805599453f;
+constexpr int kNoLimit = 0x7fffffff;  // causal limit of a row that sees every key
+
+// Everything a kernel needs, passed by value (a few hundred bytes).
+struct Params {
+  const void* q;
+  const void* k;
+  const void* v;
+  const void* pk;
+  const void* pv;
+  const uint8_t* mask;
+  void* out;
+  float* lse;
+  const int32_t* order;
+  const int32_t* starts;
+  const int32_t* block_starts;
+  float* ws_out;
+  float* ws_lse;
+  int64_t sq[4], sk[4], sv[4], spk[4], spv[4], so[4];
+  int64_t sm_b, sm_n;
+  int64_t rows_total;  // B * Hq * Lq
+  int B, Hq, Hkv, Lq, T, G, P, D;
+  int group;           // Hq / Hkv
+  int group_rows;      // group * Lq
+  int prefix_splits, prefix_chunk;
+  int request_splits, request_chunk, request_row_blocks;
+  int n_splits;        // prefix_splits + request_splits
+  int causal;
+  int vec_q, vec_kv, vec_p;  // 16-byte copies allowed (unit D stride, aligned)
+  float qk_scale;      // scale * log2(e)
+};
+
+// Tile shapes per (dtype, head dim), sized so that shared memory stays under the 99 KB per block
+// that every sm_80+ GPU grants (sm_86 / sm_89 grant no more).
+template <typename T, int D>
+struct Config {
+  static_assert(D % 16 == 0 && D >= 16 && D <= 256, "head dim must be a multiple of 16 in [16, 256]");
+  static constexpr bool kHalf = sizeof(T) == 2;
+  static constexpr int WARPS = (!kHalf && D > 128) ? 2 : 4;
+  static constexpr int ROWS = 16 * WARPS;
+  static constexpr int THREADS = 32 * WARPS;
+  // Keys per tile: a multiple of 16 (one mma k-step) for 16-bit types, of 8 for fp32.
+  static constexpr int N = kHalf ? (D <= 64 ? 64 : (D <= 128 ? 32 : 16)) : (D <= 64 ? 32 : (D <= 128 ? 16 : 8));
+  static constexpr int VEC = 16 / static_cast<int>(sizeof(T));  // elements per 16-byte copy
+  static constexpr int CHUNKS = D / VEC;                        // 16-byte copies per row
+  static constexpr int LDS = D + VEC;  // shared row stride: 16 bytes of padding against bank conflicts
+  static constexpr int PLD = N + 4;    // fp32 only: row stride of the per-warp probability buffer
+  // Shared memory layout, in bytes; every offset is a multiple of 16.
+  static constexpr int OFF_QOFF = 0;                                // int64 [ROWS] q element offset, -1: no row
+  static constexpr int OFF_OROW = OFF_QOFF + 8 * ROWS;              // int64 [ROWS] output row
+  static constexpr int OFF_LIM = OFF_OROW + 8 * ROWS;               // int32 [ROWS] causal limit
+  static constexpr int OFF_VALID = OFF_LIM + 4 * ROWS;              // uint8 [2][N] key visible (mask, range)
+  static constexpr int OFF_Q = (OFF_VALID + 2 * N + 15) / 16 * 16;  // T [ROWS][LDS]
+  static constexpr int OFF_K = OFF_Q + static_cast<int>(sizeof(T)) * ROWS * LDS;  // T [2][N][LDS]
+  static constexpr int OFF_V = OFF_K + 2 * static_cast<int>(sizeof(T)) * N * LDS; // T [2][N][LDS]
+  static constexpr int OFF_P = OFF_V + 2 * static_cast<int>(sizeof(T)) * N * LDS; // fp32: float [WARPS][16][PLD]
+  static constexpr int SMEM = OFF_P + (kHalf ? 0 : 4 * WARPS * 16 * PLD);
+  static_assert(SMEM <= 99 * 1024, "tile does not fit the shared memory of every sm_80+ GPU");
+};
+
+// ------------------------------------------------------------------------------------------------
+// Small device helpers
+// ------------------------------------------------------------------------------------------------
+
+// Raw element bits: tiles are copied as bits, so zero-filling writes +0.0 for every dtype.
+template <typename T>
+using Bits = typename std::conditional<sizeof(T) == 2, uint16_t, uint32_t>::type;
+
+template <typename T>
+__device__ __forceinline__ T from_float(float x);
+template <>
+__device__ __forceinline__ float from_float<float>(float x) { return x; }
+template <>
+__device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+
+// Two floats rounded to a 16-bit type and packed: lo in bits 0-15, hi in bits 16-31 (the order
+// mma.sync expects for the lower and higher column of a pair).
+template <typename T>
+__device__ __forceinline__ uint32_t pack2(float lo, float hi);
+template <>
+__device__ __forceinline__ uint32_t pack2<__half>(float lo, float hi) {
+  __half2 h = __floats2half2_rn(lo, hi);
+  return *reinterpret_cast<uint32_t*>(&h);
+}
+template <>
+__device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float lo, float hi) {
+  __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<uint32_t*>(&h);
+}
+
+// d (16x8, fp32) += a (16x16, row-major) * b (16x8, column-major), one warp.
+template <typename T>
+__device__ __forceinline__ void mma16816(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                         uint32_t b0, uint32_t b1);
+template <>
+__device__ __forceinline__ void mma16816<__half>(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2,
+                                                 uint32_t a3, uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+template <>
+__device__ __forceinline__ void mma16816<__nv_bfloat16>(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2,
+                                                        uint32_t a3, uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+// 16-byte global -> shared copy; when !full the 16 bytes are zero-filled and nothing is read.
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool full) {
+  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  const int src_bytes = full ? 16 : 0;
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem), "r"(src_bytes) : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+template <int PENDING>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(PENDING) : "memory");
+}
+
+__device__ __forceinline__ uint32_t lds32(const void* p) { return *reinterpret_cast<const uint32_t*>(p); }
+
+// ------------------------------------------------------------------------------------------------
+// Tile loads (all threads of the block)
+// ------------------------------------------------------------------------------------------------
+
+// rows x D matrix at `base` (row stride rs, column stride ds) -> shared [rows][LDS]; rows at or
+// past `valid_rows` become zeros. vec: 16-byte cp.async copies (caller checked unit ds and
+// alignment), else element loads and shared stores (visible after the next __syncthreads).
+template <typename T, int D, int ROWS_TILE>
+__device__ __forceinline__ void load_rows(T* smem, const T* base, int64_t rs, int64_t ds, int valid_rows,
+                                          bool vec) {
+  using C = Config<T, D>;
+  if (vec) {
+    for (int c = threadIdx.x; c < ROWS_TILE * C::CHUNKS; c += C::THREADS) {
+      const int r = c / C::CHUNKS;
+      const int col = (c % C::CHUNKS) * C::VEC;
+      const bool ok = r < valid_rows;
+      cp_async16(smem + r * C::LDS + col, ok ? base + r * rs + col : base, ok);
+    }
+  } else {
+    const Bits<T>* src = reinterpret_cast<const Bits<T>*>(base);
+    Bits<T>* dst = reinterpret_cast<Bits<T>*>(smem);
+    for (int e = threadIdx.x; e < ROWS_TILE * D; e += C::THREADS) {
+      const int r = e / D;
+      const int col = e % D;
+      dst[r * C::LDS + col] = r < valid_rows ? src[r * rs + col * ds] : Bits<T>(0);
+    }
+  }
+}
+
+// The block's query rows: row r starts at q + qoff[r] (qoff[r] < 0: no row, zeros).
+template <typename T, int D>
+__device__ __forceinline__ void load_q(T* smem, const T* q, const int64_t* qoff, int64_t sqd, bool vec) {
+  using C = Config<T, D>;
+  if (vec) {
+    for (int c = threadIdx.x; c < C::ROWS * C::CHUNKS; c += C::THREADS) {
+      const int r = c / C::CHUNKS;
+      const int col = (c % C::CHUNKS) * C::VEC;
+      const int64_t off = qoff[r];
+      cp_async16(smem + r * C::LDS + col, off >= 0 ? q + off + col : q, off >= 0);
+    }
+  } else {
+    const Bits<T>* src = reinterpret_cast<const Bits<T>*>(q);
+    Bits<T>* dst = reinterpret_cast<Bits<T>*>(smem);
+    for (int e = threadIdx.x; e < C::ROWS * D; e += C::THREADS) {
+      const int r = e / D;
+      const int col = e % D;
+      const int64_t off = qoff[r];
+      dst[r * C::LDS + col] = off >= 0 ? src[off + col * sqd] : Bits<T>(0);
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// The attention block: ROWS query rows (described in shared memory) x keys [key_begin, key_end)
+// ------------------------------------------------------------------------------------------------
+
+// Keys of one segment (a prefix, or one request's own keys) of one kv head.
+template <typename T>
+struct KeySegment {
+  const T* k;            // key 0 of the segment
+  const T* v;
+  int64_t skn, skd;      // key and column strides of k
+  int64_t svn, svd;
+  const uint8_t* mask;   // mask[key * mask_stride] != 0: visible; NULL: all visible
+  int64_t mask_stride;
+  bool vec;              // 16-byte copies allowed for k and v
+};
+
+// Before the call: row descriptors in shared memory (qoff, orow, lim) written and synchronised.
+// Writes partial results (normalised out, base-2 lse) of every valid row to workspace `slot`.
+template <typename T, int D>
+__device__ __forceinline__ void attend(const Params& p, unsigned char* smem, const KeySegment<T>& seg,
+                                       int key_begin, int key_end, int slot) {
+  using C = Config<T, D>;
+  constexpr int N = C::N;
+  constexpr int LDS = C::LDS;
+  constexpr int NT = N / 8;  // 8-key score tiles per key tile
+  constexpr int DT = D / 8;  // 8-column output tiles
+
+  const int64_t* qoff_s = reinterpret_cast<const int64_t*>(smem + C::OFF_QOFF);
+  const int64_t* orow_s = reinterpret_cast<const int64_t*>(smem + C::OFF_OROW);
+  const int* lim_s = reinterpret_cast<const int*>(smem + C::OFF_LIM);
+  uint8_t* valid_s = reinterpret_cast<uint8_t*>(smem + C::OFF_VALID);
+  T* q_s = reinterpret_cast<T*>(smem + C::OFF_Q);
+  T* k_s = reinterpret_cast<T*>(smem + C::OFF_K);
+  T* v_s = reinterpret_cast<T*>(smem + C::OFF_V);
+
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  const int gid = lane >> 2;  // accumulator rows gid and gid + 8 of the warp's 16
+  const int tig = lane & 3;   // accumulator columns 2 tig, 2 tig + 1 of every 8-column tile
+  const int r0 = warp * 16 + gid;
+  const int r1 = r0 + 8;
+  // Rows are filled in order, so a warp has work iff its first row exists (warp-uniform).
+  const bool active = qoff_s[warp * 16] >= 0;
+  const int lim0 = lim_s[r0];
+  const int lim1 = lim_s[r1];
+
+  const int nkeys = key_end > key_begin ? key_end - key_begin : 0;
+  const int ntiles = (nkeys + N - 1) / N;
+
+  // Stages tile `it` into buffer `buf`: K, V (zero past the segment) and the visibility flags.
+  auto load_tile = [&](int it, int buf) {
+    const int n0 = key_begin + it * N;
+    const int valid = key_end - n0 < N ? key_end - n0 : N;
+    load_rows<T, D, N>(k_s + buf * N * LDS, seg.k + n0 * seg.skn, seg.skn, seg.skd, valid, seg.vec);
+    load_rows<T, D, N>(v_s + buf * N * LDS, seg.v + n0 * seg.svn, seg.svn, seg.svd, valid, seg.vec);
+    for (int n = threadIdx.x; n < N; n += C::THREADS) {
+      bool ok = n < valid;
+      if (ok && seg.mask != nullptr) ok = seg.mask[static_cast<int64_t>(n0 + n) * seg.mask_stride] != 0;
+      valid_s[buf * N + n] = ok ? 1 : 0;
+    }
+  };
+
+  float acc[DT][4];
+#pragma unroll
+  for (int j = 0; j < DT; ++j) {
+#pragma unroll
+    for (int c = 0; c < 4; ++c) acc[j][c] = 0.f;
+  }
+  float m_run[2] = {-INFINITY, -INFINITY};  // running max (log2 units) of rows r0, r1
+  float l_run[2] = {0.f, 0.f};              // this lane's part of the running sum of exp2
+
+  load_q<T, D>(q_s, reinterpret_cast<const T*>(p.q), qoff_s, p.sq[3], p.vec_q != 0);
+  if (ntiles > 0) load_tile(0, 0);
+  cp_async_commit();
+
+  for (int it = 0; it < ntiles; ++it) {
+    const int buf = it & 1;
+    // The other buffer was last read in iteration it - 1, which ended with __syncthreads.
+    if (it + 1 < ntiles) load_tile(it + 1, buf ^ 1);
+    cp_async_commit();
+    cp_async_wait<1>();  // everything but the newest group: Q and tile `it` have landed
+    __syncthreads();
+
+    if (active) {
+      const T* kt = k_s + buf * N * LDS;
+      const T* vt = v_s + buf * N * LDS;
+      const uint8_t* vis = valid_s + buf * N;
+      float s[NT][4];
+#pragma unroll
+      for (int j = 0; j < NT; ++j) {
+#pragma unroll
+        for (int c = 0; c < 4; ++c) s[j][c] = 0.f;
+      }
+
+      // ---- S = Q K^T --------------------------------------------------------------------------
+      if constexpr (C::kHalf) {
+#pragma unroll
+        for (int kk = 0; kk < D / 16; ++kk) {
+          const int col = kk * 16 + 2 * tig;
+          const uint32_t a0 = lds32(q_s + r0 * LDS + col);
+          const uint32_t a1 = lds32(q_s + r1 * LDS + col);
+          const uint32_t a2 = lds32(q_s + r0 * LDS + col + 8);
+          const uint32_t a3 = lds32(q_s + r1 * LDS + col + 8);
+#pragma unroll
+          for (int j = 0; j < NT; ++j) {
+            const T* krow = kt + (j * 8 + gid) * LDS + col;
+            mma16816<T>(s[j], a0, a1, a2, a3, lds32(krow), lds32(krow + 8));
+          }
+        }
+      } else {
+        const float* qa = reinterpret_cast<const float*>(q_s) + r0 * LDS;
+        const float* qb = reinterpret_cast<const float*>(q_s) + r1 * LDS;
+        const float* kf = reinterpret_cast<const float*>(kt);
+#pragma unroll 2
+        for (int d = 0; d < D; d += 4) {
+          const float4 x = *reinterpret_cast<const float4*>(qa + d);
+          const float4 y = *reinterpret_cast<const float4*>(qb + d);
+#pragma unroll
+          for (int j = 0; j < NT; ++j) {
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+              const float4 kv = *reinterpret_cast<const float4*>(kf + (j * 8 + 2 * tig + e) * LDS + d);
+              s[j][e] += x.x * kv.x + x.y * kv.y + x.z * kv.z + x.w * kv.w;
+              s[j][2 + e] += y.x * kv.x + y.y * kv.y + y.z * kv.z + y.w * kv.w;
+            }
+          }
+        }
+      }
+
+      // ---- scale, mask, online softmax (log2 units) -------------------------------------------
+      const int n0 = key_begin + it * N;
+#pragma unroll
+      for (int j = 0; j < NT; ++j) {
+#pragma unroll
+        for (int c = 0; c < 4; ++c) {
+          const int col = j * 8 + 2 * tig + (c & 1);
+          const int lim = c < 2 ? lim0 : lim1;
+          const bool ok = vis[col] != 0 && n0 + col <= lim;
+          s[j][c] = ok ? s[j][c] * p.qk_scale : -INFINITY;
+        }
+      }
+#pragma unroll
+      for (int hr = 0; hr < 2; ++hr) {
+        float mx = -INFINITY;
+#pragma unroll
+        for (int j = 0; j < NT; ++j) mx = fmaxf(mx, fmaxf(s[j][2 * hr], s[j][2 * hr + 1]));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));  // the 4 lanes of a row
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+        const float m_new = fmaxf(m_run[hr], mx);
+        // Nothing visible yet: exponentiate against 0 so that exp2(-inf - -inf) never makes a NaN.
+        const float m_use = m_new == -INFINITY ? 0.f : m_new;
+        const float alpha = exp2f(m_run[hr] - m_use);
+        float sum = 0.f;
+#pragma unroll
+        for (int j = 0; j < NT; ++j) {
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const float pr = exp2f(s[j][2 * hr + e] - m_use);
+            s[j][2 * hr + e] = pr;
+            sum += pr;
+          }
+        }
+        l_run[hr] = l_run[hr] * alpha + sum;
+#pragma unroll
+        for (int j = 0; j < DT; ++j) {
+          acc[j][2 * hr] *= alpha;
+          acc[j][2 * hr + 1] *= alpha;
+        }
+        m_run[hr] = m_new;
+      }
+
+      // ---- O += P V -----------------------------------------------------------------------------
+      if constexpr (C::kHalf) {
+        const uint16_t* vb = reinterpret_cast<const uint16_t*>(vt);
+#pragma unroll
+        for (int kk = 0; kk < N / 16; ++kk) {
+          // The accumulator layout of score tiles 2kk, 2kk+1 is the A-operand layout of keys
+          // [16kk, 16kk + 16): probabilities go to the tensor cores without leaving registers.
+          const uint32_t a0 = pack2<T>(s[2 * kk][0], s[2 * kk][1]);
+          const uint32_t a1 = pack2<T>(s[2 * kk][2], s[2 * kk][3]);
+          const uint32_t a2 = pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+          const uint32_t a3 = pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+          const int key = kk * 16 + 2 * tig;
+#pragma unroll
+          for (int j = 0; j < DT; ++j) {
+            const int col = j * 8 + gid;
+            const uint32_t b0 = static_cast<uint32_t>(vb[key * LDS + col]) |
+                                (static_cast<uint32_t>(vb[(key + 1) * LDS + col]) << 16);
+            const uint32_t b1 = static_cast<uint32_t>(vb[(key + 8) * LDS + col]) |
+                                (static_cast<uint32_t>(vb[(key + 9) * LDS + col]) << 16);
+            mma16816<T>(acc[j], a0, a1, a2, a3, b0, b1);
+          }
+        }
+      } else {
+        // The lane needs every key's probability for its rows: exchange through shared memory.
+        float* pw = reinterpret_cast<float*>(smem + C::OFF_P) + warp * 16 * C::PLD;
+#pragma unroll
+        for (int j = 0; j < NT; ++j) {
+#pragma unroll
+          for (int c = 0; c < 4; ++c) pw[(gid + (c >> 1) * 8) * C::PLD + j * 8 + 2 * tig + (c & 1)] = s[j][c];
+        }
+        __syncwarp();
+        const float* vf = reinterpret_cast<const float*>(vt);
+#pragma unroll 2
+        for (int n = 0; n < N; ++n) {
+          const float pa = pw[gid * C::PLD + n];
+          const float pb = pw[(gid + 8) * C::PLD + n];
+#pragma unroll
+          for (int j = 0; j < DT; ++j) {
+            const float2 x = *reinterpret_cast<const float2*>(vf + n * LDS + j * 8 + 2 * tig);
+            acc[j][0] += pa * x.x;
+            acc[j][1] += pa * x.y;
+            acc[j][2] += pb * x.x;
+            acc[j][3] += pb * x.y;
+          }
+        }
+        __syncwarp();  // pw is rewritten by the next tile
+      }
+    }
+    __syncthreads();  // the next iteration's copies overwrite this buffer
+  }
+  cp_async_wait<0>();  // nothing may stay in flight (ntiles == 0 still issued the Q copies)
+
+  if (active) {
+#pragma unroll
+    for (int hr = 0; hr < 2; ++hr) {
+      float l = l_run[hr];
+      l += __shfl_xor_sync(0xffffffffu, l, 1);
+      l += __shfl_xor_sync(0xffffffffu, l, 2);
+      const int row = hr ? r1 : r0;
+      if (qoff_s[row] < 0) continue;
+      const bool empty = !(l > 0.f);  // no visible key in this block's range
+      const float inv = empty ? 0.f : 1.f / l;
+      const int64_t ws_row = static_cast<int64_t>(slot) * p.rows_total + orow_s[row];
+      float* dst = p.ws_out + ws_row * D;
+#pragma unroll
+      for (int j = 0; j < DT; ++j) {
+        *reinterpret_cast<float2*>(dst + j * 8 + 2 * tig) = make_float2(acc[j][2 * hr] * inv, acc[j][2 * hr + 1] * inv);
+      }
+      if (tig == 0) p.ws_lse[ws_row] = empty ? -INFINITY : m_run[hr] + log2f(l);
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// Kernels
+// ------------------------------------------------------------------------------------------------
+
+// blockIdx.x: row block over all prefixes (block_starts maps it to prefix g), blockIdx.y: kv head,
+// blockIdx.z: prefix split.
+template <typename T, int D>
+__global__ void __launch_bounds__(Config<T, D>::THREADS) prefix_kernel(const Params p) {
+  using C = Config<T, D>;
+  extern __shared__ __align__(16) unsigned char smem[];
+  const int rb = blockIdx.x;
+  const int hk = blockIdx.y;
+  const int split = blockIdx.z;
+  if (rb >= p.block_starts[p.G]) return;  // the grid is an upper bound (whole block exits)
+  // Prefix g owns row blocks [block_starts[g], block_starts[g+1]): largest g with block_starts[g] <= rb.
+  int lo = 0, hi = p.G;  // block_starts[lo] <= rb < block_starts[hi]
+  while (hi - lo > 1) {
+    const int mid = (lo + hi) >> 1;
+    if (p.block_starts[mid] <= rb) lo = mid; else hi = mid;
+  }
+  const int g = lo;
+  const int first = p.starts[g];
+  const int64_t stacked = static_cast<int64_t>(p.starts[g + 1] - first) * p.group_rows;
+  const int64_t row0 = static_cast<int64_t>(rb - p.block_starts[g]) * C::ROWS;
+
+  int64_t* qoff_s = reinterpret_cast<int64_t*>(smem + C::OFF_QOFF);
+  int64_t* orow_s = reinterpret_cast<int64_t*>(smem + C::OFF_OROW);
+  int* lim_s = reinterpret_cast<int*>(smem + C::OFF_LIM);
+  for (int t = threadIdx.x; t < C::ROWS; t += C::THREADS) {
+    const int64_t srow = row0 + t;  // stacked row: (request of prefix g, head of group, query row)
+    int64_t qoff = -1, orow = 0;
+    if (srow < stacked) {
+      const int64_t b = p.order[first + srow / p.group_rows];
+      const int r = static_cast<int>(srow % p.group_rows);
+      const int h = hk * p.group + r / p.Lq;
+      const int i = r % p.Lq;
+      qoff = b * p.sq[0] + h * p.sq[1] + i * p.sq[2];
+      orow = (b * p.Hq + h) * p.Lq + i;
+    }
+    qoff_s[t] = qoff;
+    orow_s[t] = orow;
+    lim_s[t] = kNoLimit;  // prefix keys are visible to every query
+  }
+  __syncthreads();
+
+  KeySegment<T> seg;
+  seg.k = reinterpret_cast<const T*>(p.pk) + g * p.spk[0] + hk * p.spk[1];
+  seg.v = reinterpret_cast<const T*>(p.pv) + g * p.spv[0] + hk * p.spv[1];
+  seg.skn = p.spk[2];
+  seg.skd = p.spk[3];
+  seg.svn = p.spv[2];
+  seg.svd = p.spv[3];
+  seg.mask = nullptr;
+  seg.mask_stride = 0;
+  seg.vec = p.vec_p != 0;
+  const int begin = split * p.prefix_chunk;
+  const int end = begin + p.prefix_chunk < p.P ? begin + p.prefix_chunk : p.P;
+  attend<T, D>(p, smem, seg, begin, end, split);
+}
+
+// blockIdx.x: (b * Hkv + hk) * request_row_blocks + row block, blockIdx.y: split along T.
+template <typename T, int D>
+__global__ void __launch_bounds__(Config<T, D>::THREADS) request_kernel(const Params p) {
+  using C = Config<T, D>;
+  extern __shared__ __align__(16) unsigned char smem[];
+  const int64_t x = blockIdx.x;
+  const int rbl = static_cast<int>(x % p.request_row_blocks);
+  const int64_t bh = x / p.request_row_blocks;
+  const int hk = static_cast<int>(bh % p.Hkv);
+  const int64_t b = bh / p.Hkv;
+  const int split = blockIdx.y;
+
+  int64_t* qoff_s = reinterpret_cast<int64_t*>(smem + C::OFF_QOFF);
+  int64_t* orow_s = reinterpret_cast<int64_t*>(smem + C::OFF_OROW);
+  int* lim_s = reinterpret_cast<int*>(smem + C::OFF_LIM);
+  for (int t = threadIdx.x; t < C::ROWS; t += C::THREADS) {
+    const int r = rbl * C::ROWS + t;  // row of (b, hk): head r / Lq of the group, query row r % Lq
+    int64_t qoff = -1, orow = 0;
+    int lim = kNoLimit;
+    if (r < p.group_rows) {
+      const int h = hk * p.group + r / p.Lq;
+      const int i = r % p.Lq;
+      qoff = b * p.sq[0] + h * p.sq[1] + i * p.sq[2];
+      orow = (b * p.Hq + h) * p.Lq + i;
+      if (p.causal) lim = i + (p.T - p.Lq);  // bottom-right: own key j visible iff j <= i + T - Lq
+    }
+    qoff_s[t] = qoff;
+    orow_s[t] = orow;
+    lim_s[t] = lim;
+  }
+  __syncthreads();
+
+  KeySegment<T> seg;
+  seg.k = reinterpret_cast<const T*>(p.k) + b * p.sk[0] + hk * p.sk[1];
+  seg.v = reinterpret_cast<const T*>(p.v) + b * p.sv[0] + hk * p.sv[1];
+  seg.skn = p.sk[2];
+  seg.skd = p.sk[3];
+  seg.svn = p.sv[2];
+  seg.svd = p.sv[3];
+  seg.mask = p.mask != nullptr ? p.mask + b * p.sm_b : nullptr;
+  seg.mask_stride = p.sm_n;
+  seg.vec = p.vec_kv != 0;
+  const int begin = split * p.request_chunk;
+  const int end = begin + p.request_chunk < p.T ? begin + p.request_chunk : p.T;
+  attend<T, D>(p, smem, seg, begin, end, p.prefix_splits + split);
+}
+
+constexpr int kMergeWarps = 4;
+constexpr int kMergeMaxPerLane = 8;  // D <= 256
+
+// One warp per output row (b, h, i): out = sum_s w_s out_s / sum_s w_s with w_s = exp2(lse_s - max).
+template <typename T>
+__global__ void __launch_bounds__(32 * kMergeWarps) merge_kernel(const Params p) {
+  const int lane = threadIdx.x & 31;
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * kMergeWarps + (threadIdx.x >> 5);
+  if (row >= p.rows_total) return;
+  const int i = static_cast<int>(row % p.Lq);
+  const int64_t bh = row / p.Lq;
+  const int h = static_cast<int>(bh % p.Hq);
+  const int64_t b = bh / p.Hq;
+
+  float mx = -INFINITY;
+  for (int s = 0; s < p.n_splits; ++s) mx = fmaxf(mx, p.ws_lse[s * p.rows_total + row]);
+  float acc[kMergeMaxPerLane];
+#pragma unroll
+  for (int u = 0; u < kMergeMaxPerLane; ++u) acc[u] = 0.f;
+  float wsum = 0.f;
+  if (mx != -INFINITY) {
+    for (int s = 0; s < p.n_splits; ++s) {
+      const int64_t ws_row = s * p.rows_total + row;
+      const float w = exp2f(p.ws_lse[ws_row] - mx);  // empty split: exp2(-inf) = 0
+      if (w == 0.f) continue;
+      wsum += w;
+      const float* src = p.ws_out + ws_row * p.D;
+#pragma unroll
+      for (int u = 0; u < kMergeMaxPerLane; ++u) {
+        const int d = lane + 32 * u;
+        if (d < p.D) acc[u] += w * src[d];
+      }
+    }
+  }
+  const float inv = wsum > 0.f ? 1.f / wsum : 0.f;  // no visible key at all: out 0, lse -inf
+  T* o = reinterpret_cast<T*>(p.out) + b * p.so[0] + h * p.so[1] + i * p.so[2];
+#pragma unroll
+  for (int u = 0; u < kMergeMaxPerLane; ++u) {
+    const int d = lane + 32 * u;
+    if (d < p.D) o[d * p.so[3]] = from_float<T>(acc[u] * inv);
+  }
+  if (lane == 0) p.lse[row] = wsum > 0.f ? (mx + log2f(wsum)) * kLn2 : -INFINITY;
+}
+
+}  // namespace spd

@@ -1,0 +1,163 @@
+// torch binding of the shared-prefix decode kernels: checks, allocation, grouping of requests by
+// prefix (torch ops on the device, no host synchronisation) and the op registration
+//   torch.ops.prefix_kernels_cuda.decode(q, k, v, pk, pv, prefix_index?, kv_mask?, causal, scale)
+//       -> (out, lse)
+// The only file of csrc/ that includes torch headers. Only c10/cuda headers are used for the
+// device guard and the current stream (not ATen/cuda/CUDAContext.h, which pulls in cuSPARSE and
+// cuBLAS headers), so that this file also compiles against a CPU wheel's headers for CI.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <tuple>
+
+#include "shared_prefix_decode.h"
+
+namespace {
+
+spd_dtype to_spd_dtype(at::ScalarType t) {
+  switch (t) {
+    case at::kHalf: return SPD_FLOAT16;
+    case at::kBFloat16: return SPD_BFLOAT16;
+    case at::kFloat: return SPD_FLOAT32;
+    default: TORCH_CHECK(false, "prefix_kernels_cuda.decode: dtype ", t, " is not float16, bfloat16 or float32");
+  }
+  return SPD_FLOAT32;  // not reached
+}
+
+// Strides of x in elements; a dimension of size 1 is never stepped, so its stride is set to 0
+// (torch gives such dimensions arbitrary strides, which would needlessly rule out 16-byte copies).
+void strides_of(const at::Tensor& x, int64_t* out) {
+  for (int64_t i = 0; i < x.dim(); ++i) out[i] = x.size(i) == 1 ? 0 : x.stride(i);
+}
+
+void check_4d(const at::Tensor& x, const char* name, const at::Tensor& q, std::initializer_list<int64_t> shape) {
+  TORCH_CHECK(x.is_cuda(), "prefix_kernels_cuda.decode: ", name, " must be a CUDA tensor");
+  TORCH_CHECK(x.device() == q.device(), "prefix_kernels_cuda.decode: ", name, " is on ", x.device(), ", q on ",
+              q.device());
+  TORCH_CHECK(x.scalar_type() == q.scalar_type(), "prefix_kernels_cuda.decode: ", name, " has dtype ",
+              x.scalar_type(), ", q has ", q.scalar_type());
+  TORCH_CHECK(x.sizes().equals(shape), "prefix_kernels_cuda.decode: ", name, " has shape ", x.sizes(),
+              ", expected ", at::IntArrayRef(shape));
+}
+
+std::tuple<at::Tensor, at::Tensor> decode(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                          const at::Tensor& pk, const at::Tensor& pv,
+                                          const std::optional<at::Tensor>& prefix_index,
+                                          const std::optional<at::Tensor>& kv_mask, bool causal, double scale) {
+  TORCH_CHECK(q.is_cuda(), "prefix_kernels_cuda.decode: q must be a CUDA tensor");
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4 && pk.dim() == 4 && pv.dim() == 4,
+              "prefix_kernels_cuda.decode: q, k, v, prefix_k, prefix_v must be 4-D");
+  const int64_t B = q.size(0), Hq = q.size(1), Lq = q.size(2), D = q.size(3);
+  const int64_t Hkv = k.size(1), T = k.size(2);
+  const int64_t G = pk.size(0), P = pk.size(2);
+  check_4d(k, "k", q, {B, Hkv, T, D});
+  check_4d(v, "v", q, {B, Hkv, T, D});
+  check_4d(pk, "prefix_k", q, {G, Hkv, P, D});
+  check_4d(pv, "prefix_v", q, {G, Hkv, P, D});
+  const spd_dtype dtype = to_spd_dtype(q.scalar_type());
+  const char* why = spd_unsupported(dtype, D, Lq);
+  TORCH_CHECK(why == nullptr, "prefix_kernels_cuda.decode: ", why);
+  TORCH_CHECK(Hkv >= 1 && Hq % Hkv == 0, "prefix_kernels_cuda.decode: Hq=", Hq, " must be a multiple of Hkv=", Hkv);
+  TORCH_CHECK(G >= 1, "prefix_kernels_cuda.decode: prefix_k must hold at least one prefix");
+  if (prefix_index.has_value()) {
+    const at::Tensor& pi = *prefix_index;
+    TORCH_CHECK(pi.device() == q.device(), "prefix_kernels_cuda.decode: prefix_index is on ", pi.device());
+    TORCH_CHECK(pi.scalar_type() == at::kInt || pi.scalar_type() == at::kLong,
+                "prefix_kernels_cuda.decode: prefix_index must be int32 or int64, got ", pi.scalar_type());
+    TORCH_CHECK(pi.dim() == 1 && pi.size(0) == B, "prefix_kernels_cuda.decode: prefix_index must have shape (", B,
+                ",), got ", pi.sizes());
+  }
+  if (kv_mask.has_value()) {
+    const at::Tensor& m = *kv_mask;
+    TORCH_CHECK(m.device() == q.device(), "prefix_kernels_cuda.decode: kv_mask is on ", m.device());
+    TORCH_CHECK(m.scalar_type() == at::kBool || m.scalar_type() == at::kByte,
+                "prefix_kernels_cuda.decode: kv_mask must be bool or uint8, got ", m.scalar_type());
+    TORCH_CHECK(m.dim() == 2 && m.size(0) == B && m.size(1) == T, "prefix_kernels_cuda.decode: kv_mask must have shape (",
+                B, ", ", T, "), got ", m.sizes());
+  }
+
+  const c10::cuda::CUDAGuard guard(q.device());
+  // Output memory is (B, Lq, Hq, D), returned as its (B, Hq, Lq, D) view (prefix_kernels.ops.out_layout).
+  at::Tensor out = at::empty({B, Lq, Hq, D}, q.options()).transpose(1, 2);
+  at::Tensor lse = at::empty({B, Hq, Lq}, q.options().dtype(at::kFloat));
+  if (B == 0 || Hq == 0) return {out, lse};
+
+  const spd_problem problem{dtype, B, Hq, Hkv, Lq, T, D, G, P};
+  spd_plan plan;
+  const int sms = spd_device_sm_count(q.get_device());
+  why = spd_make_plan(&problem, sms, &plan);
+  TORCH_CHECK(why == nullptr, "prefix_kernels_cuda.decode: ", why);
+
+  // Requests grouped by prefix: order[starts[g]:starts[g+1]] use prefix g, and prefix g's
+  // ceil(count * group_rows / rows_per_block) row blocks start at block_starts[g]. All on the device.
+  const at::TensorOptions i32 = q.options().dtype(at::kInt);
+  const at::TensorOptions i64 = q.options().dtype(at::kLong);
+  at::Tensor order, starts, block_starts;
+  if (!prefix_index.has_value()) {  // every request uses prefix 0
+    order = at::arange(B, i32);
+    starts = at::cat({at::zeros({1}, i32), at::full({G}, B, i32)});
+    const int64_t blocks = (B * plan.group_rows + plan.rows_per_block - 1) / plan.rows_per_block;
+    block_starts = at::cat({at::zeros({1}, i32), at::full({G}, blocks, i32)});
+  } else {
+    // Values must lie in [0, G) (the public op checks them); checking here would sync the host.
+    const at::Tensor idx = prefix_index->to(at::kLong);
+    auto sorted = at::sort(idx, /*stable=*/true, /*dim=*/0, /*descending=*/false);
+    const at::Tensor& values = std::get<0>(sorted);
+    order = std::get<1>(sorted).to(at::kInt);
+    const at::Tensor starts64 = at::searchsorted(values, at::arange(G + 1, i64));  // #requests with index < g
+    const at::Tensor counts = starts64.slice(0, 1, G + 1) - starts64.slice(0, 0, G);
+    const at::Tensor blocks = at::floor_divide(counts * plan.group_rows + (plan.rows_per_block - 1), plan.rows_per_block);
+    starts = starts64.to(at::kInt);
+    block_starts = at::cat({at::zeros({1}, i64), at::cumsum(blocks, 0)}).to(at::kInt);
+  }
+  at::Tensor mask;
+  if (kv_mask.has_value()) mask = kv_mask->scalar_type() == at::kBool ? kv_mask->view(at::kByte) : *kv_mask;
+
+  const at::TensorOptions f32 = q.options().dtype(at::kFloat);
+  at::Tensor ws_out = at::empty({plan.ws_out_elems > 0 ? plan.ws_out_elems : 1}, f32);
+  at::Tensor ws_lse = at::empty({plan.ws_lse_elems > 0 ? plan.ws_lse_elems : 1}, f32);
+
+  spd_args args{};
+  args.q = q.data_ptr();
+  strides_of(q, args.q_stride);
+  args.k = k.data_ptr();
+  strides_of(k, args.k_stride);
+  args.v = v.data_ptr();
+  strides_of(v, args.v_stride);
+  args.pk = pk.data_ptr();
+  strides_of(pk, args.pk_stride);
+  args.pv = pv.data_ptr();
+  strides_of(pv, args.pv_stride);
+  if (mask.defined()) {
+    args.kv_mask = static_cast<const uint8_t*>(mask.data_ptr());
+    strides_of(mask, args.kv_mask_stride);
+  }
+  args.out = out.data_ptr();
+  for (int i = 0; i < 4; ++i) args.out_stride[i] = out.stride(i);
+  args.lse = lse.data_ptr<float>();
+  args.order = order.data_ptr<int32_t>();
+  args.starts = starts.data_ptr<int32_t>();
+  args.block_starts = block_starts.data_ptr<int32_t>();
+  args.ws_out = ws_out.data_ptr<float>();
+  args.ws_lse = ws_lse.data_ptr<float>();
+  args.causal = causal ? 1 : 0;
+  args.scale = static_cast<float>(scale);
+
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream(q.get_device()).stream();
+  const int err = spd_launch(&problem, &plan, &args, static_cast<void*>(stream));
+  TORCH_CHECK(err == 0, "prefix_kernels_cuda.decode: kernel launch failed: ", spd_error_string(err));
+  return {out, lse};
+}
+
+}  // namespace
+
+TORCH_LIBRARY(prefix_kernels_cuda, m) {
+  m.def(
+      "decode(Tensor q, Tensor k, Tensor v, Tensor pk, Tensor pv, Tensor? prefix_index, Tensor? kv_mask, "
+      "bool causal, float scale) -> (Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(prefix_kernels_cuda, CUDA, m) { m.impl("decode", &decode); }

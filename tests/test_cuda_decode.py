@@ -1,0 +1,153 @@
+"""The CUDA decode kernels (csrc/) against reference_attention, on a GPU.
+
+Every case checks out and lse with the FlashAttention-style rule of helpers.check_quantity
+(error at most twice plain PyTorch's error in the same dtype, plus a rounding floor), rows that
+see no key (out exactly 0, lse -inf), no NaN, and the output layout (memory (B, Lq, Hq, D)).
+The main grid: bf16/fp16/fp32 x Lq {1, 4} x T {1, 37, 300} x P {0, 5, 257} x G {1, 2}, GQA,
+left padding with a fully padded request. Then every compiled head dim, non-causal, strided
+inputs (element loads instead of 16-byte copies), large GQA groups and many requests per prefix,
+uint8 masks and int32 indices, opcheck and torch.compile.
+
+Marked gpu: skipped on a machine without CUDA (tests/conftest.py); skipped with the reason when
+the backend is disabled by environment or nvcc is missing; a failed build fails the tests.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+
+from helpers import DTYPE_NAMES, check_quantity, make_inputs, run_same_dtype, run_truth
+
+pytestmark = pytest.mark.gpu
+
+FP16, BF16, FP32 = torch.float16, torch.bfloat16, torch.float32
+TENSORS = ("q", "k", "v", "prefix_k", "prefix_v")
+
+
+@pytest.fixture(scope="module")
+def cuda_backend():
+    from prefix_kernels.checks import Problem
+    from prefix_kernels.cuda import build, decode_reasons
+
+    probe = Problem(B=1, Hq=1, Hkv=1, Lq=1, Lk=1, D=64, G=1, P=1, dtype=FP16, device=torch.device("cuda"))
+    reasons = decode_reasons(probe)
+    if build.disabled():
+        pytest.skip(f"CUDA backend disabled: {reasons}")
+    if any("nvcc not found" in r for r in reasons):
+        pytest.skip(f"cannot build the CUDA kernels here: {reasons}")
+    assert reasons == [], f"the CUDA decode backend declines a plain case: {reasons}"
+    from prefix_kernels.cuda import decode_forward
+
+    return decode_forward
+
+
+def check_case(decode_forward, inp, *, causal=True, scale=None, desc=""):
+    q = inp["q"]
+    B, Hq, Lq, D = q.shape
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    out, lse = decode_forward(*(inp[n] for n in TENSORS), inp["prefix_index"], inp["kv_mask"], causal, scale)
+    assert out.dtype == q.dtype and out.shape == (B, Hq, Lq, D) and out.device == q.device
+    assert out.transpose(1, 2).is_contiguous(), f"[{desc}] out memory is not (B, Lq, Hq, D)"
+    assert lse.dtype == torch.float32 and lse.shape == (B, Hq, Lq) and lse.is_contiguous()
+    assert not torch.isnan(out).any(), f"[{desc}] out has NaN"
+    assert not torch.isnan(lse).any() and not torch.isposinf(lse).any(), f"[{desc}] lse has NaN/+inf"
+
+    dout = torch.zeros(B, Hq, Lq, D, device=q.device)
+    truth = run_truth(inp, causal=causal, scale=scale, dout=dout, dlse=None, with_lse=True, need_grads=False)
+    same = run_same_dtype(inp, causal=causal, scale=scale, dout=dout, dlse=None, with_lse=True, need_grads=False)
+    empty = torch.isneginf(truth["lse"])
+    assert torch.equal(torch.isneginf(lse), empty), f"[{desc}] rows with no visible key differ from the truth"
+    assert torch.all(out[empty] == 0), f"[{desc}] a row with no visible key is not 0"
+    check_quantity("out", out, same["out"], truth["out"], q.dtype, desc)
+    check_quantity("lse", lse, same["lse"], truth["lse"], torch.float32, desc, finite_mask=~empty)
+    return out, lse
+
+
+GRID = list(itertools.product((BF16, FP16, FP32), (1, 4), (1, 37, 300), (0, 5, 257), (1, 2)))
+
+
+@pytest.mark.parametrize("dtype, Lq, T, P, G", GRID,
+                         ids=[f"{DTYPE_NAMES[d]}-Lq{lq}-T{t}-P{p}-G{g}" for d, lq, t, p, g in GRID])
+def test_grid(cuda_backend, dtype, Lq, T, P, G):
+    inp = make_inputs(4, 8, 2, Lq, T, P, 64, G, dtype, device="cuda", padding="left", requires_grad=False)
+    check_case(cuda_backend, inp, desc=f"{DTYPE_NAMES[dtype]} Lq={Lq} T={T} P={P} G={G}")
+
+
+@pytest.mark.parametrize("D", (64, 80, 96, 128, 256))
+@pytest.mark.parametrize("dtype", (BF16, FP16, FP32), ids=lambda d: DTYPE_NAMES[d])
+@pytest.mark.parametrize("causal", (True, False), ids=("causal", "full"))
+def test_head_dims(cuda_backend, D, dtype, causal):
+    inp = make_inputs(3, 4, 2, 3, 75, 33, D, 3, dtype, device="cuda", padding="right", requires_grad=False)
+    check_case(cuda_backend, inp, causal=causal, desc=f"D={D} {DTYPE_NAMES[dtype]} causal={causal}")
+
+
+@pytest.mark.parametrize("dtype", (BF16, FP16, FP32), ids=lambda d: DTYPE_NAMES[d])
+def test_strided_inputs(cuda_backend, dtype):
+    """transformers' (B, L, H, D) transposes (16-byte copies) and a D-strided view (element loads)."""
+    inp = make_inputs(3, 8, 2, 4, 37, 5, 80, 2, dtype, device="cuda", padding="left", transposed=True,
+                      requires_grad=False)
+    check_case(cuda_backend, inp, desc="transposed")
+    for name in TENSORS:  # every other element of a twice-as-wide tensor: stride 2 along D
+        x = inp[name]
+        wide = torch.zeros(*x.shape[:-1], 2 * x.shape[-1], dtype=dtype, device="cuda")
+        wide[..., ::2] = x
+        inp[name] = wide[..., ::2]
+    check_case(cuda_backend, inp, desc="D stride 2")
+
+
+@pytest.mark.parametrize("dtype", (BF16, FP32), ids=lambda d: DTYPE_NAMES[d])
+def test_large_groups_and_many_requests(cuda_backend, dtype):
+    # MQA, 16 query heads x Lq 16 = 256 rows per (request, kv head): several row blocks per request.
+    inp = make_inputs(3, 16, 1, 16, 300, 70, 128, 2, dtype, device="cuda", padding="left", requires_grad=False)
+    check_case(cuda_backend, inp, desc="MQA 256 rows")
+    # 67 requests on 3 prefixes: each prefix stacks ~22 x 4 x 2 rows over several row blocks.
+    inp = make_inputs(67, 8, 2, 2, 41, 257, 64, 3, dtype, device="cuda", padding="left", requires_grad=False)
+    check_case(cuda_backend, inp, desc="67 requests")
+    # Every request on the same prefix, prefix_index given.
+    inp = make_inputs(9, 4, 4, 1, 19, 130, 96, 1, dtype, device="cuda", padding="left", requires_grad=False)
+    check_case(cuda_backend, inp, desc="one prefix, explicit index")
+
+
+def test_index_and_mask_dtypes(cuda_backend):
+    inp = make_inputs(5, 8, 2, 1, 37, 5, 128, 3, BF16, device="cuda", padding="left", requires_grad=False,
+                      index_dtype=torch.int32)
+    ref_out, ref_lse = check_case(cuda_backend, inp, desc="int32 index")
+    inp["kv_mask"] = inp["kv_mask"].to(torch.uint8)
+    out, lse = check_case(cuda_backend, inp, desc="uint8 mask")
+    assert torch.equal(out, ref_out) and torch.equal(lse, ref_lse)
+
+
+def test_prefix_only_and_no_keys(cuda_backend):
+    inp = make_inputs(3, 4, 2, 2, 0, 9, 64, 2, FP16, device="cuda", requires_grad=False)  # T = 0
+    check_case(cuda_backend, inp, desc="T=0")
+    inp = make_inputs(3, 4, 2, 2, 0, 0, 64, 1, FP16, device="cuda", requires_grad=False)  # nothing at all
+    out, lse = check_case(cuda_backend, inp, desc="T=0, P=0")
+    assert torch.all(out == 0) and torch.all(torch.isneginf(lse))
+
+
+def test_deterministic(cuda_backend):
+    inp = make_inputs(6, 8, 2, 4, 300, 257, 128, 2, BF16, device="cuda", padding="left", requires_grad=False)
+    args = [inp[n] for n in TENSORS] + [inp["prefix_index"], inp["kv_mask"], True, 0.1]
+    first = cuda_backend(*args)
+    for _ in range(3):
+        again = cuda_backend(*args)
+        assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
+
+
+def test_opcheck_and_compile(cuda_backend):
+    inp = make_inputs(3, 4, 2, 2, 37, 5, 64, 2, FP16, device="cuda", padding="left", requires_grad=False)
+    args = (*(inp[n] for n in TENSORS), inp["prefix_index"], inp["kv_mask"], True, 0.125)
+    torch.library.opcheck(torch.ops.prefix_kernels.decode_cuda.default, args)
+
+    def step(*a):
+        out, lse = cuda_backend(*a)
+        return out * 2, lse
+
+    compiled = torch.compile(step, fullgraph=True)
+    got = compiled(*args)
+    want = step(*args)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
