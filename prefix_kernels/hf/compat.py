@@ -73,7 +73,7 @@ def force_non_reentrant_checkpointing(stack) -> None:
         if not getattr(module, "gradient_checkpointing", False) or not isinstance(func, functools.partial):
             continue
         if func.keywords.get("use_reentrant") is False:
-            continue  # already non-reentrant (or None: torch < 2.9 defaults to reentrant, handled here too)
+            continue  # already non-reentrant (missing or None: torch's checkpoint runs reentrant)
         module._gradient_checkpointing_func = functools.partial(func.func, *func.args,
                                                                 **{**func.keywords, "use_reentrant": False})
         _log_once("gradient checkpointing switched to use_reentrant=False (reentrant checkpointing would "
