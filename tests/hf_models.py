@@ -39,6 +39,7 @@ def tiny_config(model_type: str, **overrides):
 
 
 def build_model(model_type: str, attn: str, dtype=torch.float32, seed: int = 0, **overrides):
+    """`dtype=` is what from_config takes from transformers 4.56 on (`torch_dtype` before, deprecated since)."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
@@ -47,12 +48,32 @@ def build_model(model_type: str, attn: str, dtype=torch.float32, seed: int = 0, 
     return model
 
 
-def peft_config(method: str, P: int = 5, projection: bool = False):
+def peft_version() -> tuple:
+    from importlib.metadata import version
+
+    from packaging.version import Version
+
+    return Version(version("peft")).release
+
+
+def _prefix_dims(config) -> dict:
+    """Prefix sizes for PEFT < 0.18, which derives them from hidden_size / num_attention_heads and
+    ignores config.head_dim (wrong for Qwen3 here: head_dim 24, 64 / 4 = 16). These are the sizes
+    PEFT >= 0.18 derives itself; newer PEFT is left to derive them, as users do."""
+    head_dim = getattr(config, "head_dim", None)
+    kv_heads = getattr(config, "num_key_value_heads", None)
+    if peft_version() >= (0, 18) or head_dim is None or kv_heads is None:
+        return {}
+    return dict(token_dim=head_dim * kv_heads, num_attention_heads=kv_heads)
+
+
+def peft_config(method: str, P: int = 5, projection: bool = False, model_config=None):
     import peft
 
     if method == "prefix":
+        dims = _prefix_dims(model_config) if model_config is not None else {}
         return peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=P, prefix_projection=projection,
-                                       encoder_hidden_size=32)
+                                       encoder_hidden_size=32, **dims)
     if method == "prompt":
         return peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=P)
     if method == "ptuning":
@@ -68,7 +89,7 @@ def build_peft(model_type: str, attn: str, method: str = "prefix", P: int = 5, p
     if gradient_checkpointing:
         model.gradient_checkpointing_enable()
     torch.manual_seed(1)
-    pm = peft.get_peft_model(model, peft_config(method, P, projection))
+    pm = peft.get_peft_model(model, peft_config(method, P, projection, model.config))
     pm.to(dtype)
     return pm
 

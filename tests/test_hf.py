@@ -18,12 +18,23 @@ pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
 import prefix_kernels  # noqa: E402
-from hf_models import assert_matches, batch, build_model, build_peft, loss_and_grads  # noqa: E402
+from hf_models import assert_matches, batch, build_model, build_peft, loss_and_grads, peft_version  # noqa: E402
+from hf_models import peft_config as hf_peft_config  # noqa: E402
 from prefix_kernels.hf import PrefixCache  # noqa: E402
 from prefix_kernels.hf import attention as hf_attention  # noqa: E402
 
 MODELS = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gpt2", "opt", "gpt_neox"]
 ACCELERATED = [m for m in MODELS if m != "gemma2"]  # gemma2's logit softcapping falls back to eager
+
+
+# peft < 0.20 fills Gemma2's prefix cache from the wrong layers' tensors (see compat.check_peft_prefix_layout):
+# prefix_kernels refuses it, and stock PEFT there is no reference to compare with.
+OLD_PEFT_GEMMA2 = "peft < 0.20 builds Gemma2's prefix cache from the wrong layers; prefix_kernels refuses it"
+
+
+def skip_gemma2_prefix_on_old_peft(model_type):
+    if model_type == "gemma2" and peft_version() < (0, 20):
+        pytest.skip(OLD_PEFT_GEMMA2)
 
 
 @pytest.fixture(autouse=True)
@@ -49,7 +60,14 @@ def compare(model_type, method="prefix", padding="left", projection=False, gc=Fa
 @pytest.mark.parametrize("model_type", MODELS)
 @pytest.mark.parametrize("projection", [False, True], ids=["ptuning_v2", "projection"])
 def test_prefix_tuning_matches_stock(model_type, projection):
+    skip_gemma2_prefix_on_old_peft(model_type)
     compare(model_type, "prefix", "left", projection)
+
+
+@pytest.mark.skipif(peft_version() >= (0, 20), reason="peft >= 0.20 builds Gemma2's prefix cache correctly")
+def test_gemma2_prefix_tuning_refused_on_old_peft():
+    with pytest.raises(NotImplementedError, match="peft >= 0.20"):
+        build_peft("gemma2", "prefix_kernels", "prefix")
 
 
 @pytest.mark.parametrize("padding", ["right", None])
@@ -66,6 +84,20 @@ def test_gradient_checkpointing_with_prefix_tuning(model_type, projection):
     PEFT refuses."""
     model, _, ours = compare(model_type, "prefix", "left", projection, gc=True)
     assert any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
+
+
+def test_reentrant_checkpointing_is_made_non_reentrant():
+    """Reentrant checkpointing (transformers 4.57's default, or asked for) replays every layer's
+    backward through the one shared prefix graph; the patch switches it to non-reentrant."""
+    ids, mask, labels = batch()
+    stock = loss_and_grads(build_peft("llama", "eager", "prefix", projection=True), ids, mask, labels)
+    model = build_model("llama", "prefix_kernels")
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    torch.manual_seed(1)
+    pm = peft.get_peft_model(model, hf_peft_config("prefix", 5, True, model.config))
+    assert_matches(stock, loss_and_grads(pm, ids, mask, labels))
+    funcs = [m._gradient_checkpointing_func for m in model.modules() if getattr(m, "gradient_checkpointing", False)]
+    assert funcs and all(f.keywords["use_reentrant"] is False for f in funcs)
 
 
 def test_stock_peft_still_refuses_checkpointing_on_models_not_patched():
@@ -161,6 +193,15 @@ def test_prefix_cache_leaves_prefix_alone():
     assert cache.get_seq_length() == 4 and cache.layers[0].prefix_keys is pk
 
 
+def test_prefix_of_the_wrong_head_size_is_refused():
+    """A prefix whose head size is not the keys' (PEFT < 0.18 on Qwen3-like head_dim) raises, naming it."""
+    model = prefix_kernels.apply_prefix_kernels(build_model("llama", "prefix_kernels"))
+    ids, mask, _ = batch(2, 4)
+    with pytest.raises(ValueError, match="kv heads of size 8.*2 of size 16"):
+        model(input_ids=ids, attention_mask=torch.cat([torch.ones(2, 3, dtype=torch.long), mask], 1),
+              past_key_values=PrefixCache([(torch.randn(1, 2, 3, 8), torch.randn(1, 2, 3, 8))] * 2))
+
+
 def test_prefix_cache_refuses_unprepared_model():
     """A PrefixCache on a model whose stack was not hooked would silently drop the prefix: it raises."""
     model = build_model("llama", "prefix_kernels")
@@ -193,10 +234,13 @@ def _fallback_warnings(caplog):
     return [r.getMessage() for r in caplog.records if "falling back" in r.getMessage()]
 
 
-def test_softcapping_falls_back_with_a_warning(caplog):
+@pytest.mark.parametrize("method", ["prefix", "prompt"])
+def test_softcapping_falls_back_with_a_warning(method, caplog):
+    if method == "prefix":
+        skip_gemma2_prefix_on_old_peft("gemma2")
     hf_attention._warned.clear()
     with caplog.at_level(logging.WARNING, logger="prefix_kernels"):
-        compare("gemma2", "prefix")
+        compare("gemma2", method)
     assert any("soft-capping" in m for m in _fallback_warnings(caplog))
 
 
@@ -215,6 +259,20 @@ def test_long_sliding_window_uses_the_kernel(caplog, monkeypatch):
     monkeypatch.setattr(hf_attention, "shared_prefix_attention", lambda *a, **k: calls.append(1) or original(*a, **k))
     with caplog.at_level(logging.WARNING, logger="prefix_kernels"):
         compare("qwen2", "prefix", use_sliding_window=True, sliding_window=64, max_window_layers=0)
+    assert calls and not _fallback_warnings(caplog)
+
+
+@pytest.mark.parametrize("method", ["prefix", "prompt"])
+def test_opt_uses_the_kernel(method, caplog, monkeypatch):
+    """OPT's mask is causal + padding: the kernel takes it (transformers 4.57 hands OPT a 4-D additive
+    mask of its own making, recognised exactly; 5.x hands it our 2-D mask)."""
+    hf_attention._warned.clear()
+    calls = []
+    original = hf_attention.shared_prefix_attention
+    monkeypatch.setattr(hf_attention, "shared_prefix_attention", lambda *a, **k: calls.append(1) or original(*a, **k))
+    with caplog.at_level(logging.WARNING, logger="prefix_kernels"):
+        compare("opt", method, "left")
+        compare("opt", method, "right")
     assert calls and not _fallback_warnings(caplog)
 
 

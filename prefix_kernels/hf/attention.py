@@ -23,6 +23,7 @@ import torch
 
 from ..ops import shared_prefix_attention
 from ..reference import visible_keys
+from . import compat
 
 logger = logging.getLogger("prefix_kernels")
 
@@ -103,6 +104,19 @@ def _fallback_reason(module, attention_mask, dropout, kwargs):
     return None
 
 
+def _check_prefix_shape(module, prefix_k, key) -> None:
+    """The prefix must have the keys' heads and head size: a mismatch is a wrongly sized prefix."""
+    if prefix_k.shape[1] != key.shape[1] or prefix_k.shape[3] != key.shape[3]:
+        raise ValueError(
+            f"{type(module).__name__} layer {getattr(module, 'layer_idx', '?')}: the shared prefix has "
+            f"{prefix_k.shape[1]} kv heads of size {prefix_k.shape[3]}, but this attention's keys have "
+            f"{key.shape[1]} of size {key.shape[3]}. With PEFT prefix tuning on peft < 0.18 this is PEFT sizing the "
+            "prefix as hidden_size / num_attention_heads, ignoring config.head_dim: pass "
+            "token_dim=num_key_value_heads * head_dim and num_attention_heads=num_key_value_heads to "
+            "PrefixTuningConfig, or upgrade peft."
+        )
+
+
 def attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
     """AttentionInterface function: q (B, Hq, Lq, D), k/v (B, Hkv, Lk, D) -> ((B, Lq, Hq, D), None)."""
     shared = kwargs.pop("prefix_kernels_prefix", None)
@@ -110,6 +124,15 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
     prefix_index = shared.prefix_index if shared is not None else None
     scale = _scale(module, query, scaling)
     causal = bool(getattr(module, "is_causal", True))
+    if layer_prefix is not None:
+        _check_prefix_shape(module, layer_prefix[0], key)
+    if attention_mask is not None and attention_mask.dim() == 4 and attention_mask.is_floating_point():
+        # OPT on transformers 4.57 builds its own 4-D additive mask: take the padding row if the
+        # mask is exactly causal + padding (checked), else fall back below.
+        P = 0 if layer_prefix is None else layer_prefix[0].shape[2]
+        padding = compat.padding_from_additive_mask(attention_mask, P, query.shape[2], key.shape[2], causal)
+        if padding is not None:
+            attention_mask = padding
 
     reason = _fallback_reason(module, attention_mask, dropout, kwargs)
     if reason is not None:

@@ -117,13 +117,26 @@ class PrefixCache(DynamicCache):
         self._delivered = False  # set by the decoder-stack hook; checked in update()
 
     @classmethod
-    def from_cache(cls, cache: Cache, prefix_index: Optional[torch.Tensor] = None) -> "PrefixCache":
-        """Take each layer's keys/values of a filled cache (e.g. a prompt run at batch 1) as the prefix."""
+    def from_cache(cls, cache: Cache, prefix_index: Optional[torch.Tensor] = None,
+                   length: Optional[int] = None) -> "PrefixCache":
+        """Take each layer's keys/values of a filled cache (e.g. a prompt run at batch 1) as the prefix.
+
+        `length`: keep the first `length` positions. Needed for static layers (a StaticCache or
+        transformers 4.57's HybridCache), whose tensors hold max_cache_len slots, filled or not."""
         prefixes = []
-        for layer in cache.layers:
+        for i, layer in enumerate(cache.layers):
             keys = getattr(layer, "keys", None)
             initialized = getattr(layer, "is_initialized", keys is not None)
-            prefixes.append((layer.keys, layer.values) if initialized and keys is not None and keys.numel() else None)
+            if not (initialized and keys is not None and keys.numel()):
+                prefixes.append(None)
+                continue
+            if length is not None:
+                prefixes.append((layer.keys[..., :length, :], layer.values[..., :length, :]))
+            elif isinstance(layer, DynamicLayer):
+                prefixes.append((layer.keys, layer.values))
+            else:
+                raise ValueError(f"PrefixCache.from_cache: layer {i} is a {type(layer).__name__}, whose tensors "
+                                 "hold max_cache_len slots filled or not; pass length=")
         return cls(prefixes, prefix_index)
 
     def shared_prefix(self) -> SharedPrefix:

@@ -9,7 +9,9 @@ to its kwargs.
 Why a kwarg and not a global or a context variable: under gradient checkpointing transformers
 drops the cache from each decoder layer (`cache=None`) and replays the layer in the backward pass
 from the kwargs it bound at the forward; the kwarg is bound with them, a context variable would
-be gone by then.
+be gone by then. The same replay is why the hook also makes checkpointing non-reentrant
+(`compat.force_non_reentrant_checkpointing`): reentrant replays would each backpropagate through
+the one shared prefix graph.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import weakref
 
 from torch import nn
 
+from . import compat
 from .cache import PrefixCache
 
 KWARG = "prefix_kernels_prefix"
@@ -64,6 +67,8 @@ def _deliver(module, args, kwargs):
     cache = _find_cache(module, args, kwargs)
     if isinstance(cache, PrefixCache):
         cache._delivered = True
+        if module.training:  # checkpointing only acts in training
+            compat.force_non_reentrant_checkpointing(module)  # transformers 4.57 defaults to reentrant
         kwargs[KWARG] = cache.shared_prefix()
         return args, kwargs
     return None

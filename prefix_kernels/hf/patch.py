@@ -19,12 +19,11 @@ Applying twice is harmless; reverting restores every wrapped method and every mo
 from __future__ import annotations
 
 import functools
-import inspect
 
 import torch
 from torch import nn
 
-from . import attention, delivery
+from . import attention, compat, delivery
 from .cache import PrefixCache
 from .prompt import checkpointing_off, shared_prompt_forward
 
@@ -49,10 +48,11 @@ def _wrap_get_prompt(original):
                 and getattr(config, "num_transformer_submodules", 1) == 1):
             from transformers.cache_utils import Cache
 
+            compat.check_peft_prefix_layout(self)
             cache = original(self, 1, task_ids=task_ids, max_cache_len=max_cache_len, **kwargs)
             if isinstance(cache, Cache):
                 delivery.install(self.get_base_model())
-                return PrefixCache.from_cache(cache)
+                return PrefixCache.from_cache(cache, length=config.num_virtual_tokens)
         return original(self, batch_size, task_ids=task_ids, max_cache_len=max_cache_len, **kwargs)
 
     return get_prompt
@@ -63,6 +63,7 @@ def _wrap_setup_prompt_encoder(original):
     def _setup_prompt_encoder(self, adapter_name):
         config = self.peft_config[adapter_name]
         if _peft_type(config) == "PREFIX_TUNING" and uses_prefix_kernels(self):
+            compat.check_peft_prefix_layout(self)  # fail at get_peft_model, not at the first step
             with checkpointing_off(self.get_base_model()):
                 return original(self, adapter_name)
         return original(self, adapter_name)
@@ -86,7 +87,7 @@ def _cache_key(base, inputs) -> str:
     for key in ("cache", "past_key_values"):
         if key in inputs:
             return key
-    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+    return compat.cache_kwarg(base)
 
 
 def _wrap_prepare_inputs_for_generation(original):
@@ -97,7 +98,8 @@ def _wrap_prepare_inputs_for_generation(original):
             return original(self, *args, task_ids=task_ids, **kwargs)
         # PEFT <= 0.21 reads and injects `past_key_values`; transformers 5.24 calls it `cache`, so
         # stock PEFT re-injects a fresh prompt every step there. Here the PrefixCache is injected
-        # once, under the key this transformers version uses, and then carried by generate.
+        # once, under the key this transformers version uses, and then carried by generate
+        # (with use_cache=False: injected again every step, and cache_position shifted only once).
         inputs = self.base_model_prepare_inputs_for_generation(*args, **kwargs)
         key = _cache_key(self.get_base_model(), inputs)
         cache = inputs.get(key)
@@ -109,10 +111,11 @@ def _wrap_prepare_inputs_for_generation(original):
             if cache is not None and cache.get_seq_length() > 0:
                 raise ValueError("prefix tuning with prefix_kernels: generate() was given a non-empty cache")
             inputs[key] = self.get_prompt(batch_size=batch_size, task_ids=task_ids)
+            compat.shift_cache_position_at_prefill(inputs, config.num_virtual_tokens)  # 4.57, as stock PEFT
         mask = inputs.get("attention_mask")
         if isinstance(mask, torch.Tensor) and mask.dim() == 2:
             inputs["attention_mask"] = torch.cat([mask.new_ones(batch_size, config.num_virtual_tokens), mask], 1)
-        self._adjust_prompt_learning_kwargs(config, kwargs=inputs)  # positions shifted by P, as stock PEFT
+        compat.adjust_prompt_learning_kwargs(self, config, inputs)  # position ids as stock PEFT treats them
         return inputs
 
     return prepare_inputs_for_generation

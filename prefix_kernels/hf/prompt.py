@@ -18,8 +18,9 @@ from __future__ import annotations
 from contextlib import contextmanager
 
 import torch
+from transformers.cache_utils import DynamicCache
 
-from . import delivery
+from . import compat, delivery
 from .cache import PrefixCache
 
 
@@ -61,16 +62,18 @@ def shared_prompt_forward(peft_model, input_ids=None, attention_mask=None, input
     prompts = peft_model.get_prompt(batch_size=1, task_ids=task_ids).to(inputs_embeds.dtype)  # (1, P, H)
 
     delivery.install(base)
+    cache_kwarg = compat.cache_kwarg(base)
     with checkpointing_off(base):
-        prompt_out = base(inputs_embeds=prompts, use_cache=True, return_dict=True)
+        # A cache of our own: some models (Gemma2/Gemma3 on transformers 4.57) create none in training.
+        prompt_out = base(inputs_embeds=prompts, use_cache=True, return_dict=True, **{cache_kwarg: DynamicCache()})
     prefix = PrefixCache.from_cache(_returned_cache(prompt_out))
 
     if attention_mask is not None:
         attention_mask = torch.cat([attention_mask.new_ones(batch, P), attention_mask], dim=1)
-    peft_model._adjust_prompt_learning_kwargs(config, kwargs=kwargs)  # position ids: as stock PEFT
+    compat.adjust_prompt_learning_kwargs(peft_model, config, kwargs)  # position ids: as stock PEFT
     loss_kwargs = {k: kwargs.pop(k) for k in ("num_items_in_batch", "ignore_index") if k in kwargs}
     out = base(
-        inputs_embeds=inputs_embeds, attention_mask=attention_mask, past_key_values=prefix,
+        inputs_embeds=inputs_embeds, attention_mask=attention_mask, **{cache_kwarg: prefix},
         output_attentions=output_attentions, output_hidden_states=output_hidden_states, return_dict=True,
         **kwargs,
     )
