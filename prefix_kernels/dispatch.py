@@ -34,8 +34,13 @@ class NoBackendError(ValueError):
     """No backend can compute this call; the message lists each backend and its reasons."""
 
 
+# The import probes below are marked constant for torch.compile: dynamo cannot trace
+# importlib, and whether a module imports does not change while a process runs. (It then runs
+# them once at trace time and bakes the answer into the graph.)
+
+
 @lru_cache(maxsize=None)
-def _triton_import_error() -> str | None:
+def _probe_triton() -> str | None:
     try:
         importlib.import_module("triton")
     except Exception as exc:  # ImportError, or a broken install raising anything else
@@ -43,6 +48,12 @@ def _triton_import_error() -> str | None:
     return None
 
 
+@torch.compiler.assume_constant_result
+def _triton_import_error() -> str | None:
+    return _probe_triton()
+
+
+@torch.compiler.assume_constant_result
 def triton_interpreted() -> bool:
     """Whether the triton kernels run under the interpreter (TRITON_INTERPRET=1 at their import)."""
     if _triton_import_error() is not None:
@@ -111,13 +122,21 @@ def cuda_decode_module():
     return module, None
 
 
+@torch.compiler.assume_constant_result
+def _cuda_decode_unavailable() -> str:
+    """Why prefix_kernels.cuda cannot serve decode calls ('' when it can)."""
+    return cuda_decode_module()[1] or ""
+
+
 def cuda_decode_reasons(p: Problem) -> list[str]:
-    module, why = cuda_decode_module()
-    if module is None:
+    why = _cuda_decode_unavailable()
+    if why:
         return [why]
     if p.device.type != "cuda":
         return [f"CUDA kernels need CUDA tensors, got {p.device.type}"]
-    return list(module.decode_reasons(p))
+    from . import cuda  # imported already: _cuda_decode_unavailable() said it has the hooks
+
+    return list(cuda.decode_reasons(p))
 
 
 def torch_reasons(p: Problem) -> list[str]:
@@ -140,6 +159,8 @@ _logged: set = set()
 
 
 def _log_once(message: str) -> None:
+    if torch.compiler.is_compiling():
+        return  # dynamo cannot trace logging; the eager calls log it
     if message not in _logged:
         _logged.add(message)
         logger.warning(message)
