@@ -8,3 +8,4 @@ export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv | tee "$OUT/gpu.txt"
 python3 -m pytest tests -q -x -p no:cacheprovider 2>&1 | tee "$OUT/tests.log"
 python3 benchmarks/bench_attention.py --out "$OUT/attention.jsonl" 2>&1 | tee "$OUT/bench.log"
+python3 benchmarks/bench_decode.py --out "$OUT/decode.jsonl" 2>&1 | tee "$OUT/bench_decode.log"
