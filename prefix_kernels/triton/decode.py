@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 import triton
 
-from .attention import LOG2E, _blocks, _mask_args, _precision, _requests_sorted_by_prefix, _sm_count
+from .attention import LOG2E, _blocks, _mask_args, _precision, _sm_count
 from .kernels.decode import decode_merge_kernel, decode_own_kernel, decode_prefix_kernel
 
 # Splits on a CPU (the interpreter): fixed and small, so that the tests exercise the split and
@@ -79,6 +79,15 @@ def _keys_per_split(keys: int, splits: int, block_n: int) -> tuple[int, int]:
     return per, triton.cdiv(keys, per)
 
 
+def _requests_by_prefix(prefix_index, G: int):
+    """(order, starts) int32: order[starts[g]:starts[g+1]] are the requests using prefix g, in
+    batch order. Unlike a bincount (whose CUDA version reads the maximum back to the host),
+    sort + searchsorted never waits for the GPU: a decode step runs it in every layer."""
+    sorted_index, order = torch.sort(prefix_index.long(), stable=True)
+    bounds = torch.arange(G + 1, dtype=torch.long, device=prefix_index.device)
+    return order.to(torch.int32), torch.searchsorted(sorted_index, bounds).to(torch.int32)
+
+
 def _block_starts(starts, R: int, block_m: int, G: int):
     """BSTARTS (G + 1,) int32: the first row block of each prefix's stacked rows; no host sync."""
     counts = (starts[1:] - starts[:-1]).long()
@@ -130,7 +139,7 @@ def forward(q, k, v, prefix_k, prefix_v, prefix_index, kv_mask, causal: bool, sc
 
     if p_splits > 0:
         if has_pidx:
-            order, starts = _requests_sorted_by_prefix(prefix_index, B, G, dev)
+            order, starts = _requests_by_prefix(prefix_index, G)
             bstarts = _block_starts(starts, R, blk.prefix_m, G)
         else:
             order = starts = bstarts = q  # unused (HAS_PIDX=False)
