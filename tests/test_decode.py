@@ -405,13 +405,16 @@ def test_prefix_tables_without_host_sync():
 def test_choose_splits():
     from prefix_kernels.triton.decode import MAX_SPLITS, choose_splits
 
-    assert choose_splits(10, 0, 64, 132) == 0
-    assert choose_splits(10, 1000, 32, None) == 2  # CPU: fixed, small
-    assert choose_splits(10, 20, 32, None) == 1
-    assert choose_splits(1024, 256, 64, 132) == 1  # the grid already fills the GPU
-    assert choose_splits(64, 256, 64, 132) == 2  # at most keys / 128
-    assert choose_splits(8, 16384, 64, 132) == 33  # two waves
-    assert choose_splits(1, 1 << 20, 64, 132) == MAX_SPLITS
+    big = 1 << 20
+    assert choose_splits(10, 0, 64, 132, big) == 0
+    assert choose_splits(10, 1000, 32, None, 1) == 2  # CPU: fixed, small
+    assert choose_splits(10, 20, 32, None, big) == 1
+    assert choose_splits(1024, 256, 64, 132, big) == 1  # the grid already fills the GPU
+    assert choose_splits(64, 256, 64, 132, big) == 2  # at most keys / 128
+    assert choose_splits(8, 16384, 64, 132, big) == 33  # two waves
+    assert choose_splits(1, 1 << 20, 64, 132, big) == MAX_SPLITS
+    assert choose_splits(8, 16384, 64, 132, 4) == 4  # partials may not outweigh the keys read
+    assert choose_splits(8, 16384, 64, 132, 0) == 1
 
 
 # --------------------------------------------------------------------------

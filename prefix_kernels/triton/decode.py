@@ -25,8 +25,8 @@ from .kernels.decode import decode_merge_kernel, decode_own_kernel, decode_prefi
 # Splits on a CPU (the interpreter): fixed and small, so that the tests exercise the split and
 # merge path (and splits that see only padding) at tiny sizes.
 CPU_SPLITS = 2
-# Fewest keys a split should hold on a GPU: below this the partial's write and merge cost more
-# than the parallelism gains.
+# Fewest keys a split should hold on a GPU: below this the split's fixed costs (loading q,
+# writing its partial) outweigh the keys it reads.
 MIN_KEYS_PER_SPLIT = 128
 MAX_SPLITS = 64
 
@@ -55,11 +55,15 @@ def _decode_blocks(D: int, R: int, dtype: torch.dtype, device: torch.device) -> 
     return DecodeBlocks(fwd.m, fwd.n, own_m, fwd.n, fwd.warps, fwd.stages)
 
 
-def choose_splits(programs: int, keys: int, block_n: int, sm_count: int | None) -> int:
+def choose_splits(programs: int, keys: int, block_n: int, sm_count: int | None, traffic_cap: int) -> int:
     """How many key splits give `programs` (the grid without splits) about two waves of work.
 
-    sm_count None (CPU, the interpreter): CPU_SPLITS. A split holds a whole number of tiles and at
-    least MIN_KEYS_PER_SPLIT keys on a GPU; there are never more splits than tiles.
+    sm_count None (CPU, the interpreter): CPU_SPLITS. On a GPU a split holds a whole number of
+    tiles and at least MIN_KEYS_PER_SPLIT keys, and there are at most `traffic_cap` splits: the
+    number for which the fp32 partials written (and read back by the merge) weigh as much as
+    the keys and values the part reads. Without that cap a short prefix shared by a large batch
+    (B = 64, Hq = 32, P = 1024) would be split 8 ways and its partials would move 4x the bytes
+    of the prefix itself.
     """
     tiles = triton.cdiv(keys, block_n)
     if keys == 0:
@@ -67,7 +71,7 @@ def choose_splits(programs: int, keys: int, block_n: int, sm_count: int | None) 
     if sm_count is None:
         return min(CPU_SPLITS, tiles)
     want = triton.cdiv(2 * sm_count, max(1, programs))
-    most = max(1, min(tiles, triton.cdiv(keys, MIN_KEYS_PER_SPLIT), MAX_SPLITS))
+    most = min(tiles, triton.cdiv(keys, MIN_KEYS_PER_SPLIT), MAX_SPLITS, traffic_cap)
     return max(1, min(want, most))
 
 
@@ -122,18 +126,24 @@ def forward(q, k, v, prefix_k, prefix_v, prefix_index, kv_mask, causal: bool, sc
         row_blocks = triton.cdiv(B * R, blk.prefix_m) + min(G, B)
     else:
         row_blocks = triton.cdiv(B * R, blk.prefix_m)
-    p_splits = choose_splits(row_blocks * Hkv, P, blk.prefix_n, sm)
+    # Traffic caps: the K and V bytes a part reads over the bytes of one split's fp32 partials
+    # (B * Hq * Lq rows of D).
+    rows = B * Hq * Lq
+    kv_item, part_item = q.element_size(), 4
+    prefixes_read = min(G, B) if has_pidx else 1
+    p_cap = (2 * prefixes_read * Hkv * P * D * kv_item) // (rows * D * part_item)
+    p_splits = choose_splits(row_blocks * Hkv, P, blk.prefix_n, sm, p_cap)
     p_per, p_splits = _keys_per_split(P, p_splits, blk.prefix_n)
 
     # Own part: one program per (request, kv head, row block), split along the keys.
     own_row_blocks = triton.cdiv(R, blk.own_m)
-    o_splits = choose_splits(B * Hkv * own_row_blocks, T, blk.own_n, sm)
+    o_cap = (2 * B * Hkv * T * D * kv_item) // (rows * D * part_item)
+    o_splits = choose_splits(B * Hkv * own_row_blocks, T, blk.own_n, sm, o_cap)
     o_per, o_splits = _keys_per_split(T, o_splits, blk.own_n)
 
     S = p_splits + o_splits
     if S == 0:  # no key at all (P == 0 and T == 0): every row is empty
         return out.zero_(), lse.fill_(float("-inf"))
-    rows = B * Hq * Lq
     part_out = torch.empty((rows, S, D), dtype=torch.float32, device=dev)
     part_lse = torch.empty((rows, S), dtype=torch.float32, device=dev)
 
