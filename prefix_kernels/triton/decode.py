@@ -9,7 +9,7 @@ strides are accepted. One decode step is three launches (see kernels/decode.py):
   merge    grid (B * Hq * Lq,)                      log-sum-exp merge of all partials
 
 The partials are fp32 (B * Hq * Lq, S, D) and (B * Hq * Lq, S) with S = prefix splits + own
-splits: a few times the size of the output, never the size of a cache.
+splits; choose_splits keeps each part's partials no heavier than the keys and values it reads.
 """
 
 from __future__ import annotations
