@@ -134,9 +134,13 @@ def cuda_decode_reasons(p: Problem) -> list[str]:
         return [why]
     if p.device.type != "cuda":
         return [f"CUDA kernels need CUDA tensors, got {p.device.type}"]
-    from . import cuda  # imported already: _cuda_decode_unavailable() said it has the hooks
-
-    return list(cuda.decode_reasons(p))
+    if torch.compiler.is_compiling():
+        # dynamo cannot trace the cached lookup; the module is imported already (see above).
+        # It does trace decode_reasons itself, which must therefore be traceable.
+        from . import cuda as module
+    else:
+        module = cuda_decode_module()[0]
+    return list(module.decode_reasons(p))
 
 
 def torch_reasons(p: Problem) -> list[str]:
