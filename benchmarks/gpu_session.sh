@@ -9,3 +9,4 @@ nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv | tee "$OUT/
 python3 -m pytest tests -q -x -p no:cacheprovider 2>&1 | tee "$OUT/tests.log"
 python3 benchmarks/bench_attention.py --out "$OUT/attention.jsonl" 2>&1 | tee "$OUT/bench.log"
 python3 benchmarks/bench_train_step.py --out "$OUT/train_step.jsonl" 2>&1 | tee -a "$OUT/bench.log"
+python3 benchmarks/bench_decode.py --out "$OUT/decode.jsonl" 2>&1 | tee "$OUT/bench_decode.log"

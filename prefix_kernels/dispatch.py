@@ -4,6 +4,12 @@ Each backend answers `reasons(problem)`: why it cannot take this case (empty: it
 tries triton then torch on CUDA tensors and torch on CPU tensors; a backend that declines is
 skipped with its reasons logged once. A backend asked for by name that declines raises
 NoBackendError listing its reasons, as does a case no backend can take.
+
+Two tables feed the same dispatcher: the op's (shared_prefix_attention: triton, torch, reference)
+and the decode path's (shared_prefix_decode: cuda, triton, torch, reference). The decode "cuda"
+backend lives in an optional module prefix_kernels.cuda that exposes
+``decode_reasons(problem) -> list[str]`` and ``decode_forward(q, k, v, prefix_k, prefix_v,
+prefix_index, kv_mask, causal, scale) -> (out, lse)``; without it, "cuda" declines.
 """
 
 from __future__ import annotations
@@ -20,14 +26,21 @@ from .checks import Problem
 logger = logging.getLogger("prefix_kernels")
 
 BACKENDS = ("triton", "torch", "reference")
+DECODE_BACKENDS = ("cuda", "triton", "torch", "reference")
+MAX_DECODE_LQ = 16  # new tokens per request that the decode kernels take
 
 
 class NoBackendError(ValueError):
     """No backend can compute this call; the message lists each backend and its reasons."""
 
 
+# The import probes below are marked constant for torch.compile: dynamo cannot trace
+# importlib, and whether a module imports does not change while a process runs. (It then runs
+# them once at trace time and bakes the answer into the graph.)
+
+
 @lru_cache(maxsize=None)
-def _triton_import_error() -> str | None:
+def _probe_triton() -> str | None:
     try:
         importlib.import_module("triton")
     except Exception as exc:  # ImportError, or a broken install raising anything else
@@ -35,6 +48,12 @@ def _triton_import_error() -> str | None:
     return None
 
 
+@torch.compiler.assume_constant_result
+def _triton_import_error() -> str | None:
+    return _probe_triton()
+
+
+@torch.compiler.assume_constant_result
 def triton_interpreted() -> bool:
     """Whether the triton kernels run under the interpreter (TRITON_INTERPRET=1 at their import)."""
     if _triton_import_error() is not None:
@@ -44,7 +63,8 @@ def triton_interpreted() -> bool:
     return attention.INTERPRETED
 
 
-def triton_reasons(p: Problem) -> list[str]:
+def _triton_device_reasons(p: Problem) -> list[str]:
+    """Why triton cannot run on these tensors at all (shared by the op and the decode path)."""
     reasons = []
     err = _triton_import_error()
     if err is not None:
@@ -59,9 +79,68 @@ def triton_reasons(p: Problem) -> list[str]:
     if p.device.type == "cuda" and not interpreted and p.dtype == torch.bfloat16:
         if torch.cuda.get_device_capability(p.device) < (8, 0):
             reasons.append("bfloat16 tensor cores need compute capability 8.0 or newer")
+    return reasons
+
+
+def triton_reasons(p: Problem) -> list[str]:
+    reasons = _triton_device_reasons(p)
     if p.G > 65535:
         reasons.append(f"G={p.G} prefixes exceed the 65535 limit of a grid axis")
     return reasons
+
+
+def triton_decode_reasons(p: Problem) -> list[str]:
+    reasons = _triton_device_reasons(p)
+    if not 1 <= p.Lq <= MAX_DECODE_LQ:
+        reasons.append(f"the decode kernels take 1 to {MAX_DECODE_LQ} query tokens per request, got Lq={p.Lq}")
+    if p.Hkv > 65535:
+        reasons.append(f"Hkv={p.Hkv} kv heads exceed the 65535 limit of a grid axis")
+    return reasons
+
+
+CUDA_NOT_BUILT = "CUDA decode extension not built in this version"
+
+
+@lru_cache(maxsize=None)
+def cuda_decode_module():
+    """(module, None) when prefix_kernels.cuda exposes the decode hooks, else (None, reason).
+
+    Cached: the decode path asks on every call (every layer of every step), and a failed import
+    searches the file system each time. Tests that fake the module call cache_clear().
+    """
+    try:
+        module = importlib.import_module("prefix_kernels.cuda")
+    except ModuleNotFoundError as exc:
+        if exc.name in ("prefix_kernels.cuda",):
+            return None, CUDA_NOT_BUILT
+        return None, f"prefix_kernels.cuda is not importable ({type(exc).__name__}: {exc})"
+    except Exception as exc:  # a broken extension raising anything else
+        return None, f"prefix_kernels.cuda is not importable ({type(exc).__name__}: {exc})"
+    missing = [name for name in ("decode_reasons", "decode_forward") if not callable(getattr(module, name, None))]
+    if missing:
+        return None, f"{CUDA_NOT_BUILT} (prefix_kernels.cuda has no {' or '.join(missing)})"
+    return module, None
+
+
+@torch.compiler.assume_constant_result
+def _cuda_decode_unavailable() -> str:
+    """Why prefix_kernels.cuda cannot serve decode calls ('' when it can)."""
+    return cuda_decode_module()[1] or ""
+
+
+def cuda_decode_reasons(p: Problem) -> list[str]:
+    why = _cuda_decode_unavailable()
+    if why:
+        return [why]
+    if p.device.type != "cuda":
+        return [f"CUDA kernels need CUDA tensors, got {p.device.type}"]
+    if torch.compiler.is_compiling():
+        # dynamo cannot trace the cached lookup; the module is imported already (see above).
+        # It does trace decode_reasons itself, which must therefore be traceable.
+        from . import cuda as module
+    else:
+        module = cuda_decode_module()[0]
+    return list(module.decode_reasons(p))
 
 
 def torch_reasons(p: Problem) -> list[str]:
@@ -73,11 +152,19 @@ def reference_reasons(p: Problem) -> list[str]:
 
 
 REASONS = {"triton": triton_reasons, "torch": torch_reasons, "reference": reference_reasons}
+DECODE_REASONS = {
+    "cuda": cuda_decode_reasons,
+    "triton": triton_decode_reasons,
+    "torch": torch_reasons,
+    "reference": reference_reasons,
+}
 
 _logged: set = set()
 
 
 def _log_once(message: str) -> None:
+    if torch.compiler.is_compiling():
+        return  # dynamo cannot trace logging; the eager calls log it
     if message not in _logged:
         _logged.add(message)
         logger.warning(message)
@@ -89,19 +176,30 @@ def _auto_order(p: Problem) -> tuple[str, ...]:
     return ("torch",)
 
 
-def select_backend(requested: str, p: Problem) -> str:
-    """The backend that will run this call: `requested` itself, or auto's first that can."""
+def _decode_auto_order(p: Problem) -> tuple[str, ...]:
+    if p.device.type == "cuda":
+        return ("cuda", "triton", "torch")
+    return ("torch",)
+
+
+def select_backend(requested: str, p: Problem, *, decode: bool = False) -> str:
+    """The backend that will run this call: `requested` itself, or auto's first that can.
+
+    decode=True chooses among the decode path's backends (shared_prefix_decode).
+    """
+    names, table = (DECODE_BACKENDS, DECODE_REASONS) if decode else (BACKENDS, REASONS)
     if not isinstance(requested, str):
-        raise TypeError(f"backend must be a str, one of 'auto', {', '.join(map(repr, BACKENDS))}; got {requested!r}")
+        raise TypeError(f"backend must be a str, one of 'auto', {', '.join(map(repr, names))}; got {requested!r}")
     forced = os.environ.get("PREFIX_KERNELS_BACKEND")
     if requested == "auto" and forced:
         requested = forced  # a user override for debugging; same checks as an explicit name
-    if requested != "auto" and requested not in BACKENDS:
-        raise ValueError(f"backend must be one of 'auto', {', '.join(map(repr, BACKENDS))}; got {requested!r}")
-    candidates = _auto_order(p) if requested == "auto" else (requested,)
+    if requested != "auto" and requested not in names:
+        raise ValueError(f"backend must be one of 'auto', {', '.join(map(repr, names))}; got {requested!r}")
+    order = _decode_auto_order if decode else _auto_order
+    candidates = order(p) if requested == "auto" else (requested,)
     declined = []
     for name in candidates:
-        reasons = REASONS[name](p)
+        reasons = table[name](p)
         if not reasons:
             return name
         declined.append((name, reasons))

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from . import torch_backend
 from .checks import check_inputs
-from .dispatch import select_backend
+from .dispatch import MAX_DECODE_LQ, select_backend
 from .reference import reference_attention
 
 
@@ -89,6 +89,15 @@ def _backward(ctx, dout, dlse):
 _fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
+def routes_to_decode(backend: str, p, tensors) -> bool:
+    """Whether shared_prefix_attention hands this call to the decode path (shared_prefix_decode's
+    backends): "auto" on CUDA tensors with Lq <= 16 when no gradient is wanted, where the split
+    decode kernels fill the GPU and the training kernels would not."""
+    if backend != "auto" or p.device.type != "cuda" or p.Lq > MAX_DECODE_LQ:
+        return False
+    return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+
+
 def shared_prefix_attention(
     q: Tensor,
     k: Tensor,
@@ -129,8 +138,10 @@ def shared_prefix_attention(
         return_lse: also return the log-sum-exp, in natural log (base e, not base 2), of the
             scaled scores over every visible key: float32 (B, Hq, Lq). -inf for a row that sees
             no key (only possible with P == 0); such a row's output and gradients are 0.
-        backend: "auto" (triton on CUDA, torch on CPU; falls back with a logged reason),
-            "triton", "torch" or "reference" (materialises the prefix; for tests).
+        backend: "auto" (triton on CUDA, torch on CPU; falls back with a logged reason; on
+            CUDA with Lq <= 16 and no input needing a gradient, the decode kernels of
+            :func:`prefix_kernels.shared_prefix_decode`), "triton", "torch" or "reference"
+            (materialises the prefix; for tests).
 
     GQA/MQA: Hq must be a multiple of Hkv; query head h reads kv head h // (Hq // Hkv).
     dtypes: float16, bfloat16, float32 (all five tensors alike). Head dim D in [16, 256].
@@ -142,6 +153,11 @@ def shared_prefix_attention(
     scale = 1.0 / math.sqrt(p.D) if scale is None else float(scale)
     if p.G == 1:
         prefix_index = None  # all requests use prefix 0 (values were checked to be in [0, 1))
+    if routes_to_decode(backend, p, (q, k, v, prefix_k, prefix_v)):
+        from .decode import decode_checked
+
+        out, lse = decode_checked(p, q, k, v, prefix_k, prefix_v, prefix_index, kv_mask, causal, scale, "auto")
+        return (out, lse) if return_lse else out
     name = select_backend(backend, p)
     if name == "reference":
         out, lse = reference_attention(

@@ -1,0 +1,229 @@
+"""Shared-prefix decode step (Lq = 1), against the alternatives.
+
+Providers (each reported as skipped with its reason when it cannot run):
+  prefix_kernels_triton  shared_prefix_decode(backend="triton")
+  prefix_kernels_cuda    shared_prefix_decode(backend="cuda") (the optional CUDA extension)
+  sdpa_expanded          SDPA over caches that already hold each request's copy of the prefix
+                         (B, Hkv, P + T, D), built outside the timed region: a plain KV cache
+                         without prefix sharing
+  flex                   FlexAttention twice, merged by log-sum-exp: the prefix as K/V of batch 1
+                         broadcast over the requests, then the own caches
+  flashinfer_cascade     FlashInfer's MultiLevelCascadeAttentionWrapper, two levels (shared prefix
+                         pages, then each request's pages), paged cache built outside the timing
+
+Shapes from the decode issue: B in {8, 64, 256}, P in {1024, 4096, 16384}, T = 256, Lq = 1,
+Hq = 32, Hkv = 8, D = 128, bf16, one prefix, no padding. Timing: triton.testing.do_bench (CUDA
+events, L2 flushed before every run, median and 20/80 quantiles). GB/s counts the bytes the step
+must read and write: the prefix once, each request's own cache, q and out; it is also given as a
+fraction of the device-to-device copy bandwidth this script measures on the same card. Every row
+records max|out - torch backend| so that a provider computing the wrong thing shows.
+
+    python benchmarks/bench_decode.py             # GPU, full shapes
+    python benchmarks/bench_decode.py --smoke     # CPU, tiny shapes (Triton interpreter)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+if "--smoke" in sys.argv and not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before prefix_kernels imports triton
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from rows import environment, upsert  # noqa: E402
+
+from prefix_kernels import shared_prefix_decode  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results" / "decode.jsonl"
+
+
+def make_inputs(B, Hq, Hkv, T, P, D, dtype, device):
+    torch.manual_seed(0)
+    q = torch.randn(B, Hq, 1, D, dtype=dtype, device=device)
+    k = torch.randn(B, Hkv, T, D, dtype=dtype, device=device)
+    v = torch.randn(B, Hkv, T, D, dtype=dtype, device=device)
+    pk = torch.randn(1, Hkv, P, D, dtype=dtype, device=device)
+    pv = torch.randn(1, Hkv, P, D, dtype=dtype, device=device)
+    return q, k, v, pk, pv
+
+
+def bytes_moved(B, Hq, Hkv, T, P, D, itemsize) -> int:
+    """What a decode step must read and write at least: prefix once, own caches, q and out."""
+    return itemsize * (2 * Hkv * P * D + 2 * B * Hkv * T * D + 2 * B * Hq * D)
+
+
+# Each provider: setup(q, k, v, pk, pv) -> step() returning out (B, Hq, 1, D). Setup work (cache
+# layouts, plans, compilation) happens outside the timed region.
+
+
+def setup_prefix_kernels(backend):
+    def setup(q, k, v, pk, pv):
+        shared_prefix_decode(q, k, v, pk, pv, backend=backend)  # raises NoBackendError with reasons
+        return lambda: shared_prefix_decode(q, k, v, pk, pv, backend=backend)
+
+    return setup
+
+
+def setup_sdpa_expanded(q, k, v, pk, pv):
+    B = q.shape[0]
+    keys = torch.cat([pk.expand(B, -1, -1, -1), k], dim=2)
+    values = torch.cat([pv.expand(B, -1, -1, -1), v], dim=2)
+    return lambda: F.scaled_dot_product_attention(q, keys, values, enable_gqa=True)
+
+
+_compiled_flex = None
+
+
+def setup_flex(q, k, v, pk, pv):
+    global _compiled_flex
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    if _compiled_flex is None:
+        _compiled_flex = torch.compile(flex_attention, dynamic=False)
+    # Flex broadcasts K/V of batch 1 over the queries only with a block mask: an all-visible one.
+    whole = create_block_mask(lambda b, h, qi, ki: ki >= 0, q.shape[0], None, q.shape[2], pk.shape[2], device=q.device)
+
+    def step():
+        out_p, lse_p = _compiled_flex(q, pk, pv, block_mask=whole, enable_gqa=True, return_lse=True)
+        out_r, lse_r = _compiled_flex(q, k, v, enable_gqa=True, return_lse=True)
+        lse = torch.logaddexp(lse_p, lse_r)
+        return (torch.exp(lse_p - lse)[..., None] * out_p + torch.exp(lse_r - lse)[..., None] * out_r).to(q.dtype)
+
+    return step
+
+
+def setup_flashinfer_cascade(q, k, v, pk, pv):
+    import flashinfer  # noqa: F401  (skipped with the ImportError when missing)
+    from flashinfer.cascade import MultiLevelCascadeAttentionWrapper
+
+    B, Hq, _, D = q.shape
+    Hkv, T, P = k.shape[1], k.shape[2], pk.shape[2]
+    page = 16
+    if P % page or T % page:
+        raise ValueError(f"P={P} and T={T} must be multiples of the page size {page}")
+    dev = q.device
+    shared_pages, own_pages = P // page, T // page
+    # Unified paged cache, NHD: (pages, 2, page, Hkv, D); shared prefix pages first.
+    pre = torch.stack([pk[0], pv[0]], 0).permute(2, 0, 1, 3)  # (P, 2, Hkv, D)
+    pre = pre.reshape(shared_pages, page, 2, Hkv, D).transpose(1, 2)
+    own = torch.stack([k, v], 1).permute(0, 3, 1, 2, 4)  # (B, T, 2, Hkv, D)
+    own = own.reshape(B * own_pages, page, 2, Hkv, D).transpose(1, 2)
+    cache = torch.cat([pre, own], 0).contiguous()
+    i32 = dict(dtype=torch.int32, device=dev)
+    wrapper = MultiLevelCascadeAttentionWrapper(2, torch.empty(256 << 20, dtype=torch.uint8, device=dev), "NHD")
+    wrapper.plan(
+        [torch.tensor([0, B], **i32), torch.arange(B + 1, **i32)],
+        [torch.tensor([0, shared_pages], **i32), torch.arange(B + 1, **i32) * own_pages],
+        [torch.arange(shared_pages, **i32), shared_pages + torch.arange(B * own_pages, **i32)],
+        [torch.tensor([page], **i32), torch.full((B,), page, **i32)],
+        Hq, Hkv, D, page, causal=False, q_data_type=q.dtype,
+    )
+    q3 = q[:, :, 0].contiguous()  # (B, Hq, D)
+    return lambda: wrapper.run(q3, cache)[:, :, None]
+
+
+PROVIDERS = {
+    "prefix_kernels_triton": setup_prefix_kernels("triton"),
+    "prefix_kernels_cuda": setup_prefix_kernels("cuda"),
+    "sdpa_expanded": setup_sdpa_expanded,
+    "flex": setup_flex,
+    "flashinfer_cascade": setup_flashinfer_cascade,
+}
+
+
+def time_ms(fn, device) -> tuple[float, float, float]:
+    """(median, p20, p80) milliseconds."""
+    if device.type == "cuda":
+        import triton.testing
+
+        return tuple(triton.testing.do_bench(fn, warmup=25, rep=100, quantiles=[0.5, 0.2, 0.8]))
+    fn()
+    samples = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - t0) * 1e3)
+    samples.sort()
+    return statistics.median(samples), samples[1], samples[-2]
+
+
+def copy_bandwidth_gbps(device) -> float | None:
+    """Device-to-device copy of 2 GiB (1 GiB read + 1 GiB written): the yardstick for fractions."""
+    if device.type != "cuda":
+        return None
+    n = 1 << 30
+    src = torch.empty(n, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    ms = time_ms(lambda: dst.copy_(src), device)[0]
+    del src, dst
+    return 2 * n / (ms * 1e-3) / 1e9
+
+
+def run(shapes, providers, device, dtype, results: Path) -> list[dict]:
+    env = environment(device)
+    hbm = copy_bandwidth_gbps(device)
+    rows = []
+    for B, Hq, Hkv, T, P, D in shapes:
+        shape = dict(B=B, Hq=Hq, Hkv=Hkv, Lq=1, T=T, P=P, D=D, G=1, causal=True)
+        nbytes = bytes_moved(B, Hq, Hkv, T, P, D, torch.finfo(dtype).bits // 8)
+        with torch.no_grad():
+            q, k, v, pk, pv = make_inputs(B, Hq, Hkv, T, P, D, dtype, device)
+            want = shared_prefix_decode(q, k, v, pk, pv, backend="torch").float()
+            for name in providers:
+                row = dict(workload="decode", mode="fwd", provider=name, shape=shape,
+                           dtype=str(dtype).replace("torch.", ""), bytes=nbytes, **env)
+                try:
+                    step = PROVIDERS[name](q, k, v, pk, pv)
+                    err = float((step().float() - want).abs().max())
+                    if device.type == "cuda":
+                        torch.cuda.synchronize(device)
+                        torch.cuda.reset_peak_memory_stats(device)
+                    med, lo, hi = time_ms(step, device)
+                    gbps = nbytes / (med * 1e-3) / 1e9
+                    row.update(status="ok", median_ms=med, p20_ms=lo, p80_ms=hi, gbps=gbps,
+                               frac_copy_bw=(gbps / hbm if hbm else None), copy_gbps=hbm,
+                               max_abs_err_vs_torch=err,
+                               peak_mib=(torch.cuda.max_memory_allocated(device) / 2**20
+                                         if device.type == "cuda" else None))
+                except Exception as exc:  # reported, not dropped
+                    row.update(status="skipped", reason=f"{type(exc).__name__}: {str(exc)[:300]}")
+                finally:
+                    step = None
+                rows.append(row)
+                print(f"B={B:4d} P={P:6d} {name:22s} " + (
+                    f"{row['median_ms']:9.4f} ms {row['gbps']:8.1f} GB/s err {row['max_abs_err_vs_torch']:.2e}"
+                    if row["status"] == "ok" else f"skipped: {row['reason']}"), flush=True)
+        del q, k, v, pk, pv, want
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    upsert(results, rows)
+    return rows
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU")
+    ap.add_argument("--out", type=Path, default=RESULTS, help="JSON-lines file to upsert rows into")
+    ap.add_argument("--providers", nargs="*", default=list(PROVIDERS), choices=list(PROVIDERS))
+    args = ap.parse_args(argv)
+    if args.smoke:
+        device, dtype = torch.device("cpu"), torch.float32
+        shapes = [(2, 4, 2, 16, P, 32) for P in (16, 48)]
+    else:
+        if not torch.cuda.is_available():
+            ap.error("no CUDA device: run with --smoke on a CPU")
+        device, dtype = torch.device("cuda"), torch.bfloat16
+        shapes = [(B, 32, 8, 256, P, 128) for B in (8, 64, 256) for P in (1024, 4096, 16384)]
+    return run(shapes, args.providers, device, dtype, args.out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,243 @@
+"""Decode kernels of shared-prefix attention (only @triton.jit code).
+
+A decode step (Lq = 1..16 new tokens per request) is split in three launches:
+
+  decode_prefix_kernel  the prefix part. For prefix g and kv head hk, the query rows of every
+                        request that uses g, times the `group` query heads of hk, times Lq, are
+                        one stacked matrix (requests in the order ORDER[STARTS[g]:STARTS[g+1]]).
+                        A program owns BLOCK_M stacked rows and one split of the prefix keys, so
+                        each prefix tile is read once per BLOCK_M stacked rows, not once per
+                        request and query head.
+  decode_own_kernel     each request's own cache, split along the keys (flash-decoding): one
+                        program per (request b, kv head hk, key split, row block) takes all
+                        group * Lq rows of b and hk, so the GQA heads share each K/V tile.
+  decode_merge_kernel   combines the partial (out, lse) of every split by log-sum-exp.
+
+Inside a split, scores are in log2 units (scale * log2(e) folded into one multiply, exp2 does the
+work), as in the forward kernel. Every partial lse written to memory, and the final lse, is in
+natural log; a split that sees no key writes out = 0 and lse = -inf.
+"""
+
+import triton
+import triton.language as tl
+
+LN2 = tl.constexpr(0.6931471805599453)  # natural log = log2 * ln(2)
+
+
+@triton.jit
+def _softmax_tiles(acc, m_i, l_i, q, K_BASE, V_BASE, skn, skd, svn, svd, lo, hi,
+                   row_ok, row_i, offs_d, MASK_BASE, stride_mask, q_shift, qk_scale,
+                   CAUSAL: tl.constexpr, HAS_KV_MASK: tl.constexpr, HEAD_DIM: tl.constexpr,
+                   BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+    """Online softmax of the rows in q over the keys [lo, hi) of one (L, HEAD_DIM) segment.
+
+    A key is visible when it lies in [lo, hi), is not masked out by kv_mask (HAS_KV_MASK) and,
+    with CAUSAL, is not after the row's query position row_i shifted by q_shift. Keys that
+    kv_mask hides are not loaded at all (their lanes are predicated off), so the padding of a
+    left-padded cache costs no memory traffic.
+    """
+    d_ok = offs_d < HEAD_DIM
+    for start in range(lo, hi, BLOCK_N):
+        offs_n = start + tl.arange(0, BLOCK_N)
+        key_ok = offs_n < hi
+        if HAS_KV_MASK:
+            keep = tl.load(MASK_BASE + offs_n * stride_mask, mask=key_ok, other=0)
+            key_ok = key_ok & (keep != 0)
+        ld_mask = key_ok[:, None] & d_ok[None, :]
+        k = tl.load(K_BASE + offs_n[:, None] * skn + offs_d[None, :] * skd, mask=ld_mask, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        ok = row_ok[:, None] & key_ok[None, :]
+        if CAUSAL:
+            ok = ok & (offs_n[None, :] <= row_i[:, None] + q_shift)
+        s = tl.where(ok, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # A row with nothing visible yet keeps m = -inf; exponentiate against 0 instead, so that
+        # exp2(-inf - -inf) never produces a NaN.
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(V_BASE + offs_n[:, None] * svn + offs_d[None, :] * svd, mask=ld_mask, other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _store_partial(OP, LP, row_id, slot, S_total, acc, m_i, l_i, row_ok, offs_d, HEAD_DIM: tl.constexpr):
+    """Write one split's normalised partial out (fp32) and natural-log lse for each row.
+
+    OP is a contiguous (rows, S_total, HEAD_DIM) fp32 buffer, LP a (rows, S_total) one; row_id
+    is the row's index (b * Hq + h) * Lq + i (int64), slot the split's index in [0, S_total).
+    """
+    empty = l_i == 0.0  # nothing visible in this split: out 0, lse -inf (the merge weighs it 0)
+    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    lse = tl.where(empty, float("-inf"), (m_i + tl.log2(tl.where(empty, 1.0, l_i))) * LN2)
+    cell = row_id * S_total + slot
+    o_mask = row_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
+    tl.store(OP + cell[:, None] * HEAD_DIM + offs_d[None, :], out, mask=o_mask)
+    tl.store(LP + cell, lse, mask=row_ok)
+
+
+@triton.jit
+def decode_prefix_kernel(
+    Q, PK, PV, ORDER, STARTS, BSTARTS, OP, LP,
+    sqb, sqh, sqm, sqd,
+    spkg, spkh, spkn, spkd,
+    spvg, spvh, spvn, spvd,
+    B, Hq, Lq, P, group, G, qk_scale, keys_per_split, slot0, S_total, search_steps,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_PIDX: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """Grid (row blocks, Hkv, prefix splits); row blocks on axis 0, which has no 65535 limit.
+
+    HAS_PIDX: requests are sorted by prefix (ORDER, STARTS as in the backward's prefix kernel)
+    and BSTARTS[g] is the first row block of prefix g (BSTARTS[G]: their total). A program finds
+    its prefix by binary search over BSTARTS; the launcher's grid is an upper bound on the total,
+    so surplus programs find no rows and do nothing. Without HAS_PIDX every request uses prefix 0
+    in batch order.
+    """
+    t = tl.program_id(0).to(tl.int64)
+    hk = tl.program_id(1).to(tl.int64)
+    split = tl.program_id(2)
+    R = group * Lq  # stacked rows per request
+    if HAS_PIDX:
+        lo_g = t * 0  # the largest g in [0, G) with BSTARTS[g] <= t
+        hi_g = lo_g + G
+        for _ in range(0, search_steps):
+            mid = (lo_g + hi_g) // 2
+            go = tl.load(BSTARTS + mid) <= t
+            lo_g = tl.where(go, mid, lo_g)
+            hi_g = tl.where(go, hi_g, mid)
+        g = lo_g
+        active = t < tl.load(BSTARTS + G)
+        local = t - tl.load(BSTARTS + g)
+        first = tl.load(STARTS + g)
+        n_req = tl.load(STARTS + g + 1) - first
+    else:
+        g = 0
+        active = t >= 0
+        local = t
+        first = 0
+        n_req = B
+
+    offs_r = local * BLOCK_M + tl.arange(0, BLOCK_M)  # stacked row within prefix g and head hk
+    # (Not `& active`: the interpreter of triton 3.9 turns a block & a scalar bool into int32.)
+    row_ok = offs_r < tl.where(active, n_req * R, 0)
+    pos = offs_r // R  # which of g's requests
+    within = offs_r % R
+    j = within // Lq  # query head within the kv group
+    row_i = within % Lq  # query position
+    if HAS_PIDX:
+        b = tl.load(ORDER + first + pos, mask=row_ok, other=0).to(tl.int64)
+    else:
+        b = pos
+    h = hk * group + j
+    offs_d = tl.arange(0, BLOCK_D)
+    q_rows = Q + b * sqb + h * sqh + row_i * sqm
+    q = tl.load(q_rows[:, None] + offs_d[None, :] * sqd,
+                mask=row_ok[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    lo = split * keys_per_split
+    hi = tl.minimum(lo + keys_per_split, P)
+    hi = tl.where(active, hi, lo)  # a surplus program loads nothing
+    acc, m_i, l_i = _softmax_tiles(
+        acc, m_i, l_i, q, PK + g * spkg + hk * spkh, PV + g * spvg + hk * spvh, spkn, spkd, spvn, spvd,
+        lo, hi, row_ok, row_i, offs_d, Q, 0, 0, qk_scale,
+        False, False, HEAD_DIM, BLOCK_N, PRECISION,
+    )
+    row_id = (b * Hq + h) * Lq + row_i
+    _store_partial(OP, LP, row_id, slot0 + split, S_total, acc, m_i, l_i, row_ok, offs_d, HEAD_DIM)
+
+
+@triton.jit
+def decode_own_kernel(
+    Q, K, V, KVM, OP, LP,
+    sqb, sqh, sqm, sqd,
+    skb, skh, skn, skd,
+    svb, svh, svn, svd,
+    smb, smn,
+    Hq, Hkv, Lq, T, group, qk_scale, keys_per_split, slot0, S_total,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_KV_MASK: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """Grid (B * Hkv, key splits, row blocks of group * Lq); B * Hkv on axis 0 (no 65535 limit).
+
+    Row r of a program's block is query head hk * group + r // Lq at position r % Lq: the GQA heads
+    of one kv head share every K/V tile. Causal is bottom-right aligned: position i sees own key
+    j iff j <= i + (T - Lq).
+    """
+    bk = tl.program_id(0).to(tl.int64)
+    split = tl.program_id(1)
+    rb = tl.program_id(2)
+    b = bk // Hkv
+    hk = bk % Hkv
+    offs_r = rb * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = offs_r < group * Lq
+    j = offs_r // Lq
+    row_i = offs_r % Lq
+    h = hk * group + j
+    offs_d = tl.arange(0, BLOCK_D)
+    q_rows = Q + b * sqb + h * sqh + row_i * sqm
+    q = tl.load(q_rows[:, None] + offs_d[None, :] * sqd,
+                mask=row_ok[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    lo = split * keys_per_split
+    hi = tl.minimum(lo + keys_per_split, T)
+    acc, m_i, l_i = _softmax_tiles(
+        acc, m_i, l_i, q, K + b * skb + hk * skh, V + b * svb + hk * svh, skn, skd, svn, svd,
+        lo, hi, row_ok, row_i, offs_d, KVM + b * smb, smn, T - Lq, qk_scale,
+        CAUSAL, HAS_KV_MASK, HEAD_DIM, BLOCK_N, PRECISION,
+    )
+    row_id = (b * Hq + h) * Lq + row_i
+    _store_partial(OP, LP, row_id, slot0 + split, S_total, acc, m_i, l_i, row_ok, offs_d, HEAD_DIM)
+
+
+@triton.jit
+def decode_merge_kernel(
+    OP, LP, O, LSE, Hq, Lq, S_total,
+    sob, soh, som, sod,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    """Grid (B * Hq * Lq,): one program per query row merges its S_total partials.
+
+    out = sum_s exp(lse_s - lse) out_s with lse = log(sum_s exp(lse_s)), in a fixed order
+    (deterministic). A row whose partials are all empty gets out 0 and lse -inf, with no NaN.
+    """
+    row = tl.program_id(0).to(tl.int64)  # (b * Hq + h) * Lq + i, the index into LSE (B, Hq, Lq)
+    b = row // (Hq * Lq)
+    h = (row // Lq) % Hq
+    i = row % Lq
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+
+    m_vec = tl.full([BLOCK_S], float("-inf"), dtype=tl.float32)
+    for s0 in range(0, S_total, BLOCK_S):
+        lse_s = tl.load(LP + row * S_total + s0 + offs_s, mask=s0 + offs_s < S_total, other=float("-inf"))
+        m_vec = tl.maximum(m_vec, lse_s)
+    m = tl.max(m_vec, 0)
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+
+    den_vec = tl.zeros([BLOCK_S], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    for s0 in range(0, S_total, BLOCK_S):
+        s_ok = s0 + offs_s < S_total
+        lse_s = tl.load(LP + row * S_total + s0 + offs_s, mask=s_ok, other=float("-inf"))
+        w = tl.exp(lse_s - m_safe)  # an empty split (lse -inf) weighs exactly 0
+        cell = row * S_total + s0 + offs_s
+        o = tl.load(OP + cell[:, None] * HEAD_DIM + offs_d[None, :], mask=s_ok[:, None] & d_ok[None, :], other=0.0)
+        acc += tl.sum(w[:, None] * o, 0)
+        den_vec += w
+    den = tl.sum(den_vec, 0)
+    empty = den == 0.0
+    out = acc / tl.where(empty, 1.0, den)
+    lse = tl.where(empty, float("-inf"), m + tl.log(tl.where(empty, 1.0, den)))
+    tl.store(O + b * sob + h * soh + i * som + offs_d * sod, out.to(O.dtype.element_ty), mask=d_ok)
+    tl.store(LSE + row, lse)

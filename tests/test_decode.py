@@ -1,0 +1,544 @@
+"""shared_prefix_decode (Lq = 1..16, forward only) against reference_attention in float64.
+
+Tolerance as in helpers.check_quantity (FlashAttention-style): max|op - truth| <= 2 max|same -
+truth| + floor, where truth is the reference in float64 and same is the reference computed in
+the input dtype; lse likewise on the rows that see a key, and exactly -inf (with output exactly
+0) on the rows that see none.
+
+Matrix from the issue: Lq in {1, 4} x T in {1, 37, 300} x P in {0, 5, 257} in full, with heads
+(GQA Hq=8/Hkv=2, MQA Hq=4/Hkv=1), G in {1, 2} (mixed prefix_index), left padding or none (a
+fully padded request in every padded case), causal on/off, dtype fp32/fp16 (not bf16: tl.dot of
+two bf16 blocks is wrong under the triton 3.9 interpreter), D in {16, 32, 80} and B in {3, 5}
+assigned so that every pair of values of any two axes occurs (test_op.covering_set). The triton
+lane runs the kernels under the interpreter on a CPU, with two key splits per part so that the
+split-and-merge path (and splits that see only padding) is exercised.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import types
+
+import pytest
+import torch
+from torch.library import opcheck
+
+from helpers import (
+    DTYPE_NAMES,
+    TENSOR_ARGS,
+    check_quantity,
+    describe,
+    make_inputs,
+    run_same_dtype,
+    run_truth,
+)
+from test_no_copy import AllocationRecorder, per_request_prefix_copies, prefix_row_buffers
+from test_op import covering_set, uncovered_pairs
+
+import prefix_kernels
+from prefix_kernels import NoBackendError, dispatch, shared_prefix_attention, shared_prefix_decode
+from prefix_kernels.checks import Problem
+from prefix_kernels.ops import routes_to_decode
+
+FP16, BF16, FP32 = torch.float16, torch.bfloat16, torch.float32
+
+
+@pytest.fixture(autouse=True)
+def _no_backend_override(monkeypatch):
+    monkeypatch.delenv("PREFIX_KERNELS_BACKEND", raising=False)
+
+
+def decode_args(inp):
+    args = tuple(inp[n] for n in TENSOR_ARGS)
+    return args, {"prefix_index": inp.get("prefix_index"), "kv_mask": inp.get("kv_mask")}
+
+
+def run_decode(inp, **kw):
+    args, kwargs = decode_args(inp)
+    kwargs.update(kw)
+    return shared_prefix_decode(*args, **kwargs)
+
+
+def assert_decode_close(inp, *, backend, causal=True, scale=None, desc=""):
+    """Forward-only version of helpers.assert_close_to_reference; returns (out, lse, truth)."""
+    q = inp["q"]
+    dtype = q.dtype
+    B, Hq, Lq, D = q.shape
+    desc = desc or describe(backend=backend, dtype=dtype, causal=causal)
+    out, lse = run_decode(inp, causal=causal, scale=scale, return_lse=True, backend=backend)
+    dummy = torch.zeros(B, Hq, Lq, D, dtype=dtype, device=q.device)
+    truth = run_truth(inp, causal=causal, scale=scale, dout=dummy, dlse=None, with_lse=True, need_grads=False)
+    same = run_same_dtype(inp, causal=causal, scale=scale, dout=dummy, dlse=None, with_lse=True, need_grads=False)
+
+    assert out.dtype == dtype and tuple(out.shape) == (B, Hq, Lq, D) and out.device == q.device, desc
+    assert lse.dtype == FP32 and tuple(lse.shape) == (B, Hq, Lq), desc
+    assert not torch.isnan(truth["out"]).any() and not torch.isnan(truth["lse"]).any()
+    assert not torch.isnan(out).any(), f"[{desc}] out contains NaN"
+    assert not torch.isnan(lse).any(), f"[{desc}] lse contains NaN"
+    assert not torch.isposinf(lse).any(), f"[{desc}] lse contains +inf"
+    empty = torch.isneginf(truth["lse"])
+    assert torch.equal(torch.isneginf(lse), empty), f"[{desc}] lse: -inf pattern differs from the truth"
+    assert torch.all(out[empty] == 0), f"[{desc}] out is not exactly 0 on rows with no visible key"
+    check_quantity("out", out, same["out"], truth["out"], dtype, desc)
+    check_quantity("lse", lse, same["lse"], truth["lse"], FP32, desc, finite_mask=~empty)
+    return out, lse, truth
+
+
+# --------------------------------------------------------------------------
+# The matrix
+# --------------------------------------------------------------------------
+
+BASE = {"Lq": [1, 4], "T": [1, 37, 300], "P": [0, 5, 257]}
+EXTRA = {
+    "heads": ["gqa", "mqa"],
+    "G": [1, 2],
+    "padding": ["left", None],
+    "causal": [True, False],
+    "dtype": [FP32, FP16],
+    "D": [16, 32, 80],
+    "B": [3, 5],
+}
+HEADS = {"gqa": (8, 2), "mqa": (4, 1)}
+CASES = covering_set(BASE, EXTRA)
+
+
+def case_id(c):
+    return (f"Lq{c['Lq']}-T{c['T']}-P{c['P']}-{c['heads']}-G{c['G']}-{c['padding'] or 'nopad'}-"
+            f"{'causal' if c['causal'] else 'full'}-{DTYPE_NAMES[c['dtype']]}-D{c['D']}-B{c['B']}")
+
+
+def run_case(c, backend, device):
+    Hq, Hkv = HEADS[c["heads"]]
+    inp = make_inputs(c["B"], Hq, Hkv, c["Lq"], c["T"], c["P"], c["D"], c["G"], c["dtype"], device,
+                      padding=c["padding"], requires_grad=False)
+    return assert_decode_close(inp, backend=backend, causal=c["causal"], desc=f"{backend}:{case_id(c)}")
+
+
+def test_matrix_covers_every_pair():
+    assert len(CASES) >= 18
+    assert not uncovered_pairs(CASES, {**BASE, **EXTRA})
+    assert len({case_id(c) for c in CASES}) == len(CASES)
+    # the empty-row case: no prefix and a fully padded request
+    assert any(c["P"] == 0 and c["padding"] == "left" for c in CASES)
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_triton_decode_matrix(case, triton_device):
+    run_case(case, "triton", triton_device)
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_torch_decode_matrix(case):
+    run_case(case, "torch", "cpu")
+
+
+def test_reference_decode_backend():
+    inp = make_inputs(3, 8, 2, 4, 37, 5, 32, 2, FP32, "cpu", padding="left", requires_grad=False)
+    assert_decode_close(inp, backend="reference")
+
+
+# --------------------------------------------------------------------------
+# Focused cases
+# --------------------------------------------------------------------------
+
+BACKENDS = ["torch", "triton"]
+
+
+@pytest.fixture(params=BACKENDS)
+def backend_device(request):
+    if request.param == "triton":
+        return "triton", request.getfixturevalue("triton_device")
+    return "torch", "cpu"
+
+
+@pytest.mark.parametrize("Lq,T", [(1, 37), (4, 37), (4, 1)])
+def test_no_prefix_fully_padded_request_is_empty(backend_device, Lq, T):
+    """P == 0: the fully padded request sees nothing -> out 0, lse -inf; never NaN. With T < Lq
+    (causal) the first Lq - T rows of every request see nothing either."""
+    backend, device = backend_device
+    inp = make_inputs(3, 8, 2, Lq, T, 0, 32, 1, FP32, device, padding="left", requires_grad=False)
+    assert inp["lengths"][-1] == 0
+    out, lse, truth = assert_decode_close(inp, backend=backend, causal=True)
+    assert torch.all(out[-1] == 0) and torch.all(torch.isneginf(lse[-1]))
+    assert torch.isfinite(lse[0, :, -1]).all()
+    if T < Lq:
+        assert torch.all(torch.isneginf(lse[:, :, : Lq - T]))
+
+
+def test_no_keys_at_all(backend_device):
+    backend, device = backend_device
+    inp = make_inputs(2, 2, 1, 3, 0, 0, 16, 2, FP32, device, requires_grad=False)
+    out, lse = run_decode(inp, return_lse=True, backend=backend)
+    assert torch.all(out == 0) and torch.all(torch.isneginf(lse))
+
+
+def test_many_prefixes_some_unused(backend_device):
+    """G = 5 with prefixes 0 and 2 unused and the others shared unevenly: the prefix kernel's
+    search over row blocks must skip empty prefixes."""
+    backend, device = backend_device
+    inp = make_inputs(7, 4, 2, 3, 9, 20, 16, 5, FP32, device, padding="left", requires_grad=False,
+                      index_dtype=torch.int32)
+    inp["prefix_index"] = torch.tensor([4, 4, 1, 3, 4, 1, 3], dtype=torch.int32, device=device)
+    assert_decode_close(inp, backend=backend, causal=True)
+
+
+def test_prefix_index_none_means_prefix_zero(backend_device):
+    backend, device = backend_device
+    inp = make_inputs(3, 4, 2, 2, 9, 20, 16, 2, FP32, device, mixed_index=False, requires_grad=False)
+    assert inp["prefix_index"] is None
+    out, _, _ = assert_decode_close(inp, backend=backend)
+    explicit = dict(inp, prefix_index=torch.zeros(3, dtype=torch.long, device=device))
+    assert torch.equal(run_decode(explicit, backend=backend), out)
+
+
+@pytest.mark.parametrize("dtype", [FP32, FP16], ids=DTYPE_NAMES.get)
+def test_strided_inputs_and_arbitrary_mask(backend_device, dtype):
+    """Transposed (B, L, H, D) views read in place; a kv_mask with holes, not only left padding."""
+    backend, device = backend_device
+    inp = make_inputs(3, 8, 2, 4, 45, 7, 32, 2, dtype, device, transposed=True, requires_grad=False)
+    assert not inp["q"].is_contiguous() and not inp["k"].is_contiguous()
+    g = torch.Generator().manual_seed(3)
+    mask = torch.rand(3, 45, generator=g) < 0.6
+    mask[:, -1] = True
+    inp["kv_mask"] = mask.to(device)
+    assert_decode_close(inp, backend=backend)
+
+
+@pytest.mark.parametrize("scale", [0.3, 1.7])
+def test_custom_scale(backend_device, scale):
+    backend, device = backend_device
+    inp = make_inputs(2, 4, 1, 2, 20, 9, 32, 1, FP32, device, padding="left", requires_grad=False)
+    out, _, _ = assert_decode_close(inp, backend=backend, scale=scale)
+    assert not torch.allclose(out, run_decode(inp, backend=backend), atol=1e-3)
+
+
+@pytest.mark.parametrize("D", [48, 112, 256])
+def test_head_dims_triton(D, triton_device):
+    inp = make_inputs(2, 2, 1, 2, 9, 7, D, 2, FP32, triton_device, padding="left", requires_grad=False)
+    assert_decode_close(inp, backend="triton")
+
+
+def test_lq_16_several_row_blocks(triton_device):
+    """Lq = 16 with group 4: 64 rows per (request, kv head), more than one own-cache row block
+    under the interpreter, and 16-row prefix blocks that hold parts of two requests."""
+    inp = make_inputs(3, 4, 1, 16, 40, 21, 16, 2, FP16, triton_device, padding="left", requires_grad=False)
+    assert_decode_close(inp, backend="triton")
+
+
+def test_many_splits_merge_in_chunks(triton_device, monkeypatch):
+    """More partials per row (19) than the merge kernel's 16-wide chunk."""
+    from prefix_kernels.triton import decode as launcher
+
+    monkeypatch.setattr(launcher, "CPU_SPLITS", 12)
+    inp = make_inputs(2, 4, 2, 1, 300, 257, 16, 1, FP32, triton_device, padding="left", requires_grad=False)
+    assert_decode_close(inp, backend="triton")
+
+
+@pytest.mark.parametrize("dtype", [FP32, FP16], ids=DTYPE_NAMES.get)
+def test_deterministic(backend_device, dtype):
+    backend, device = backend_device
+    inp = make_inputs(5, 8, 2, 4, 37, 40, 32, 2, dtype, device, padding="left", requires_grad=False)
+    first = run_decode(inp, return_lse=True, backend=backend)
+    second = run_decode(inp, return_lse=True, backend=backend)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b), f"{backend}: two identical calls differ"
+
+
+def test_output_memory_layout(backend_device):
+    backend, device = backend_device
+    inp = make_inputs(2, 4, 2, 3, 6, 5, 16, 1, FP32, device, requires_grad=False)
+    out = run_decode(inp, backend=backend)
+    assert out.transpose(1, 2).is_contiguous()  # (B, Lq, Hq, D) memory, as the op's
+
+
+# --------------------------------------------------------------------------
+# Errors, forward-only guard, dispatch
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("Lq", [0, 17])
+def test_lq_out_of_range_names_q(Lq):
+    inp = make_inputs(2, 4, 2, Lq, 6, 5, 16, 1, FP32, "cpu", requires_grad=False)
+    with pytest.raises(ValueError, match=r"\bq\b"):
+        run_decode(inp)
+
+
+def test_requires_grad_raises_pointing_to_the_op():
+    inp = make_inputs(2, 4, 2, 1, 6, 5, 16, 1, FP32, "cpu", requires_grad=False)
+    inp["prefix_k"].requires_grad_(True)
+    with pytest.raises(RuntimeError, match="shared_prefix_attention") as err:
+        run_decode(inp)
+    assert "prefix_k" in str(err.value)
+    with torch.no_grad():
+        out = run_decode(inp)
+    with torch.inference_mode():
+        out2 = run_decode(inp)
+    assert torch.equal(out, out2)
+
+
+def test_other_bad_inputs_are_checked():
+    inp = make_inputs(2, 4, 2, 1, 6, 5, 16, 1, FP32, "cpu", requires_grad=False)
+    with pytest.raises(ValueError, match="kv_mask"):
+        run_decode(dict(inp, kv_mask=torch.ones(2, 7, dtype=torch.bool)))
+    with pytest.raises(ValueError, match="backend"):
+        run_decode(inp, backend="flash")
+
+
+def test_auto_on_cpu_is_torch():
+    inp = make_inputs(3, 8, 2, 4, 37, 5, 32, 2, FP32, "cpu", padding="left", requires_grad=False)
+    auto = run_decode(inp, return_lse=True)
+    torch_ = run_decode(inp, return_lse=True, backend="torch")
+    for a, b in zip(auto, torch_):
+        assert torch.equal(a, b)
+
+
+def _problem(device, Lq=1):
+    return Problem(B=2, Hq=4, Hkv=2, Lq=Lq, Lk=6, D=16, G=1, P=5, dtype=FP16, device=torch.device(device))
+
+
+def test_shared_prefix_attention_auto_routes_cuda_inference_to_decode():
+    """The routing rule, on a Problem that says cuda (no CUDA needed to decide)."""
+    x = torch.zeros(1)
+    x_grad = torch.zeros(1, requires_grad=True)
+    cuda = _problem("cuda")
+    assert routes_to_decode("auto", cuda, (x, x))
+    assert routes_to_decode("auto", _problem("cuda", Lq=16), (x, x))
+    assert not routes_to_decode("auto", _problem("cuda", Lq=17), (x, x))
+    assert not routes_to_decode("triton", cuda, (x, x))  # a backend named explicitly is the op's
+    assert not routes_to_decode("auto", _problem("cpu"), (x, x))
+    assert not routes_to_decode("auto", cuda, (x, x_grad))  # training: the op's kernels
+    with torch.no_grad():
+        assert routes_to_decode("auto", cuda, (x, x_grad))
+
+
+def test_shared_prefix_attention_auto_on_cpu_is_unchanged():
+    inp = make_inputs(2, 4, 2, 1, 6, 5, 16, 1, FP32, "cpu", requires_grad=False)
+    args, kwargs = decode_args(inp)
+    with torch.no_grad():
+        a = shared_prefix_attention(*args, **kwargs)
+        b = shared_prefix_attention(*args, **kwargs, backend="torch")
+    assert torch.equal(a, b)
+
+
+@pytest.fixture
+def fresh_cuda_module():
+    dispatch.cuda_decode_module.cache_clear()
+    yield
+    dispatch.cuda_decode_module.cache_clear()
+
+
+def test_cuda_backend_declines_without_extension(fresh_cuda_module, monkeypatch):
+    monkeypatch.setitem(sys.modules, "prefix_kernels.cuda", None)  # as if the module did not exist
+    inp = make_inputs(2, 4, 2, 1, 6, 5, 16, 1, FP32, "cpu", requires_grad=False)
+    with pytest.raises(NoBackendError, match="CUDA decode extension not built in this version"):
+        run_decode(inp, backend="cuda")
+    assert dispatch.cuda_decode_reasons(_problem("cuda")) == ["CUDA decode extension not built in this version"]
+
+
+def test_cuda_backend_uses_the_extension_hooks(fresh_cuda_module, monkeypatch):
+    from prefix_kernels import torch_backend
+
+    calls = []
+
+    def decode_reasons(p):
+        return [] if p.D <= 128 else ["D > 128 not compiled"]
+
+    def decode_forward(q, k, v, prefix_k, prefix_v, prefix_index, kv_mask, causal, scale):
+        calls.append((q.shape, causal, scale))
+        out, lse = torch_backend.forward(q, k, v, prefix_k, prefix_v, prefix_index, kv_mask, causal, scale)
+        return out.contiguous(), lse  # (B, Hq, Lq, D) memory: the custom op re-lays it out
+
+    fake = types.ModuleType("prefix_kernels.cuda")
+    fake.decode_reasons, fake.decode_forward = decode_reasons, decode_forward
+    monkeypatch.setitem(sys.modules, "prefix_kernels.cuda", fake)
+
+    assert dispatch.cuda_decode_reasons(_problem("cuda")) == []
+    big = Problem(B=2, Hq=4, Hkv=2, Lq=1, Lk=6, D=256, G=1, P=5, dtype=FP16, device=torch.device("cuda"))
+    assert dispatch.cuda_decode_reasons(big) == ["D > 128 not compiled"]
+    assert dispatch.cuda_decode_reasons(_problem("cpu")) == ["CUDA kernels need CUDA tensors, got cpu"]
+    assert dispatch.select_backend("auto", _problem("cuda"), decode=True) == "cuda"
+
+    # The custom op runs the extension's decode_forward (called directly: CPU tensors here).
+    inp = make_inputs(2, 4, 2, 3, 6, 5, 16, 1, FP32, "cpu", requires_grad=False)
+    args = [inp[n] for n in TENSOR_ARGS]
+    out, lse = torch.ops.prefix_kernels.decode(*args, None, None, True, 0.25, "cuda")
+    assert calls == [((2, 4, 3, 16), True, 0.25)]
+    want, want_lse = torch_backend.forward(*args, None, None, True, 0.25)
+    assert torch.equal(out, want) and torch.equal(lse, want_lse)
+    assert out.stride() == want.stride()
+
+    # The choice is traceable: torch.compile bakes it into the graph with no break.
+    monkeypatch.setattr(prefix_kernels, "cuda", fake, raising=False)  # as a real import would
+
+    def choose(x):
+        p = Problem(B=2, Hq=4, Hkv=2, Lq=1, Lk=6, D=x.shape[-1], G=1, P=5, dtype=x.dtype, device=torch.device("cuda"))
+        return x * (2.0 if dispatch.select_backend("auto", p, decode=True) == "cuda" else 3.0)
+
+    compiled = torch.compile(choose, fullgraph=True, backend="aot_eager")
+    assert torch.all(compiled(torch.ones(2, 16)) == 2)
+    assert torch.all(compiled(torch.ones(2, 256)) == 3)  # "cuda" declines D = 256: "triton" is next
+
+    missing = types.ModuleType("prefix_kernels.cuda")
+    monkeypatch.setitem(sys.modules, "prefix_kernels.cuda", missing)
+    dispatch.cuda_decode_module.cache_clear()
+    (reason,) = dispatch.cuda_decode_reasons(_problem("cuda"))
+    assert "not built" in reason and "decode_reasons" in reason
+
+
+def test_exported():
+    assert prefix_kernels.shared_prefix_decode is shared_prefix_decode
+    assert "shared_prefix_decode" in prefix_kernels.__all__
+
+
+def test_prefix_tables_without_host_sync():
+    from prefix_kernels.triton.decode import _block_starts, _requests_by_prefix
+
+    index = torch.tensor([4, 4, 1, 3, 4, 1, 3])
+    order, starts = _requests_by_prefix(index, 5)
+    assert order.tolist() == [2, 5, 3, 6, 0, 1, 4]
+    assert starts.tolist() == [0, 0, 2, 2, 4, 7]
+    # R = 3 rows per request, 4-row blocks: prefix 1 -> 6 rows (2 blocks), 3 -> 2, 4 -> 9 rows (3)
+    assert _block_starts(starts, 3, 4, 5).tolist() == [0, 0, 2, 2, 4, 7]
+
+
+def test_choose_splits():
+    from prefix_kernels.triton.decode import MAX_SPLITS, choose_splits
+
+    big = 1 << 20
+    assert choose_splits(10, 0, 64, 132, big) == 0
+    assert choose_splits(10, 1000, 32, None, 1) == 2  # CPU: fixed, small
+    assert choose_splits(10, 20, 32, None, big) == 1
+    assert choose_splits(1024, 256, 64, 132, big) == 1  # the grid already fills the GPU
+    assert choose_splits(64, 256, 64, 132, big) == 2  # at most keys / 128
+    assert choose_splits(8, 16384, 64, 132, big) == 33  # two waves
+    assert choose_splits(1, 1 << 20, 64, 132, big) == MAX_SPLITS
+    assert choose_splits(8, 16384, 64, 132, 4) == 4  # partials may not outweigh the keys read
+    assert choose_splits(8, 16384, 64, 132, 0) == 1
+
+
+# --------------------------------------------------------------------------
+# No per-request prefix copy (the detector of test_no_copy.py)
+# --------------------------------------------------------------------------
+
+NB, NHKV, NHQ, NLQ, NLK, NP, ND = 5, 2, 4, 3, 4, 23, 16  # test_no_copy's distinguishing sizes
+
+
+def _recorded_decode(backend, device, G):
+    inp = make_inputs(NB, NHQ, NHKV, NLQ, NLK, NP, ND, G, FP32, device, padding="left", requires_grad=False)
+    rec = AllocationRecorder()
+    with rec:
+        out, lse = run_decode(inp, return_lse=True, backend=backend)
+    assert out.shape == (NB, NHQ, NLQ, ND)
+    return rec
+
+
+def test_decode_detector_fires_on_reference():
+    rec = _recorded_decode("reference", "cpu", 2)
+    assert per_request_prefix_copies(rec.allocs)
+
+
+@pytest.mark.parametrize("G", [1, 2])
+def test_decode_makes_no_prefix_copy(backend_device, G):
+    backend, device = backend_device
+    rec = _recorded_decode(backend, device, G)
+    assert not rec.opaque, f"{backend}: could not look inside {rec.opaque}"
+    assert "prefix_kernels.decode.default" in rec.opened or "prefix_kernels::decode" in str(rec.opened)
+    assert rec.allocs
+    assert not per_request_prefix_copies(rec.allocs), rec.allocs
+    assert not prefix_row_buffers(rec.allocs), rec.allocs
+
+
+# --------------------------------------------------------------------------
+# torch.library: opcheck and torch.compile
+# --------------------------------------------------------------------------
+
+
+def _op_inputs():
+    inp = make_inputs(3, 4, 2, 2, 7, 6, 32, 2, FP32, "cpu", padding="left", requires_grad=False)
+    inp["prefix_index"] = torch.tensor([1, 0, 1])
+    return inp
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_opcheck_decode(backend):
+    inp = _op_inputs()
+    args = [inp[n] for n in TENSOR_ARGS]
+    opcheck(torch.ops.prefix_kernels.decode.default, (*args, inp["prefix_index"], inp["kv_mask"], True, 0.2, backend))
+
+
+def test_compile_fullgraph_matches_eager():
+    inp = _op_inputs()
+    args, kwargs = decode_args(inp)
+
+    def step(q, k, v, pk, pv, index, mask):
+        out, lse = shared_prefix_decode(q, k, v, pk, pv, prefix_index=index, kv_mask=mask, return_lse=True,
+                                        backend="triton")
+        return out * 2, lse
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    with torch.no_grad():
+        got = compiled(*args, kwargs["prefix_index"], kwargs["kv_mask"])
+        want = step(*args, kwargs["prefix_index"], kwargs["kv_mask"])
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+
+
+# --------------------------------------------------------------------------
+# Randomised shapes (derandomized hypothesis: the same examples every run)
+# --------------------------------------------------------------------------
+
+from hypothesis import HealthCheck, Phase, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@st.composite
+def decode_case(draw):
+    Hkv = draw(st.integers(1, 2))
+    return dict(
+        B=draw(st.integers(1, 6)), Hkv=Hkv, ratio=draw(st.sampled_from([1, 2, 3, 4])),
+        Lq=draw(st.integers(1, 16)), T=draw(st.integers(0, 70)), P=draw(st.integers(0, 70)),
+        D=draw(st.sampled_from([16, 24, 40, 64, 96])), G=draw(st.integers(1, 4)),
+        padding=draw(st.sampled_from([None, "left", "right"])), causal=draw(st.booleans()),
+        dtype=draw(st.sampled_from([FP32, FP16])), transposed=draw(st.booleans()),
+    )
+
+
+@settings(max_examples=12, deadline=None, derandomize=True, database=None,
+          phases=[Phase.explicit, Phase.reuse, Phase.generate],
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(c=decode_case())
+def test_triton_decode_random_shapes(c, triton_device):
+    inp = make_inputs(c["B"], c["Hkv"] * c["ratio"], c["Hkv"], c["Lq"], c["T"], c["P"], c["D"], c["G"],
+                      c["dtype"], triton_device, padding=c["padding"], transposed=c["transposed"],
+                      requires_grad=False)
+    assert_decode_close(inp, backend="triton", causal=c["causal"], desc=f"triton:{describe(**c)}")
+
+
+# --------------------------------------------------------------------------
+# GPU lane (skipped without CUDA): realistic decode sizes
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [BF16, FP16], ids=DTYPE_NAMES.get)
+@pytest.mark.parametrize("Lq", [1, 16])
+def test_gpu_decode_realistic(dtype, Lq):
+    inp = make_inputs(64, 32, 8, Lq, 256, 1024, 128, 2, dtype, "cuda", padding="left", requires_grad=False)
+    out, lse, _ = assert_decode_close(inp, backend="triton", desc=f"gpu:{DTYPE_NAMES[dtype]}-Lq{Lq}")
+    again = run_decode(inp, return_lse=True, backend="triton")
+    assert torch.equal(out, again[0]) and torch.equal(lse, again[1])
+    # shared_prefix_attention(auto) without gradients takes the decode path.
+    args, kwargs = decode_args(inp)
+    auto_decode = shared_prefix_decode(*args, **kwargs, return_lse=True)
+    auto_op = shared_prefix_attention(*args, **kwargs, return_lse=True)
+    assert torch.equal(auto_op[0], auto_decode[0]) and torch.equal(auto_op[1], auto_decode[1])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("B,P,T", [(1, 16384, 300), (2, 37, 8192), (256, 1024, 64)])
+def test_gpu_decode_split_extremes(B, P, T):
+    """Small batches with long prefixes or caches (many splits, merge in chunks) and a batch
+    large enough that each part runs without splits."""
+    inp = make_inputs(B, 32, 8, 1, T, P, 128, 3, FP16, "cuda", padding="left", requires_grad=False)
+    assert_decode_close(inp, backend="triton", desc=f"gpu:B{B}-P{P}-T{T}")
