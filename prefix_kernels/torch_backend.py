@@ -74,11 +74,55 @@ def _cpu_flash():
             torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward)
 
 
+# The last bias built. Every layer of a model passes a slice of the same mask, so a step builds it
+# once instead of twice per layer (visible_keys + masked_fill: ~0.3 ms a layer at B=16, L=81 on
+# 2 cores). The cache keeps the mask it was built from alive, so a mask with the same data
+# pointer, shape, strides and version is a view of the same, unchanged memory, never a new
+# tensor that reuses a freed address.
+_bias_cache: tuple = (None, None, None)
+
+
+def _mask_key(kv_mask):
+    if kv_mask is None:
+        return None
+    return (kv_mask.data_ptr(), tuple(kv_mask.shape), kv_mask.stride(), kv_mask._version)
+
+
 def _own_bias(B, Lq, Lk, kv_mask, causal, dtype, device):
-    """(B, 1, Lq, Lk) additive bias (0 or -inf) and (B, 1, Lq) whether a row sees any own key."""
-    allowed = visible_keys(B, Lq, Lk, kv_mask, causal, device)
-    bias = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(~allowed, float("-inf"))
-    return bias, allowed.any(-1)
+    """(B or 1, 1, Lq, Lk) additive bias (0 or -inf): bottom-right causal + padding; and, if some
+    query row sees no own key at all, the (B, 1, Lq) rows whose lse must be -inf, else None."""
+    global _bias_cache
+    key = (B, Lq, Lk, causal, dtype, device, _mask_key(kv_mask))
+    held, cached_key, value = _bias_cache
+    if cached_key == key and (kv_mask is None or held is not None):
+        return value
+    allowed = visible_keys(1 if kv_mask is None else B, Lq, Lk, kv_mask, causal, device)
+    bias = torch.zeros((), dtype=dtype, device=device).masked_fill(~allowed, float("-inf"))
+    empty = ~allowed.any(-1)  # (B, 1, Lq)
+    value = (bias, empty if bool(empty.any()) else None)
+    _bias_cache = (kv_mask, key, value)
+    return value
+
+
+def _stacked(x, Hkv: int, rows):
+    """(B, Hq, Lq[, D]) -> (1, Hkv, n * group * Lq[, D]): the query rows of requests `rows` (None:
+    all), stacked per kv head, in one copy (the head split is a view of any strides)."""
+    x = x.unflatten(1, (Hkv, -1))
+    if rows is not None:
+        x = x[rows]
+    x = x.transpose(0, 1)
+    return x.reshape(Hkv, -1, *x.shape[4:])[None]
+
+
+def _add_unstacked(dst, stacked, Hkv: int, rows):
+    """dst (B, Hq, Lq, D) += the rows of `stacked` (1, Hkv, n * group * Lq, D), in place."""
+    n = dst.shape[0] if rows is None else rows.numel()
+    part = stacked[0].view(Hkv, n, -1, dst.shape[2], dst.shape[3]).transpose(0, 1)  # (n, Hkv, group, Lq, D)
+    view = dst.unflatten(1, (Hkv, -1))
+    if rows is None:
+        view += part
+    else:
+        view[rows] += part
 
 
 def _forward_cpu(q, k, v, prefix_k, prefix_v, prefix_index, kv_mask, causal, scale):
@@ -86,32 +130,53 @@ def _forward_cpu(q, k, v, prefix_k, prefix_v, prefix_index, kv_mask, causal, sca
     B, Hq, Lq, D = q.shape
     G, Hkv, P, _ = prefix_k.shape
     Lk = k.shape[2]
-    neg_inf = torch.full((B, Hq, Lq), float("-inf"), device=q.device)
-    out_r, lse_r = torch.zeros(B, Hq, Lq, D, device=q.device), neg_inf
+    out_r = lse_r = None
     if Lk > 0:
-        bias, any_own = _own_bias(B, Lq, Lk, kv_mask, causal, q.dtype, q.device)
-        o, lse = fwd(q, k, v, 0.0, False, attn_mask=bias, scale=scale)
-        lse_r = lse.float().masked_fill(~any_own, float("-inf"))  # the kernel gives 0 for such rows
-        out_r = o.float()
-    out_p, lse_p = torch.zeros(B, Hq, Lq, D, device=q.device), neg_inf.clone()
-    if P > 0:
-        q5 = q.reshape(B, Hkv, -1, D)
-        for g, rows in _requests_by_prefix(prefix_index, B):
-            n = B if rows is None else rows.numel()
-            o, lse = fwd(_stack_rows(q5, rows)[None], prefix_k[g][None], prefix_v[g][None], 0.0, False, scale=scale)
-            _scatter(out_p.view(B, Hkv, -1, D), rows, _unstack_rows(o[0].float(), n))
-            _scatter(lse_p.view(B, Hkv, -1), rows, _unstack_rows(lse[0].float()[..., None], n)[..., 0])
-    return _merge(q, out_p, lse_p, out_r, lse_r)
+        bias, empty = _own_bias(B, Lq, Lk, kv_mask, causal, q.dtype, q.device)
+        out_r, lse_r = fwd(q, k, v, 0.0, False, attn_mask=bias, scale=scale)
+        if empty is not None:
+            lse_r = lse_r.masked_fill(empty, float("-inf"))  # the kernel gives 0 for such rows
+    if P == 0:
+        if out_r is None:  # no key at all: zeros, lse -inf
+            return _out_layout(q.new_zeros(B, Hq, Lq, D)), q.new_full((B, Hq, Lq), float("-inf"), dtype=torch.float32)
+        return _out_layout(out_r), lse_r.float()
+
+    groups = _requests_by_prefix(prefix_index, B)
+    if len(groups) == 1:
+        # One prefix for the whole batch: read it broadcast (stride 0 over the batch). The kernel
+        # reads strides and makes no copy (checked: B=4096, P=1024 grows RSS by 18 MiB, where a
+        # copy would take 32 GiB), and no query stacking is needed.
+        g = groups[0][0]
+        out_p, lse_p = fwd(q, prefix_k[g][None].expand(B, -1, -1, -1), prefix_v[g][None].expand(B, -1, -1, -1),
+                           0.0, False, scale=scale)
+    else:
+        out_p = q.new_empty(B, Hkv, Hq // Hkv * Lq, D)
+        lse_p = q.new_empty(B, Hkv, Hq // Hkv * Lq, dtype=torch.float32)
+        for g, rows in groups:
+            o, lse = fwd(_stacked(q, Hkv, rows), prefix_k[g][None], prefix_v[g][None], 0.0, False, scale=scale)
+            _scatter(out_p, rows, _unstack_rows(o[0], rows.numel()))
+            _scatter(lse_p, rows, _unstack_rows(lse[0][..., None], rows.numel())[..., 0])
+        out_p, lse_p = out_p.view(B, Hq, Lq, D), lse_p.view(B, Hq, Lq)
+    if out_r is None:
+        return _out_layout(out_p), lse_p.float()
+    # P > 0: every row sees the prefix, lse_p is finite, and the weight of the prefix part,
+    # exp(lse_p - logaddexp(lse_p, lse_r)), is sigmoid(lse_p - lse_r) (1 where lse_r = -inf).
+    w = torch.sigmoid(lse_p - lse_r)[..., None]
+    out = _out_layout(None, like=q)
+    if q.dtype == torch.float32:
+        torch.lerp(out_r, out_p, w, out=out)
+    else:
+        out.copy_(torch.lerp(out_r.float(), out_p.float(), w))
+    return out, torch.logaddexp(lse_p.float(), lse_r.float())
 
 
-def _merge(q, out_p, lse_p, out_r, lse_r):
-    B, Hq, Lq, D = q.shape
-    lse = torch.logaddexp(lse_p, lse_r)
-    safe = _no_inf(lse)
-    out = torch.exp(lse_p - safe)[..., None] * out_p + torch.exp(lse_r - safe)[..., None] * out_r
-    # Same layout as the triton backend: (B, Lq, Hq, D) memory seen as (B, Hq, Lq, D).
-    out = out.transpose(1, 2).to(q.dtype).contiguous()
-    return out.transpose(1, 2), lse
+def _out_layout(out, like=None):
+    """(B, Hq, Lq, D) whose memory is (B, Lq, Hq, D), like the triton backend's output: `out`
+    copied into it, or an empty one shaped like `like`."""
+    src = out if out is not None else like
+    B, Hq, Lq, D = src.shape
+    dst = torch.empty((B, Lq, Hq, D), dtype=src.dtype, device=src.device).transpose(1, 2)
+    return dst if out is None else dst.copy_(out)
 
 
 def _backward_cpu(dout, q, k, v, prefix_k, prefix_v, prefix_index, kv_mask, causal, scale, out, lse):
@@ -121,31 +186,29 @@ def _backward_cpu(dout, q, k, v, prefix_k, prefix_v, prefix_index, kv_mask, caus
     B, Hq, Lq, D = q.shape
     G, Hkv, P, _ = prefix_k.shape
     Lk = k.shape[2]
-    lse_safe = _no_inf(lse).to(torch.float32).contiguous()  # rows that see nothing: p = exp(-inf) = 0
-    out = out.contiguous()
-    dout = dout.to(q.dtype).contiguous()
-    dq = torch.zeros(B, Hq, Lq, D, device=q.device)
-    dk, dv = torch.zeros_like(k), torch.zeros_like(v)
+    lse = lse.contiguous() if P > 0 else _no_inf(lse).contiguous()  # no key seen: p = exp(-inf) = 0
+    dout = dout.to(q.dtype)
     if Lk > 0:
         bias, _ = _own_bias(B, Lq, Lk, kv_mask, causal, q.dtype, q.device)
-        dq_r, dk, dv = bwd(dout, q, k, v, out, lse_safe, 0.0, False, attn_mask=bias, scale=scale)
-        dq += dq_r.float()
-    dpk, dpv = torch.zeros_like(prefix_k), torch.zeros_like(prefix_v)
-    if P > 0:
-        q5, do5, o5 = (x.reshape(B, Hkv, -1, D) for x in (q, dout, out))
-        lse5 = lse_safe.view(B, Hkv, -1)
-        dq5 = dq.view(B, Hkv, -1, D)
-        for g, rows in _requests_by_prefix(prefix_index, B):
-            n = B if rows is None else rows.numel()
-            qs, dos, os_ = (_stack_rows(x, rows)[None] for x in (q5, do5, o5))
-            lses = _stack_rows(lse5[..., None], rows)[None, ..., 0]
-            dqs, dpk_g, dpv_g = bwd(dos, qs, prefix_k[g][None], prefix_v[g][None], os_, lses, 0.0, False, scale=scale)
+        dq, dk, dv = bwd(dout, q, k, v, out, lse, 0.0, False, attn_mask=bias, scale=scale)
+    else:
+        dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    if P == 0:
+        return dq, dk, dv, torch.zeros_like(prefix_k), torch.zeros_like(prefix_v)
+    groups = _requests_by_prefix(prefix_index, B)
+    dpk = dpv = None
+    if len(groups) > 1 or groups[0][0] != 0 or G > 1:
+        dpk, dpv = torch.zeros_like(prefix_k), torch.zeros_like(prefix_v)
+    for g, rows in groups:
+        dqs, dpk_g, dpv_g = bwd(_stacked(dout, Hkv, rows), _stacked(q, Hkv, rows), prefix_k[g][None],
+                                prefix_v[g][None], _stacked(out, Hkv, rows), _stacked(lse, Hkv, rows), 0.0, False,
+                                scale=scale)
+        _add_unstacked(dq, dqs, Hkv, rows)
+        if dpk is None:
+            dpk, dpv = dpk_g, dpv_g  # the only prefix: its (1, Hkv, P, D) gradient as is
+        else:
             dpk[g], dpv[g] = dpk_g[0], dpv_g[0]
-            if rows is None:
-                dq5 += _unstack_rows(dqs[0].float(), n)
-            else:
-                dq5[rows] += _unstack_rows(dqs[0].float(), n)
-    return dq.to(q.dtype), dk, dv, dpk, dpv
+    return dq, dk, dv, dpk, dpv
 
 
 # ---------------------------------------------------------------- explicit path (any device)

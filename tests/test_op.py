@@ -498,3 +498,27 @@ def test_torch_random_shapes(c):
 @given(c=random_case(max_L=24, max_P=24, dims=[16, 24, 40, 64, 96], dtypes=[FP32, FP16], max_heads=4))
 def test_triton_random_shapes(c, triton_device):
     _run_random(c, "triton", triton_device)
+
+
+def test_cpu_mask_bias_cache_never_serves_a_stale_mask():
+    """The torch backend caches the bias of the last kv_mask (every layer passes the same one):
+    an in-place change, a different slice of the same memory, and a new mask that may reuse a
+    freed address must each be seen."""
+    inp = make_inputs(3, 4, 2, 6, 6, 5, 16, 1, FP32, "cpu", padding="right", requires_grad=False)
+    mask = inp["kv_mask"]
+    first = run_op(inp, backend="torch")
+    mask[0, :] = False  # in place: version changes
+    changed = run_op(inp, backend="torch")
+    assert not torch.equal(first, changed)
+    torch.testing.assert_close(changed, run_op(inp, backend="reference"), rtol=1e-5, atol=1e-5)
+    for _ in range(3):  # fresh masks, possibly at the address of the last freed one
+        fresh = torch.rand(3, 6) > 0.5
+        inp_fresh = dict(inp, kv_mask=fresh)
+        torch.testing.assert_close(run_op(inp_fresh, backend="torch"), run_op(inp_fresh, backend="reference"),
+                                   rtol=1e-5, atol=1e-5)
+        del fresh, inp_fresh
+    wide = torch.rand(3, 12) > 0.3  # two slices of one storage with the same shape
+    for cols in (slice(0, 6), slice(6, 12)):
+        inp_slice = dict(inp, kv_mask=wide[:, cols])
+        torch.testing.assert_close(run_op(inp_slice, backend="torch"), run_op(inp_slice, backend="reference"),
+                                   rtol=1e-5, atol=1e-5)
