@@ -21,10 +21,7 @@ bf16 matmul rate measured on the same card.
 from __future__ import annotations
 
 import argparse
-import math
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -32,6 +29,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from rows import environment, upsert  # noqa: E402
+from timing import time_ms  # noqa: E402
 
 from prefix_kernels import shared_prefix_attention  # noqa: E402
 
@@ -89,23 +87,6 @@ PROVIDERS = {
     "sdpa_copied": provider_sdpa_copied,
     "flex_broadcast": provider_flex_broadcast,
 }
-
-
-def time_ms(fn, device) -> tuple[float, float, float]:
-    """(median, p20, p80) milliseconds."""
-    if device.type == "cuda":
-        import triton.testing
-
-        q = triton.testing.do_bench(fn, warmup=25, rep=100, quantiles=[0.5, 0.2, 0.8])
-        return tuple(q)
-    fn()
-    samples = []
-    for _ in range(5):
-        t0 = time.perf_counter()
-        fn()
-        samples.append((time.perf_counter() - t0) * 1e3)
-    samples.sort()
-    return statistics.median(samples), samples[1], samples[-2]
 
 
 def matmul_tflops(device, dtype) -> float | None:

@@ -26,9 +26,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -39,6 +37,7 @@ if "--smoke" in sys.argv and not torch.cuda.is_available():
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from rows import environment, upsert  # noqa: E402
+from timing import time_ms  # noqa: E402
 
 from prefix_kernels import shared_prefix_decode  # noqa: E402
 
@@ -137,22 +136,6 @@ PROVIDERS = {
     "flex": setup_flex,
     "flashinfer_cascade": setup_flashinfer_cascade,
 }
-
-
-def time_ms(fn, device) -> tuple[float, float, float]:
-    """(median, p20, p80) milliseconds."""
-    if device.type == "cuda":
-        import triton.testing
-
-        return tuple(triton.testing.do_bench(fn, warmup=25, rep=100, quantiles=[0.5, 0.2, 0.8]))
-    fn()
-    samples = []
-    for _ in range(5):
-        t0 = time.perf_counter()
-        fn()
-        samples.append((time.perf_counter() - t0) * 1e3)
-    samples.sort()
-    return statistics.median(samples), samples[1], samples[-2]
 
 
 def copy_bandwidth_gbps(device) -> float | None:

@@ -69,6 +69,11 @@ def _per_request_scores(q5, k, kv_mask, causal, scale, Lq):
 # L=40, P=16, D=32, fp32, forward + backward: see benchmarks/NOTES.md.
 
 
+# Whether CPU tensors take the fused path; tests switch it off to check the explicit path (the one
+# non-CPU tensors take) on a CPU.
+FUSED_CPU = True
+
+
 def _cpu_flash():
     return (torch.ops.aten._scaled_dot_product_flash_attention_for_cpu,
             torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward)
@@ -170,6 +175,14 @@ def _forward_cpu(q, k, v, prefix_k, prefix_v, prefix_index, kv_mask, causal, sca
     return out, torch.logaddexp(lse_p.float(), lse_r.float())
 
 
+def _merge(q, out_p, lse_p, out_r, lse_r):
+    """Combine two parts by their natural-log lse (either may be -inf: a part with no visible key)."""
+    lse = torch.logaddexp(lse_p, lse_r)
+    safe = _no_inf(lse)
+    out = torch.exp(lse_p - safe)[..., None] * out_p + torch.exp(lse_r - safe)[..., None] * out_r
+    return _out_layout(out.to(q.dtype)), lse
+
+
 def _out_layout(out, like=None):
     """(B, Hq, Lq, D) whose memory is (B, Lq, Hq, D), like the triton backend's output: `out`
     copied into it, or an empty one shaped like `like`."""
@@ -216,7 +229,7 @@ def _backward_cpu(dout, q, k, v, prefix_k, prefix_v, prefix_index, kv_mask, caus
 
 def forward(q, k, v, prefix_k, prefix_v, prefix_index, kv_mask, causal: bool, scale: float):
     """Returns out (B, Hq, Lq, D) in q's dtype and the natural-log lse (B, Hq, Lq) in float32."""
-    if q.device.type == "cpu":
+    if q.device.type == "cpu" and FUSED_CPU:
         return _forward_cpu(q, k, v, prefix_k, prefix_v, prefix_index, kv_mask, causal, scale)
     B, Hq, Lq, D = q.shape
     G, Hkv, P, _ = prefix_k.shape
@@ -251,7 +264,7 @@ def backward(dout, dlse, q, k, v, prefix_k, prefix_v, prefix_index, kv_mask, cau
     With p = softmax probabilities over all visible keys and delta = rowsum(dout * out) - dlse:
     dv = p^T dout, ds = p * (dout v^T - delta), dq = scale * ds k, dk = scale * ds^T q.
     """
-    if q.device.type == "cpu" and dlse is None:
+    if q.device.type == "cpu" and FUSED_CPU and dlse is None:
         return _backward_cpu(dout, q, k, v, prefix_k, prefix_v, prefix_index, kv_mask, causal, scale, out, lse)
     B, Hq, Lq, D = q.shape
     G, Hkv, P, _ = prefix_k.shape

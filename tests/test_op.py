@@ -191,6 +191,15 @@ def test_torch_backend_matrix(case):
     run_case(case, "torch", "cpu")
 
 
+@pytest.mark.parametrize("case", TORCH_CASES[::6], ids=case_id)
+def test_torch_backend_explicit_path(case, monkeypatch):
+    """The torch backend's explicit path (what CUDA tensors take when triton declines), on a CPU."""
+    from prefix_kernels import torch_backend
+
+    monkeypatch.setattr(torch_backend, "FUSED_CPU", False)
+    run_case(case, "torch", "cpu")
+
+
 @pytest.mark.parametrize("case", TRITON_CASES, ids=case_id)
 def test_triton_backend_matrix(case, triton_device):
     run_case(case, "triton", triton_device)

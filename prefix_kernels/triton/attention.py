@@ -7,7 +7,6 @@ place. Outputs are fresh contiguous tensors.
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass
 from functools import lru_cache
