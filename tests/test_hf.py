@@ -125,7 +125,6 @@ def test_prompt_pass_runs_at_batch_one():
     """The soft prompt's P positions run once at batch 1: the decoder sees B*L + P tokens, not B*(P+L)."""
     pm = build_peft("llama", "prefix_kernels", "prompt", P=5)
     seen = []
-    hook = pm.get_base_model().model.embed_tokens  # noqa: F841 (prompts bypass it; count at the norm)
     handle = pm.get_base_model().model.norm.register_forward_hook(lambda m, i, o: seen.append(tuple(o.shape[:2])))
     ids, mask, labels = batch(4, 7)
     pm(input_ids=ids, attention_mask=mask, labels=labels)
