@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# CI lane: tests/test_hf.py on the oldest supported pair, transformers 4.57.6 + peft 0.17.1.
+# CI lane: tests/test_hf.py tests/test_generate.py on the oldest supported pair, transformers 4.57.6 + peft 0.17.1.
 #
 # The stack goes into a --target directory that shadows the main environment through PYTHONPATH
 # (nothing installed system-wide changes); torch, triton and pytest come from the main environment,
@@ -40,5 +40,5 @@ print(f"hf457: transformers {transformers.__version__}, peft {peft.__version__},
 assert transformers.__version__ == "4.57.6" and peft.__version__ == "0.17.1", "wrong stack on the path"
 assert os.path.samefile(os.path.dirname(os.path.dirname(prefix_kernels.__file__)), sys.argv[1]), "not this checkout"
 EOF
-python3 -m pytest tests/test_hf.py -q -p no:cacheprovider
+python3 -m pytest tests/test_hf.py tests/test_generate.py -q -p no:cacheprovider
 echo "hf457: install $((installed - start)) s, tests $(($(date +%s) - installed)) s"

@@ -24,6 +24,15 @@ def apply_prefix_kernels(model=None):
     return apply(model)
 
 
+def generate(model, input_ids, attention_mask=None, *, shared_prefix=None, num_return_sequences=1, **generate_kwargs):
+    """model.generate with a prompt shared by every sequence computed once and kept once (see
+    prefix_kernels.hf.generate): N samples from one prompt, or a batch behind a common prompt."""
+    from .hf import generate as hf_generate
+
+    return hf_generate(model, input_ids, attention_mask, shared_prefix=shared_prefix,
+                       num_return_sequences=num_return_sequences, **generate_kwargs)
+
+
 def revert_prefix_kernels():
     """Undo apply_prefix_kernels: PEFT methods restored, hooks removed, models switched back."""
     from .hf import revert_prefix_kernels as revert
@@ -31,4 +40,4 @@ def revert_prefix_kernels():
     return revert()
 
 
-__all__ = ["shared_prefix_attention", "shared_prefix_decode", "apply_prefix_kernels", "revert_prefix_kernels", "NoBackendError", "__version__"]
+__all__ = ["shared_prefix_attention", "shared_prefix_decode", "apply_prefix_kernels", "generate", "revert_prefix_kernels", "NoBackendError", "__version__"]

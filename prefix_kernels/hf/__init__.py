@@ -10,7 +10,8 @@ batch 1), delivery.py (decoder-stack hook that hands the prefix to the attention
 """
 
 from .cache import PrefixCache, PrefixLayer, SharedPrefix
+from .generate import generate
 from .patch import apply_prefix_kernels, revert_prefix_kernels, uses_prefix_kernels
 
-__all__ = ["PrefixCache", "PrefixLayer", "SharedPrefix", "apply_prefix_kernels", "revert_prefix_kernels",
+__all__ = ["PrefixCache", "PrefixLayer", "SharedPrefix", "apply_prefix_kernels", "generate", "revert_prefix_kernels",
            "uses_prefix_kernels"]
