@@ -59,6 +59,17 @@ class PrefixLayer(DynamicLayer):
     def own_length(self) -> int:
         return super().get_seq_length()
 
+    def update(self, key_states, value_states, *args, **kwargs):
+        """Store and return the per-request keys/values. The first update keeps the tensors as
+        given (DynamicLayer would concatenate them onto an empty tensor: a copy of every request's
+        keys and values in every layer of a training step); later ones concatenate."""
+        if self.own_length() == 0:
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+            self.keys, self.values = key_states, value_states
+            return self.keys, self.values
+        return super().update(key_states, value_states, *args, **kwargs)
+
     def get_seq_length(self) -> int:
         return self.prefix_length + self.own_length()
 
