@@ -22,24 +22,12 @@ from typing import Any, Dict, Optional
 
 import torch
 
-from prefix_kernels import shared_prefix_attention
+from prefix_kernels import accuracy, shared_prefix_attention
 from prefix_kernels.reference import reference_attention
 
 TENSOR_ARGS = ("q", "k", "v", "prefix_k", "prefix_v")
 GRAD_NAMES = {n: "d" + n for n in TENSOR_ARGS}
 
-# Floor, in multiples of eps(dtype) * max|truth|.  Half types: the final
-# rounding to the dtype alone costs up to 0.5 eps relative, so 2 eps leaves
-# room for one more rounding (e.g. probabilities cast to the dtype before the
-# P @ V product) and nothing else.  float32: the plain fp32 reference is
-# sometimes lucky (its error can be 10x below a perfectly good fp32 kernel's,
-# e.g. a prefix gradient summed over ~1000 query rows, or a gradient that is
-# small because of cancellation); over 300 random shapes a correct fp32
-# implementation needed up to ~18 eps * max|truth| beyond 2x the reference
-# error, so 64 eps (7.6e-6 relative) -- still >10x below what a 1e-4 change of
-# the scale or a single mis-masked key produces.
-FLOOR_REL = {torch.float32: 64.0, torch.float16: 2.0, torch.bfloat16: 2.0}
-FLOOR_ABS = 0.05  # multiples of eps(dtype) (absolute)
 
 DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
@@ -297,20 +285,13 @@ def _assert_no_nan(name, x, desc):
 
 def check_quantity(name, x_op, x_same, truth, dtype, desc, finite_mask=None):
     """FlashAttention-style check of one quantity; returns (err_op, err_same, bound)."""
-    x_op = x_op.detach().double()
-    x_same = x_same.detach().double()
-    truth = truth.detach().double()
     assert x_op.shape == truth.shape, f"[{desc}] {name}: shape {tuple(x_op.shape)} != {tuple(truth.shape)}"
     if finite_mask is not None:
         x_op, x_same, truth = x_op[finite_mask], x_same[finite_mask], truth[finite_mask]
-    err_op = _max_abs(x_op - truth)
-    err_same = _max_abs(x_same - truth)
-    e = eps(dtype)
-    floor = FLOOR_REL[dtype] * e * _max_abs(truth) + FLOOR_ABS * e
-    bound = 2.0 * err_same + floor
+    err_op, err_same, bound = accuracy.measure(x_op, x_same, truth, dtype)
     assert math.isfinite(err_op) and err_op <= bound, (
         f"[{desc}] {name}: max|op - truth| = {err_op:.3e} > 2 * max|same_dtype - truth| "
-        f"({err_same:.3e}) + floor ({floor:.3e}); max|truth| = {_max_abs(truth):.3e}"
+        f"({err_same:.3e}) + floor ({bound - 2 * err_same:.3e}); max|truth| = {_max_abs(truth.double()):.3e}"
     )
     return err_op, err_same, bound
 
