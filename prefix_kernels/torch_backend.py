@@ -74,6 +74,19 @@ def _per_request_scores(q5, k, kv_mask, causal, scale, Lq):
 FUSED_CPU = True
 
 
+def _fused_cpu(q, k, prefix_k) -> bool:
+    """Whether the fused CPU path takes this call. It masks by adding a -inf bias, and a NaN or
+    Inf score plus -inf is NaN: a non-finite key would poison rows that may not see it, where the
+    reference (and the explicit path) fill masked scores with -inf. Non-finite q, k or prefix_k
+    therefore take the explicit path. One float32 sum per tensor finds them (NaN or +-Inf makes it
+    non-finite; an overflow of huge finite values is a false alarm that only costs speed), where
+    isfinite().all() costs four passes."""
+    if not (FUSED_CPU and q.device.type == "cpu"):
+        return False
+    total = sum(x.sum(dtype=torch.float32) for x in (q, k, prefix_k))
+    return bool(torch.isfinite(total))
+
+
 def _cpu_flash():
     return (torch.ops.aten._scaled_dot_product_flash_attention_for_cpu,
             torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward)
@@ -166,12 +179,14 @@ def _forward_cpu(q, k, v, prefix_k, prefix_v, prefix_index, kv_mask, causal, sca
         return _out_layout(out_p), lse_p.float()
     # P > 0: every row sees the prefix, lse_p is finite, and the weight of the prefix part,
     # exp(lse_p - logaddexp(lse_p, lse_r)), is sigmoid(lse_p - lse_r) (1 where lse_r = -inf).
+    # A weighted sum, not lerp(out_r, out_p, w) = out_r + w (out_p - out_r): with an Inf value in
+    # one part, lerp gives Inf - Inf = NaN where the reference's sum gives Inf.
     w = torch.sigmoid(lse_p - lse_r)[..., None]
     out = _out_layout(None, like=q)
     if q.dtype == torch.float32:
-        torch.lerp(out_r, out_p, w, out=out)
+        torch.mul(out_p, w, out=out).addcmul_(out_r, 1.0 - w)
     else:
-        out.copy_(torch.lerp(out_r.float(), out_p.float(), w))
+        out.copy_(out_p.float() * w + out_r.float() * (1.0 - w))
     return out, torch.logaddexp(lse_p.float(), lse_r.float())
 
 
@@ -229,7 +244,7 @@ def _backward_cpu(dout, q, k, v, prefix_k, prefix_v, prefix_index, kv_mask, caus
 
 def forward(q, k, v, prefix_k, prefix_v, prefix_index, kv_mask, causal: bool, scale: float):
     """Returns out (B, Hq, Lq, D) in q's dtype and the natural-log lse (B, Hq, Lq) in float32."""
-    if q.device.type == "cpu" and FUSED_CPU:
+    if _fused_cpu(q, k, prefix_k):
         return _forward_cpu(q, k, v, prefix_k, prefix_v, prefix_index, kv_mask, causal, scale)
     B, Hq, Lq, D = q.shape
     G, Hkv, P, _ = prefix_k.shape
@@ -264,7 +279,7 @@ def backward(dout, dlse, q, k, v, prefix_k, prefix_v, prefix_index, kv_mask, cau
     With p = softmax probabilities over all visible keys and delta = rowsum(dout * out) - dlse:
     dv = p^T dout, ds = p * (dout v^T - delta), dq = scale * ds k, dk = scale * ds^T q.
     """
-    if q.device.type == "cpu" and FUSED_CPU and dlse is None:
+    if dlse is None and _fused_cpu(q, k, prefix_k):
         return _backward_cpu(dout, q, k, v, prefix_k, prefix_v, prefix_index, kv_mask, causal, scale, out, lse)
     B, Hq, Lq, D = q.shape
     G, Hkv, P, _ = prefix_k.shape
