@@ -47,3 +47,39 @@ def test_compile_fullgraph_matches_eager():
     assert torch.equal(got, want)
     for a, b in zip(got_grads, want_grads):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("with_prefix", [False, True], ids=["plain", "prefix_cache"])
+def test_patched_model_compiles_fullgraph(with_prefix):
+    """A transformers model on "prefix_kernels" attention, with and without a PrefixCache, compiles
+    with fullgraph=True (aot_eager: the graphs inductor would get) and matches eager, gradients of
+    the prefix included."""
+    pytest.importorskip("transformers")
+    import prefix_kernels
+    from hf_models import batch, build_model
+    from prefix_kernels.hf import PrefixCache
+
+    prefix_kernels.apply_prefix_kernels()
+    try:
+        model = build_model("llama", "prefix_kernels")
+        prefix_kernels.apply_prefix_kernels(model)
+        ids, mask, _ = batch(3, 9, "left")
+        P = 4 if with_prefix else 0
+        prefix = [(torch.randn(1, 2, P, 16, requires_grad=True), torch.randn(1, 2, P, 16, requires_grad=True))
+                  for _ in range(2)]
+        full_mask = torch.cat([torch.ones(3, P, dtype=torch.long), mask], 1)
+
+        def loss(ids, full_mask):
+            cache = PrefixCache(prefix) if with_prefix else None
+            return model(input_ids=ids, attention_mask=full_mask, past_key_values=cache).logits.square().mean()
+
+        leaves = [t for pair in prefix for t in pair] if with_prefix else list(model.lm_head.parameters())
+        want = loss(ids, full_mask)
+        want_grads = torch.autograd.grad(want, leaves)
+        got = torch.compile(loss, fullgraph=True, backend="aot_eager")(ids, full_mask)
+        got_grads = torch.autograd.grad(got, leaves)
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+        for a, b in zip(got_grads, want_grads):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    finally:
+        prefix_kernels.revert_prefix_kernels()
