@@ -29,7 +29,7 @@ def test_verify_fails_on_a_wrong_kernel(monkeypatch, capsys):
     assert "FAIL" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("command", ["demo", "info", "verify"])
+@pytest.mark.parametrize("command", ["demo", "info", "verify", "bench"])
 def test_help(command, capsys):
     with pytest.raises(SystemExit) as exc:
         cli.main([command, "--help"])

@@ -1,0 +1,205 @@
+"""Plots drawn from the benchmark rows (the JSON-lines files under benchmarks/results/), never typed in.
+
+  <workload>_speedup_*.png   speedup (baseline median ms / prefix_kernels median ms) of each
+                             prefix_kernels provider against each baseline provider, across P
+                             (attention: one panel per mode, fwd and fwd_bwd; decode: one panel per
+                             batch size B; train_step: across P; generate: across the samples N)
+  <workload>_memory_*.png    peak GPU memory against batch size, per provider, for rows that
+                             recorded it (train_step, generate on a GPU; CPU rows have none)
+
+Rows are grouped by (workload, device, commit, dtype): one figure per group, titled with the device
+and commit its rows came from. Rows with status "skipped" are ignored; a group with nothing to draw
+draws nothing.
+
+    python benchmarks/plot.py                                   # benchmarks/results -> benchmarks/results/plots
+    python benchmarks/plot.py --results DIR --out DIR
+
+Needs matplotlib: pip install ".[bench]"
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+MISSING = 'plotting needs matplotlib, which is not installed: pip install ".[bench]" (or pip install matplotlib)'
+
+# workload -> (x-axis shape field, shape fields that split panels)
+SPEEDUP_AXES = {
+    "attention": ("P", ()),
+    "decode": ("P", ("B",)),
+    "train_step": ("P", ()),
+    "generate": ("B", ()),
+}
+MEMORY_WORKLOADS = ("train_step", "generate")
+
+
+def pyplot():
+    """matplotlib.pyplot on the file-only Agg backend, or an ImportError saying how to install it."""
+    try:
+        import matplotlib
+    except ImportError as exc:
+        raise ImportError(MISSING) from exc
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def load_rows(results: Path) -> list[dict]:
+    """Every row with status "ok" from the *.jsonl files under results (recursively)."""
+    rows = []
+    for path in sorted(Path(results).rglob("*.jsonl")):
+        for line in path.read_text().splitlines():
+            if line.strip():
+                row = json.loads(line)
+                if row.get("status") == "ok" and row.get("median_ms") is not None:
+                    rows.append(row)
+    return rows
+
+
+def is_subject(provider: str) -> bool:
+    """The package's own providers (prefix_kernels, prefix_kernels_triton / _cuda / _generate)."""
+    return provider.startswith("prefix_kernels")
+
+
+def _groups(rows):
+    groups = defaultdict(list)
+    for row in rows:
+        groups[(row["workload"], row.get("device"), row.get("commit"), row.get("dtype"))].append(row)
+    return groups
+
+
+def _rest(shape: dict, drop) -> tuple:
+    return tuple(sorted((k, v) for k, v in shape.items() if k not in drop))
+
+
+def _describe(rest: tuple, varying: set) -> str:
+    return ", ".join(f"{k}={v}" for k, v in rest if k in varying)
+
+
+def speedup_series(rows: list[dict], x_field: str, panel_fields=()) -> dict:
+    """{panel title: {line label: [(x, speedup), ...]}} for rows of one group. A line pairs a
+    prefix_kernels provider with a baseline at the same mode and the same shape except x."""
+    drop = {x_field, *panel_fields}
+    by_key = {}
+    for row in rows:
+        shape = row["shape"]
+        if x_field not in shape:
+            continue
+        panel = (row.get("mode"),) + tuple(shape.get(f) for f in panel_fields)
+        by_key[(panel, _rest(shape, drop), shape[x_field], row["provider"])] = row["median_ms"]
+    rests = {rest for _, rest, _, _ in by_key}
+    varying = {k for k in {k for r in rests for k, _ in r} if len({dict(r).get(k) for r in rests}) > 1}
+    series = defaultdict(lambda: defaultdict(list))
+    for (panel, rest, x, provider), ms in sorted(by_key.items(), key=lambda kv: repr(kv[0])):
+        if not is_subject(provider):
+            continue
+        for (panel2, rest2, x2, base), base_ms in by_key.items():
+            if (panel2, rest2, x2) == (panel, rest, x) and not is_subject(base):
+                label = f"{provider} vs {base}" + (f" ({_describe(rest, varying)})" if _describe(rest, varying) else "")
+                series[panel][label].append((x, base_ms / ms))
+
+    def title(panel):
+        return ", ".join([f"mode={panel[0]}"] + [f"{f}={v}" for f, v in zip(panel_fields, panel[1:])])
+
+    def order(panel):  # numbers in numeric order (B=8 before B=64), then the rest by name
+        return [(0, v, "") if isinstance(v, (int, float)) else (1, 0, str(v)) for v in panel]
+
+    return {title(p): {lbl: sorted(pts) for lbl, pts in sorted(series[p].items())} for p in sorted(series, key=order)}
+
+
+def memory_series(rows: list[dict]) -> dict:
+    """{line label: [(B, peak MiB), ...]} for rows of one group that recorded peak memory."""
+    picked = [r for r in rows if r.get("peak_mib") is not None and "B" in r["shape"]]
+    rests = {_rest(r["shape"], {"B"}) for r in picked}
+    varying = {k for k in {k for r in rests for k, _ in r} if len({dict(r).get(k) for r in rests}) > 1}
+    lines = defaultdict(list)
+    for r in picked:
+        rest = _describe(_rest(r["shape"], {"B"}), varying)
+        label = f"{r['provider']}" + (f" [{r.get('mode')}]" if r.get("mode") else "") + (f" ({rest})" if rest else "")
+        lines[label].append((r["shape"]["B"], r["peak_mib"]))
+    return {label: sorted(pts) for label, pts in sorted(lines.items())}
+
+
+def _slug(*parts) -> str:
+    return re.sub(r"[^A-Za-z0-9._]+", "-", "_".join(str(p) for p in parts if p is not None)).strip("-")
+
+
+def _title(what: str, workload: str, device, commit, dtype) -> str:
+    return f"{workload}: {what}\n{device or 'unknown device'}, commit {commit or 'unknown'}, {dtype or ''}"
+
+
+def plot_all(results: Path = RESULTS, out: Path | None = None) -> list[Path]:
+    """Draw every figure the rows under results support into out; the paths written."""
+    rows = load_rows(results)
+    if not rows:
+        return []
+    plt = pyplot()
+    out = Path(out) if out is not None else Path(results) / "plots"
+    written = []
+    for (workload, device, commit, dtype), group in sorted(_groups(rows).items(), key=lambda kv: repr(kv[0])):
+        if workload in SPEEDUP_AXES:
+            x_field, panel_fields = SPEEDUP_AXES[workload]
+            series = speedup_series(group, x_field, panel_fields)
+            if series:
+                fig, axes = plt.subplots(1, len(series), figsize=(6 * len(series), 4.5), squeeze=False)
+                for ax, (panel, lines) in zip(axes[0], series.items()):
+                    for label, pts in lines.items():
+                        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
+                    ax.axhline(1.0, color="grey", lw=0.8, ls="--")
+                    ax.set_xscale("log", base=2)
+                    ax.set_ylim(bottom=0)
+                    ax.set_xlabel(x_field)
+                    ax.set_ylabel("speedup (baseline ms / prefix_kernels ms)")
+                    ax.set_title(panel, fontsize=9)
+                    ax.legend(fontsize=7)
+                fig.suptitle(_title("speedup", workload, device, commit, dtype), fontsize=10)
+                fig.tight_layout()
+                written.append(_save(fig, out / f"{_slug(workload, 'speedup', device, commit, dtype)}.png", plt))
+        if workload in MEMORY_WORKLOADS:
+            lines = memory_series(group)
+            if lines:
+                fig, ax = plt.subplots(figsize=(6.5, 4.5))
+                for label, pts in lines.items():
+                    ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
+                ax.set_xlabel("batch size B" + (" (samples N)" if workload == "generate" else ""))
+                ax.set_ylabel("peak memory (MiB)")
+                ax.set_ylim(bottom=0)
+                ax.legend(fontsize=7)
+                fig.suptitle(_title("peak memory", workload, device, commit, dtype), fontsize=10)
+                fig.tight_layout()
+                written.append(_save(fig, out / f"{_slug(workload, 'memory', device, commit, dtype)}.png", plt))
+    return written
+
+
+def _save(fig, path: Path, plt) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def main(argv=None) -> list[Path]:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--results", type=Path, default=RESULTS, help="folder of *.jsonl rows (searched recursively)")
+    ap.add_argument("--out", type=Path, default=None, help="folder for the PNGs (default: RESULTS/plots)")
+    args = ap.parse_args(argv)
+    try:
+        written = plot_all(args.results, args.out)
+    except ImportError as exc:
+        sys.exit(f"error: {exc}")
+    if not written:
+        print(f"no plots: no rows with status ok under {args.results}")
+    for path in written:
+        print(path)
+    return written
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,54 @@
+"""The generate benchmark script runs on the CPU (tiny model) and writes well-formed rows, so it cannot rot."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def test_bench_generate_smoke_writes_rows(tmp_path):
+    pytest.importorskip("transformers")
+    sys.path.insert(0, str(BENCH))
+    try:
+        import bench_generate
+    finally:
+        sys.path.remove(str(BENCH))
+    out = tmp_path / "generate.jsonl"
+    bench_generate.main(["--smoke", "--out", str(out)])
+    bench_generate.main(["--smoke", "--out", str(out), "--repeats", "1"])
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 2  # the rerun upserted, not appended
+    assert {r["provider"] for r in rows} == {"hf_generate_sdpa", "prefix_kernels_generate"}
+    for row in rows:
+        assert row["status"] == "ok", row.get("reason")
+        assert row["workload"] == "generate" and row["tokens_per_s"] > 0 and row["median_ms"] > 0
+        assert row["shape"]["B"] == 4 and row["shape"]["prompt"] == 8 and row["shape"]["new"] == 4
+        for field in ("device", "torch", "transformers", "commit", "prefix_kernels", "dtype", "peak_mib"):
+            assert field in row
+    # float32 on the CPU, same seed: the shared prompt computed once gives the same samples
+    pk = next(r for r in rows if r["provider"] == "prefix_kernels_generate")
+    assert pk["tokens_match_hf"] is True
+
+
+def test_bench_generate_reports_a_failing_provider(tmp_path, monkeypatch):
+    pytest.importorskip("transformers")
+    sys.path.insert(0, str(BENCH))
+    try:
+        import bench_generate
+    finally:
+        sys.path.remove(str(BENCH))
+    import prefix_kernels
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no kernel for this")
+
+    monkeypatch.setattr(prefix_kernels, "generate", broken)
+    out = tmp_path / "generate.jsonl"
+    bench_generate.main(["--smoke", "--out", str(out), "--repeats", "1"])
+    rows = {r["provider"]: r for r in map(json.loads, out.read_text().splitlines())}
+    assert rows["hf_generate_sdpa"]["status"] == "ok"
+    skipped = rows["prefix_kernels_generate"]
+    assert skipped["status"] == "skipped" and "no kernel for this" in skipped["reason"]

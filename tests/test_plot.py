@@ -1,0 +1,105 @@
+"""benchmarks/plot.py draws from rows: synthetic rows in, PNGs out; skipped rows ignored; no rows, no plots."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _plot():
+    sys.path.insert(0, str(BENCH))
+    try:
+        import plot
+    finally:
+        sys.path.remove(str(BENCH))
+    return plot
+
+
+ENV = dict(device="NVIDIA Test GPU", commit="abc1234", dtype="bfloat16", torch="2.13", prefix_kernels="0.1.0")
+
+
+def _row(workload, mode, provider, ms, status="ok", peak=None, **shape):
+    row = dict(workload=workload, mode=mode, provider=provider, shape=shape, status=status, **ENV)
+    if status == "ok":
+        row.update(median_ms=ms, peak_mib=peak)
+    else:
+        row["reason"] = "ImportError: not installed"
+    return row
+
+
+def _write(path, rows):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def _synthetic(results):
+    attn = []
+    for mode in ("fwd", "fwd_bwd"):
+        for P in (16, 128, 1024):
+            attn += [_row("attention", mode, "prefix_kernels", 1.0, B=16, P=P),
+                     _row("attention", mode, "sdpa_copied", 2.0 + P / 1024, B=16, P=P),
+                     _row("attention", mode, "flex_broadcast", None, status="skipped", B=16, P=P)]
+    decode = [_row("decode", "fwd", prov, ms, B=B, P=P)
+              for B in (8, 64) for P in (1024, 4096)
+              for prov, ms in (("prefix_kernels_triton", 0.1), ("prefix_kernels_cuda", 0.08), ("sdpa_expanded", 0.3))]
+    train = [_row("train_step", "fwd_bwd_adamw", prov, ms, peak=peak, B=16, L=512, P=P)
+             for P in (16, 64) for prov, ms, peak in (("prefix_kernels", 100.0, 9000.0), ("peft_sdpa", 130.0, 12000.0))]
+    gen = [_row("generate", "sample", prov, ms, peak=peak, B=B, prompt=2048, new=256)
+           for B in (16, 64) for prov, ms, peak in (("prefix_kernels_generate", 5000.0, 4000.0 + B),
+                                                   ("hf_generate_sdpa", 9000.0, 4000.0 + 40 * B))]
+    _write(results / "attention.jsonl", attn)
+    _write(results / "decode.jsonl", decode)
+    _write(results / "gpu" / "train_step.jsonl", train)  # rows in subfolders (a GPU session's $OUT) count too
+    _write(results / "generate.jsonl", gen)
+
+
+def test_series_come_from_ok_rows_only(tmp_path):
+    plot = _plot()
+    _synthetic(tmp_path)
+    rows = plot.load_rows(tmp_path)
+    assert all(r["status"] == "ok" for r in rows)
+    attn = plot.speedup_series([r for r in rows if r["workload"] == "attention"], "P")
+    assert set(attn) == {"mode=fwd", "mode=fwd_bwd"}
+    assert set(attn["mode=fwd"]) == {"prefix_kernels vs sdpa_copied"}  # the skipped flex rows are not drawn
+    assert attn["mode=fwd"]["prefix_kernels vs sdpa_copied"] == [(16, 2.015625), (128, 2.125), (1024, 3.0)]
+    dec = plot.speedup_series([r for r in rows if r["workload"] == "decode"], "P", ("B",))
+    assert set(dec) == {"mode=fwd, B=8", "mode=fwd, B=64"}
+    assert set(dec["mode=fwd, B=8"]) == {"prefix_kernels_triton vs sdpa_expanded", "prefix_kernels_cuda vs sdpa_expanded"}
+    mem = plot.memory_series([r for r in rows if r["workload"] == "generate"])
+    assert mem["hf_generate_sdpa [sample]"] == [(16, 4640.0), (64, 6560.0)]
+
+
+def test_plots_are_drawn(tmp_path):
+    pytest.importorskip("matplotlib")
+    plot = _plot()
+    _synthetic(tmp_path / "results")
+    written = plot.main(["--results", str(tmp_path / "results"), "--out", str(tmp_path / "plots")])
+    names = sorted(p.name for p in written)
+    assert len(names) == 6, names  # speedup: 4 workloads; memory: train_step, generate
+    for kind in ("attention_speedup", "decode_speedup", "train_step_speedup", "generate_speedup",
+                 "train_step_memory", "generate_memory"):
+        assert any(n.startswith(kind) and "NVIDIA-Test-GPU" in n and "abc1234" in n for n in names), kind
+    for path in written:
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_no_rows_no_plots(tmp_path, capsys):
+    plot = _plot()
+    _write(tmp_path / "results" / "attention.jsonl",
+           [_row("attention", "fwd", "flex_broadcast", None, status="skipped", B=1, P=16)])
+    assert plot.main(["--results", str(tmp_path / "results"), "--out", str(tmp_path / "plots")]) == []
+    assert not (tmp_path / "plots").exists()
+    assert "no plots" in capsys.readouterr().out
+
+
+def test_missing_matplotlib_says_how_to_install(tmp_path, monkeypatch):
+    plot = _plot()
+    _synthetic(tmp_path)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib raises ImportError
+    with pytest.raises(ImportError, match=r'pip install "\.\[bench\]"'):
+        plot.plot_all(tmp_path, tmp_path / "plots")
+    with pytest.raises(SystemExit, match="bench"):
+        plot.main(["--results", str(tmp_path), "--out", str(tmp_path / "plots")])
