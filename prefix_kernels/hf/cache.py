@@ -65,7 +65,9 @@ class PrefixLayer(DynamicLayer):
         keys and values in every layer of a training step); later ones concatenate."""
         if self.own_length() == 0:
             if not self.is_initialized:
-                self.lazy_initialization(key_states, value_states)
+                # initialise through the base class (lazy_initialization's signature differs
+                # across transformers versions), with empty slices: nothing is copied
+                super().update(key_states[..., :0, :], value_states[..., :0, :], *args, **kwargs)
             self.keys, self.values = key_states, value_states
             return self.keys, self.values
         return super().update(key_states, value_states, *args, **kwargs)
