@@ -16,7 +16,6 @@ split-and-merge path (and splits that see only padding) is exercised.
 
 from __future__ import annotations
 
-import math
 import sys
 import types
 
