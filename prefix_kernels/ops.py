@@ -57,15 +57,28 @@ def _bwd(
     prefix_index: Optional[Tensor], kv_mask: Optional[Tensor], out: Tensor, lse: Tensor,
     causal: bool, scale: float, backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    grads = _backend_module(backend).backward(
+    dq, dk, dv, dpk, dpv = _backend_module(backend).backward(
         dout, dlse, q, k, v, prefix_k, prefix_v, prefix_index, kv_mask, causal, scale, out, lse
     )
-    return tuple(g.contiguous() for g in grads)
+    return _in_grad_layout(dq), _in_grad_layout(dk), _in_grad_layout(dv), dpk.contiguous(), dpv.contiguous()
+
+
+def _in_grad_layout(g: Tensor) -> Tensor:
+    """g as a (B, H, L, D) tensor whose memory is (B, L, H, D), copied only if it is not already.
+
+    Every backend's dq, dk and dv leave in this one layout, which the fake implementation must
+    state exactly for torch.compile. It is the layout of transformers' q, k and v (views of the
+    projections' (B, L, H * D) outputs): their gradients then flow back into the projections
+    without a copy, where a contiguous (B, H, L, D) gradient is copied by the view's backward."""
+    if g.transpose(1, 2).is_contiguous():
+        return g
+    return out_layout(*g.shape, like=g).copy_(g)
 
 
 @_bwd.register_fake
 def _bwd_fake(dout, dlse, q, k, v, prefix_k, prefix_v, prefix_index, kv_mask, out, lse, causal, scale, backend):
-    return tuple(x.new_empty(x.shape) for x in (q, k, v, prefix_k, prefix_v))
+    return (*(out_layout(*x.shape, like=x) for x in (q, k, v)), prefix_k.new_empty(prefix_k.shape),
+            prefix_v.new_empty(prefix_v.shape))
 
 
 def _setup_context(ctx, inputs, output):
