@@ -19,6 +19,7 @@ from .kernels.backward import (
     shared_prefix_bwd_own_dkdv_kernel,
     shared_prefix_bwd_prefix_dkdv_kernel,
 )
+from ..ops import out_layout
 from .kernels.forward import shared_prefix_fwd_kernel
 
 # triton.jit decides at decoration time whether kernels are interpreted (TRITON_INTERPRET=1 set
@@ -94,7 +95,7 @@ def forward(q, k, v, prefix_k, prefix_v, prefix_index, kv_mask, causal: bool, sc
     B, Hq, Lq, D = q.shape
     G, Hkv, P, _ = prefix_k.shape
     Lk = k.shape[2]
-    out = torch.empty((B, Lq, Hq, D), dtype=q.dtype, device=q.device).transpose(1, 2)  # ops.out_layout
+    out = out_layout(B, Hq, Lq, D, q)
     lse = torch.empty((B, Hq, Lq), dtype=torch.float32, device=q.device)
     blk = _blocks(D, q.dtype, q.device, backward=False)
     kvm, smb, smn = _mask_args(kv_mask, q)
@@ -127,7 +128,8 @@ def _requests_sorted_by_prefix(prefix_index, B: int, G: int, device):
 
 
 def backward(dout, dlse, q, k, v, prefix_k, prefix_v, prefix_index, kv_mask, causal, scale, out, lse):
-    """Gradients (dq, dk, dv, dprefix_k, dprefix_v), contiguous, in the inputs' dtypes."""
+    """Gradients (dq, dk, dv, dprefix_k, dprefix_v) in the inputs' dtypes; dq, dk, dv in the
+    layout ops._in_grad_layout names ((B, L, H, D) memory), the prefix gradients contiguous."""
     B, Hq, Lq, D = q.shape
     G, Hkv, P, _ = prefix_k.shape
     Lk = k.shape[2]
@@ -147,21 +149,22 @@ def backward(dout, dlse, q, k, v, prefix_k, prefix_v, prefix_index, kv_mask, cau
     )
     qk_scale = scale * LOG2E
 
-    dq = torch.empty((B, Hq, Lq, D), dtype=q.dtype, device=dev)
+    dq = out_layout(B, Hq, Lq, D, q)
+    corr = torch.empty_like(lse)  # per-row renormalisation of p, written by the dq kernel
     shared_prefix_bwd_dq_kernel[(B * Hq, triton.cdiv(Lq, blk.m))](
-        q, k, v, prefix_k, prefix_v, prefix_index if prefix_index is not None else q, kvm, dout, lse, delta, dq,
+        q, k, v, prefix_k, prefix_v, prefix_index if prefix_index is not None else q, kvm, dout, lse, delta, dq, corr,
         *q.stride(), *k.stride(), *v.stride(), *prefix_k.stride(), *prefix_v.stride(), smb, smn, *dout.stride(),
-        Hq, Lq, Lk, P, group, qk_scale, scale,
+        *dq.stride()[:3], Hq, Lq, Lk, P, group, qk_scale, scale,
         HAS_PIDX=prefix_index is not None, HAS_KV_MASK=kv_mask is not None, CAUSAL=causal, **common,
     )
 
-    dk = torch.empty((B, Hkv, Lk, D), dtype=k.dtype, device=dev)
-    dv = torch.empty((B, Hkv, Lk, D), dtype=v.dtype, device=dev)
+    dk = out_layout(B, Hkv, Lk, D, k)
+    dv = out_layout(B, Hkv, Lk, D, v)
     if Lk > 0:
         shared_prefix_bwd_own_dkdv_kernel[(B * Hkv, triton.cdiv(Lk, blk.n))](
-            q, k, v, kvm, dout, lse, delta, dk, dv,
+            q, k, v, kvm, dout, lse, delta, corr, dk, dv,
             *q.stride(), *k.stride(), *v.stride(), smb, smn, *dout.stride(),
-            Hq, Hkv, Lq, Lk, group, qk_scale, scale,
+            *dk.stride()[:3], Hq, Hkv, Lq, Lk, group, qk_scale, scale,
             HAS_KV_MASK=kv_mask is not None, CAUSAL=causal, **common,
         )
 
@@ -177,7 +180,7 @@ def backward(dout, dlse, q, k, v, prefix_k, prefix_v, prefix_index, kv_mask, cau
         dpk = torch.empty((splits, G, Hkv, P, D), dtype=torch.float32, device=dev)
         dpv = torch.empty_like(dpk)
     shared_prefix_bwd_prefix_dkdv_kernel[(p_blocks, Hkv, G * splits)](
-        q, prefix_k, prefix_v, order, starts, dout, lse, delta, dpk, dpv,
+        q, prefix_k, prefix_v, order, starts, dout, lse, delta, corr, dpk, dpv,
         *q.stride(), *prefix_k.stride(), *prefix_v.stride(), *dout.stride(),
         Hq, Hkv, Lq, P, group, G, qk_scale, scale,
         splits, **common,
