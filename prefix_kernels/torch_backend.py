@@ -223,16 +223,20 @@ def _prefix_backward_cpu(dq, dout, q, out, lse, prefix_k, prefix_v, scale):
     delta = rowsum(dout * out): p = exp(s - lse), dv = p^T dout, ds = p * (dout v^T - delta),
     dk = scale * ds^T q, dq += scale * ds k. Explicit products rather than the fused kernel's
     backward, which needs the rows stacked per kv head (four copies of q's size) and costs more
-    at small P: at B=16, Hq=8, Hkv=2, L=81, P=16, D=32, fp32 on 2 cores, 1.0 ms against 1.5 ms.
+    at small P: at B=16, Hq=8, Hkv=2, L=81, P=16, D=32, fp32 on 2 cores, 1.0 ms against 1.5 ms
+    (warm caches; 1.1 ms with the caches flushed before each call).
     """
     n, Hq, Lq, D = q.shape
     Hkv, P, _ = prefix_k.shape
     group = Hq // Hkv
     f32 = torch.float32
-    pk = prefix_k.to(f32).repeat_interleave(group, 0)  # (Hq, P, D): per head, not per request
+    # (Hq, P, D): per head, not per request. pk carries the scale: s = q pk^T, dq = ds pk.
+    pk = (prefix_k.to(f32) * scale).repeat_interleave(group, 0)
     pv = prefix_v.to(f32).repeat_interleave(group, 0)
-    Q, dO, O = (_rows_per_head(x) for x in (q, dout, out))  # (Hq, n * Lq, D)
+    Q, dO = _rows_per_head(q), _rows_per_head(dout)  # (Hq, n * Lq, D)
     lse_rows = lse.transpose(0, 1).reshape(Hq, n * Lq, 1)
+    # rowsum(dout * out) over dense memory, then the (small) per-row result rearranged
+    delta_rows = (dout.to(f32) * out.to(f32)).sum(-1).transpose(0, 1).reshape(Hq, n * Lq, 1)
     in_place = q.dtype == f32 and dq.transpose(1, 2).is_contiguous()
     dQ = _rows_per_head(dq) if in_place else torch.zeros(Hq, n * Lq, D, dtype=f32, device=q.device)
     dpk = torch.zeros(Hq, P, D, dtype=f32, device=q.device)
@@ -240,13 +244,12 @@ def _prefix_backward_cpu(dq, dout, q, out, lse, prefix_k, prefix_v, scale):
     step = max(1, _PREFIX_BWD_SCORES // (Hq * P))
     for a in range(0, n * Lq, step):
         rows = slice(a, a + step)
-        Qc, dOc, Oc = (x[:, rows].to(f32) for x in (Q, dO, O))
-        p = torch.bmm(Qc, pk.transpose(1, 2)).mul_(scale).sub_(lse_rows[:, rows]).exp_()  # (Hq, c, P)
+        Qc, dOc = Q[:, rows].to(f32), dO[:, rows].to(f32)
+        p = torch.bmm(Qc, pk.transpose(1, 2)).sub_(lse_rows[:, rows]).exp_()  # (Hq, c, P)
         dpv.baddbmm_(p.transpose(1, 2), dOc)
-        delta = (dOc * Oc).sum(-1, keepdim=True)
-        ds = p.mul_(torch.bmm(dOc, pv.transpose(1, 2)).sub_(delta))
+        ds = p.mul_(torch.bmm(dOc, pv.transpose(1, 2)).sub_(delta_rows[:, rows]))
         dpk.baddbmm_(ds.transpose(1, 2), Qc)
-        dQ[:, rows].baddbmm_(ds, pk, alpha=scale)
+        dQ[:, rows].baddbmm_(ds, pk)
     if not in_place:
         dq.add_(dQ.transpose(0, 1).reshape(n, Lq, Hq, D).transpose(1, 2))
     return (dpk * scale).view(Hkv, group, P, D).sum(1), dpv.view(Hkv, group, P, D).sum(1)
