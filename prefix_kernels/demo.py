@@ -145,7 +145,7 @@ def train(cfg: DemoConfig, patched: bool, queue=None, progress: bool = True) -> 
         if cuda:
             torch.cuda.synchronize()
         seconds.append(time.perf_counter() - t0)
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         tokens.append(int(batch["attention_mask"].sum()))
     result = {"losses": losses, "seconds": seconds, "tokens": tokens, "peak_mib": _peak_mib(cfg.device),
               "params": sum(p.numel() for p in model.parameters())}

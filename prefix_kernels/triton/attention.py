@@ -114,17 +114,16 @@ def forward(q, k, v, prefix_k, prefix_v, prefix_index, kv_mask, causal: bool, sc
 def _requests_sorted_by_prefix(prefix_index, B: int, G: int, device):
     """(order, starts): order[starts[g]:starts[g+1]] are the requests using prefix g, in batch order.
 
-    Built on the device with no host sync (stable sort + bincount + cumsum).
+    Built on the device with no host sync: a stable sort, then each prefix's first position by
+    binary search (bincount would read the maximum back to size its output: a sync on CUDA).
     """
     if prefix_index is None:  # all requests use prefix 0; prefixes 1.. G-1 get zero gradient
         starts = torch.full((G + 1,), B, dtype=torch.int32, device=device)
         starts[0] = 0
         return torch.arange(B, dtype=torch.int32, device=device), starts
-    idx = prefix_index.long()
-    order = torch.sort(idx, stable=True).indices.to(torch.int32)
-    starts = torch.zeros(G + 1, dtype=torch.int32, device=device)
-    starts[1:] = torch.cumsum(torch.bincount(idx, minlength=G), 0)
-    return order, starts
+    sorted_idx, order = torch.sort(prefix_index.long(), stable=True)
+    starts = torch.searchsorted(sorted_idx, torch.arange(G + 1, device=device))  # count of values < g
+    return order.to(torch.int32), starts.to(torch.int32)
 
 
 def backward(dout, dlse, q, k, v, prefix_k, prefix_v, prefix_index, kv_mask, causal, scale, out, lse):
