@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import subprocess
 import sys
 import textwrap
@@ -270,3 +271,30 @@ def test_fake_gives_the_real_layout():
     assert out.shape == (B, Hq, Lq, D) and out.dtype == torch.bfloat16
     assert out.transpose(1, 2).is_contiguous()  # memory (B, Lq, Hq, D)
     assert lse.shape == (B, Hq, Lq) and lse.dtype == torch.float32 and lse.is_contiguous()
+
+
+@pytest.mark.parametrize("loaded", [None, "nvcc not found"], ids=["built", "unbuildable"])
+def test_dispatch_traces_under_compile(monkeypatch, loaded):
+    """The decode dispatcher asks these kernels for reasons inside torch.compile'd generation
+    (prefix_kernels.generate, a compiled decode step): the GPU query and the build happen once,
+    at trace time, as constants, never as traced code (a file lock and a compiler cannot be
+    traced). Simulated here: a CUDA problem, a capability and a build result, all on a CPU."""
+    from prefix_kernels import dispatch
+
+    def ensure_loaded():  # like the real one, untraceable: it takes a file lock
+        with open(os.devnull) as f:
+            f.read()
+        return loaded
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: (9, 0))
+    monkeypatch.setattr(build, "ensure_loaded", ensure_loaded)
+    p = problem()
+    eager = dispatch.cuda_decode_reasons(p)
+    assert eager == ([] if loaded is None else [loaded])
+
+    def step(x):
+        return x + len(dispatch.cuda_decode_reasons(p))
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True, backend="eager")
+    assert float(compiled(torch.zeros(()))) == len(eager)

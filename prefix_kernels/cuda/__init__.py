@@ -56,11 +56,20 @@ def _reasons(p) -> list[str]:
         reasons.append("sizes exceed the 32-bit range of the decode kernels")
     if reasons:
         return reasons  # no GPU query and no build for a case that is declined anyway
-    major, minor = torch.cuda.get_device_capability(p.device)
-    if (major, minor) < (8, 0):
-        return [f"needs compute capability 8.0 or newer (mma.sync bf16, cp.async); the GPU has {major}.{minor}"]
-    why = build.ensure_loaded()  # builds on first use; nvcc / ninja missing or a failed build
+    why = _device_unavailable(str(p.device))
     return [why] if why else []
+
+
+@torch.compiler.assume_constant_result
+def _device_unavailable(device: str) -> str:
+    """Why the kernels cannot run on this GPU ('' when they can), building them on first use.
+
+    A constant for torch.compile: the capability query and the build (a file lock, nvcc) run
+    once when a compiled function is traced, and are never traced themselves."""
+    major, minor = torch.cuda.get_device_capability(torch.device(device))
+    if (major, minor) < (8, 0):
+        return f"needs compute capability 8.0 or newer (mma.sync bf16, cp.async); the GPU has {major}.{minor}"
+    return build.ensure_loaded() or ""  # nvcc / ninja missing, or a failed build
 
 
 def decode_reasons(problem) -> list[str]:
