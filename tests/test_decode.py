@@ -492,14 +492,14 @@ from hypothesis import strategies as st  # noqa: E402
 
 
 @st.composite
-def decode_case(draw):
+def decode_case(draw, max_B=6, max_T=70, max_P=70, dims=(16, 24, 40, 64, 96), dtypes=(FP32, FP16)):
     Hkv = draw(st.integers(1, 2))
     return dict(
-        B=draw(st.integers(1, 6)), Hkv=Hkv, ratio=draw(st.sampled_from([1, 2, 3, 4])),
-        Lq=draw(st.integers(1, 16)), T=draw(st.integers(0, 70)), P=draw(st.integers(0, 70)),
-        D=draw(st.sampled_from([16, 24, 40, 64, 96])), G=draw(st.integers(1, 4)),
+        B=draw(st.integers(1, max_B)), Hkv=Hkv, ratio=draw(st.sampled_from([1, 2, 3, 4])),
+        Lq=draw(st.integers(1, 16)), T=draw(st.integers(0, max_T)), P=draw(st.integers(0, max_P)),
+        D=draw(st.sampled_from(dims)), G=draw(st.integers(1, 4)),
         padding=draw(st.sampled_from([None, "left", "right"])), causal=draw(st.booleans()),
-        dtype=draw(st.sampled_from([FP32, FP16])), transposed=draw(st.booleans()),
+        dtype=draw(st.sampled_from(dtypes)), transposed=draw(st.booleans()),
     )
 
 
@@ -512,6 +512,20 @@ def test_triton_decode_random_shapes(c, triton_device):
                       c["dtype"], triton_device, padding=c["padding"], transposed=c["transposed"],
                       requires_grad=False)
     assert_decode_close(inp, backend="triton", causal=c["causal"], desc=f"triton:{describe(**c)}")
+
+
+# GPU fuzzing of the decode kernels (skipped without CUDA): larger caches and prefixes, bf16, and
+# the CUDA backend on the head dims it compiles.
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@settings(max_examples=150, deadline=None, derandomize=True, database=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(c=decode_case(max_B=48, max_T=700, max_P=700, dims=(64, 80, 96, 128, 256), dtypes=(FP32, FP16, BF16)))
+def test_gpu_decode_random_shapes(backend, c):
+    inp = make_inputs(c["B"], c["Hkv"] * c["ratio"], c["Hkv"], c["Lq"], c["T"], c["P"], c["D"], c["G"],
+                      c["dtype"], "cuda", padding=c["padding"], transposed=c["transposed"],
+                      requires_grad=False)
+    assert_decode_close(inp, backend=backend, causal=c["causal"], desc=f"{backend}:{describe(**c)}")
 
 
 # --------------------------------------------------------------------------
