@@ -140,10 +140,10 @@ def run(shapes, modes, providers, device, dtype, results: Path) -> list[dict]:
                 except Exception as exc:  # reported, not dropped
                     row.update(status="skipped", reason=f"{type(exc).__name__}: {str(exc)[:300]}")
                 rows.append(row)
+                upsert(results, [row])  # row by row: a run cut short keeps what it measured
                 print(f"{mode:7s} P={P:5d} {name:15s} " + (
                     f"{row['median_ms']:9.3f} ms {row['tflops']:7.2f} TFLOP/s" if row["status"] == "ok"
                     else f"skipped: {row['reason']}"), flush=True)
-    upsert(results, rows)
     return rows
 
 

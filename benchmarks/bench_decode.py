@@ -181,13 +181,13 @@ def run(shapes, providers, device, dtype, results: Path) -> list[dict]:
                 finally:
                     step = None
                 rows.append(row)
+                upsert(results, [row])  # row by row: a run cut short keeps what it measured
                 print(f"B={B:4d} P={P:6d} {name:22s} " + (
                     f"{row['median_ms']:9.4f} ms {row['gbps']:8.1f} GB/s err {row['max_abs_err_vs_torch']:.2e}"
                     if row["status"] == "ok" else f"skipped: {row['reason']}"), flush=True)
         del q, k, v, pk, pv, want
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    upsert(results, rows)
     return rows
 
 

@@ -130,13 +130,13 @@ def run(model_cfg, prompt_len, samples, new_tokens, providers, device, dtype, re
             if device.type == "cuda":
                 torch.cuda.empty_cache()
             rows.append(row)
+            upsert(results, [row])  # row by row: a run cut short keeps what it measured
             print(f"N={N:4d} {provider:24s} " + (
                 f"{row['median_ms']:10.1f} ms {row['tokens_per_s']:9.0f} tok/s "
                 + (f"{row['peak_mib']:8.0f} MiB" if row["peak_mib"] is not None else "  (no peak memory on CPU)")
                 + (f" match_hf={row['tokens_match_hf']}" if "tokens_match_hf" in row else "")
                 if row["status"] == "ok" else f"skipped: {row['reason']}"), flush=True)
     prefix_kernels.revert_prefix_kernels()
-    upsert(results, rows)
     return rows
 
 

@@ -111,6 +111,7 @@ def run(model_cfg, B, L, prefixes, providers, device, dtype, steps, results: Pat
             if device.type == "cuda":
                 torch.cuda.empty_cache()
             rows.append(row)
+            upsert(results, [row])  # row by row: a run cut short keeps what it measured
             print(f"P={P:4d} {provider:15s} " + (
                 f"{row['median_ms']:9.1f} ms {row['tokens_per_s']:9.0f} tok/s "
                 f"{row['peak_mib'] or 0:8.0f} MiB" if row["status"] == "ok" else f"skipped: {row['reason']}"),
@@ -118,7 +119,6 @@ def run(model_cfg, B, L, prefixes, providers, device, dtype, steps, results: Pat
     import prefix_kernels
 
     prefix_kernels.revert_prefix_kernels()
-    upsert(results, rows)
     return rows
 
 

@@ -25,6 +25,12 @@ def _version(module: str) -> str | None:
 
 
 def git_commit() -> str | None:
+    """HEAD's short hash, or PREFIX_KERNELS_COMMIT where there is no .git (a lent GPU machine
+    receives the working tree without it)."""
+    import os
+
+    if os.environ.get("PREFIX_KERNELS_COMMIT"):
+        return os.environ["PREFIX_KERNELS_COMMIT"]
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True,
                              cwd=Path(__file__).resolve().parent)
