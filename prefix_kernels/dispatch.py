@@ -177,8 +177,13 @@ def _auto_order(p: Problem) -> tuple[str, ...]:
 
 
 def _decode_auto_order(p: Problem) -> tuple[str, ...]:
+    """On CUDA: the decode backend the benchmark measured faster for the nearest shape on this
+    GPU first (decode_choice.py; "cuda" where nothing was measured), the other second."""
     if p.device.type == "cuda":
-        return ("cuda", "triton", "torch")
+        from .decode_choice import faster_decode_backend
+
+        first = faster_decode_backend(str(p.device), str(p.dtype).replace("torch.", ""), p.D, p.B, p.P, p.Lk, p.Lq)
+        return ("cuda", "triton", "torch") if first == "cuda" else ("triton", "cuda", "torch")
     return ("torch",)
 
 
