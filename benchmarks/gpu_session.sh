@@ -7,7 +7,7 @@
 #   run(command="PREFIX_KERNELS_COMMIT=<HEAD's short hash> bash benchmarks/gpu_session.sh e2e")
 # (the machine gets the working tree without .git, so the rows take the commit from the
 # variable). Then copy $OUT/* into benchmarks/results/ and commit them. At most 8 files come
-# back from a call: each phase writes at most 5.
+# back from a call: each phase writes at most 6.
 set -uo pipefail
 PHASE=${1:-all}
 OUT=${OUT:-benchmarks/results/gpu}
@@ -28,6 +28,8 @@ fi
 if [ "$PHASE" = kernels ] || [ "$PHASE" = all ]; then
   limit 200 python3 benchmarks/bench_attention.py --out "$OUT/attention.jsonl" 2>&1 | tee "$OUT/bench.log"
   limit 200 python3 benchmarks/bench_decode.py --out "$OUT/decode.jsonl" 2>&1 | tee -a "$OUT/bench.log"
+  # which decode backend "auto" tries first (copy to prefix_kernels/data/decode_choice.json)
+  python3 benchmarks/decode_choice.py --rows "$OUT/decode.jsonl" --out "$OUT/decode_choice.json" 2>&1 | tee -a "$OUT/bench.log"
   limit 150 python3 -m pytest benchmarks --benchmark-only -q -p no:cacheprovider \
     --benchmark-json="$OUT/pytest_benchmark.json" 2>&1 | tail -n 60 | tee -a "$OUT/bench.log"
 fi
