@@ -3,8 +3,9 @@
 `python benchmarks/decode_choice.py` turns the rows of `benchmarks/bench_decode.py`
 (benchmarks/results/decode.jsonl) into prefix_kernels/data/decode_choice.json: for each GPU name,
 every measured shape with the faster of the "cuda" and "triton" decode backends there. A call
-takes the winner of the nearest measured shape on its own GPU: same dtype and head dim where any
-was measured, then the smallest distance in log2 of B, P, T (own cache length) and Lq. A GPU
+takes the winner of the nearest measured shape on its own GPU: same dtype, then same head dim
+where measured, then the smallest distance in log2 of B, P, T (own cache length) and Lq; under
+torch.compile, whose sizes may be symbolic, the most frequent winner for the GPU and dtype. A GPU
 with no measurement gets "cuda" first, then "triton" (the order before any benchmark ran).
 """
 
@@ -31,28 +32,50 @@ def load_table(path: Path = TABLE) -> dict:
         return {}
 
 
-def nearest_faster(entries: list, dtype: str, D: int, B: int, P: int, T: int, Lq: int) -> str | None:
-    """The measured winner of the entry nearest to this shape, or None without entries."""
+def nearest_faster(entries: list, dtype: str, D=None, B=None, P=None, T=None, Lq=None) -> str | None:
+    """The measured winner of the entry nearest to this shape, or None without entries.
+
+    Entries of the same dtype (and head dim, when given) are preferred. Sizes given as None do
+    not count; with none at all, the backend that won most of the candidates is returned."""
     if not entries:
         return None
-    same = [e for e in entries if e["dtype"] == dtype and e["D"] == D]
-    pool = same or entries
+    pool = [e for e in entries if e["dtype"] == dtype] or entries
+    pool = [e for e in pool if e["D"] == D] or pool
+    sizes = [(k, v) for k, v in (("B", B), ("P", P), ("T", T), ("Lq", Lq)) if v is not None]
+    if not sizes:
+        wins = [e["faster"] for e in pool]
+        return max(CHOICES, key=wins.count)
 
     def distance(e):
-        return sum(abs(math.log2(e[k] + 1) - math.log2(v + 1)) for k, v in (("B", B), ("P", P), ("T", T), ("Lq", Lq)))
+        return sum(abs(math.log2(e[k] + 1) - math.log2(v + 1)) for k, v in sizes)
 
     return min(pool, key=distance)["faster"]
 
 
-@torch.compiler.assume_constant_result
-def faster_decode_backend(device: str, dtype: str, D: int, B: int, P: int, T: int, Lq: int) -> str:
-    """"cuda" or "triton": the one to try first for this shape on this GPU. A constant for
-    torch.compile (evaluated when a function is traced, never traced itself)."""
+def faster_decode_backend(device: str, dtype: str, D, B, P, T, Lq) -> str:
+    """"cuda" or "triton": the one to try first for this shape on this GPU.
+
+    Under torch.compile the sizes may be symbolic (dynamic shapes; T grows every decode step),
+    and specialising on them would recompile: there the choice is this GPU's and dtype's most
+    frequent winner, a constant of the trace."""
+    if torch.compiler.is_compiling():
+        return _faster_constant(device, dtype)
     return _faster(device, dtype, D, B, P, T, Lq)
+
+
+@torch.compiler.assume_constant_result
+def _faster_constant(device: str, dtype: str) -> str:
+    return _faster(device, dtype, None, None, None, None, None)
 
 
 # Every layer of a decode step asks with the same shape: one lookup per step, not per layer.
 @functools.lru_cache(maxsize=4096)
-def _faster(device: str, dtype: str, D: int, B: int, P: int, T: int, Lq: int) -> str:
-    entries = load_table().get(torch.cuda.get_device_name(torch.device(device)), [])
-    return nearest_faster(entries, dtype, D, B, P, T, Lq) or DEFAULT
+def _faster(device: str, dtype: str, D, B, P, T, Lq) -> str:
+    table = load_table()
+    if not table:  # nothing measured: no need to ask the GPU its name
+        return DEFAULT
+    try:
+        gpu = torch.cuda.get_device_name(torch.device(device))
+    except Exception:  # no usable CUDA (a CPU-only torch asked about a CUDA problem)
+        return DEFAULT
+    return nearest_faster(table.get(gpu, []), dtype, D, B, P, T, Lq) or DEFAULT

@@ -75,9 +75,15 @@ def test_nearest_shape_in_log_space_prefers_same_dtype_and_head_dim():
                dict(dtype="float16", D=64, B=200, P=16000, T=256, Lq=1, faster="cuda")]
     assert decode_choice.nearest_faster(entries, "bfloat16", 128, 16, 2048, 300, 1) == "cuda"
     assert decode_choice.nearest_faster(entries, "bfloat16", 128, 128, 8192, 300, 1) == "triton"
-    # no bf16 D=96 entry: every entry is a candidate, the nearest (the fp16 one) wins
-    assert decode_choice.nearest_faster(entries, "bfloat16", 96, 200, 16000, 256, 1) == "cuda"
+    # no bf16 D=96 entry: every bf16 entry is a candidate (not the nearer fp16 one)
+    assert decode_choice.nearest_faster(entries, "bfloat16", 96, 200, 16000, 256, 1) == "triton"
+    # no fp32 entry at all: every entry is a candidate
+    assert decode_choice.nearest_faster(entries, "float32", 64, 200, 16000, 256, 1) == "cuda"
     assert decode_choice.nearest_faster([], "bfloat16", 128, 8, 8, 8, 1) is None
+    # no sizes (symbolic under compile): the most frequent winner of the candidates
+    more = entries + [dict(dtype="bfloat16", D=128, B=64, P=64, T=64, Lq=1, faster="triton")]
+    assert decode_choice.nearest_faster(more, "bfloat16") == "triton"
+    assert decode_choice.nearest_faster(entries, "float16") == "cuda"
 
 
 def test_auto_order_follows_the_measurement(simulated_gpu):
