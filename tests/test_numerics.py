@@ -1,11 +1,13 @@
 """Numerics at the edges, for the torch backend and the triton backend (interpreter on a CPU)."""
 
 import math
+import os
 
 import pytest
 import torch
 
 from helpers import TENSOR_ARGS, assert_close_to_reference, make_inputs, run_op
+from prefix_kernels import shared_prefix_attention, shared_prefix_decode
 from prefix_kernels.reference import reference_attention
 
 FP16, FP32 = torch.float16, torch.float32
@@ -65,6 +67,70 @@ def test_nan_and_inf_propagate_like_the_reference(backend_device, where, bad):
             f"{name} pattern differs: op {int(kind(out).sum())}, reference {int(kind(ref).sum())}")
     finite = torch.isfinite(ref)
     torch.testing.assert_close(out[finite], ref[finite].to(out.dtype), rtol=1e-4, atol=1e-5)
+
+
+# Element offsets past 2^31 on the CPU: each request's (and each prefix's) slab lies 2^30 + 7
+# elements after the previous one in one storage, so request 2 starts past 2^31 while only the
+# few elements used are ever touched (the storage is virtual memory: seven such tensors grew the
+# process by 3 MiB, measured). A kernel that multiplied a 32-bit batch index by the batch stride
+# would wrap, and the Triton interpreter wraps 32-bit integers as a GPU does: with the forward
+# kernel's program id left in 32 bits, this test fails (an fp32 version of it measured an output
+# error of 1.8).
+SPREAD = 2**30 + 7
+
+
+def _virtual_memory_ok(nbytes: int) -> bool:
+    try:
+        with open("/proc/sys/vm/overcommit_memory") as f:
+            if f.read().strip() == "2":  # strict accounting would reserve all of it
+                return False
+    except OSError:
+        return False
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") > 2 * nbytes
+
+
+def _spread(x):
+    """x (N, ...) contiguous -> the same values, slabs SPREAD elements apart in one storage."""
+    n, rest = x.shape[0], x[0].numel()
+    big = torch.empty((n - 1) * SPREAD + rest, dtype=x.dtype)
+    view = big.as_strided(x.shape, (SPREAD, *x[0].stride()))
+    view.copy_(x)
+    return view
+
+
+@pytest.mark.parametrize("backend", [
+    "torch",
+    pytest.param("triton", marks=pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                                                    reason="the Triton kernels run on CPU tensors under the interpreter")),
+])
+def test_offsets_past_2_31_elements_strided(backend):
+    if not _virtual_memory_ok(2 * SPREAD * 2):
+        pytest.skip("needs overcommitted virtual memory (4 GiB per tensor, untouched)")
+    torch.manual_seed(0)
+    B, Hq, Hkv, L, P, D, G = 3, 4, 2, 5, 6, 16, 2
+    h = torch.float16
+    compact = dict(q=torch.randn(B, Hq, L, D, dtype=h), k=torch.randn(B, Hkv, L + 2, D, dtype=h),
+                   v=torch.randn(B, Hkv, L + 2, D, dtype=h), prefix_k=torch.randn(G, Hkv, P, D, dtype=h),
+                   prefix_v=torch.randn(G, Hkv, P, D, dtype=h), dout=torch.randn(B, Hq, L, D, dtype=h),
+                   q_step=torch.randn(B, Hq, 2, D, dtype=h))
+    spread = {n: _spread(x) for n, x in compact.items()}
+    assert spread["q"].stride(0) * (B - 1) > 2**31 and spread["prefix_k"].stride(0) < 2**31
+    pidx = torch.tensor([1, 0, 1])
+    scale = D ** -0.5
+
+    def run(t):
+        args = [t[n] for n in TENSOR_ARGS]
+        out, lse = shared_prefix_attention(*args, prefix_index=pidx, return_lse=True, backend=backend)
+        grads = torch.ops.prefix_kernels.bwd(t["dout"], None, *args, pidx, None, out, lse, True, scale, backend)
+        step = shared_prefix_decode(t["q_step"], *args[1:], prefix_index=pidx, backend=backend)
+        return out, lse, *grads, step
+
+    want, got = run(compact), run(spread)
+    for name, w, g in zip(["out", "lse", "dq", "dk", "dv", "dprefix_k", "dprefix_v", "decode"], want, got):
+        if backend == "triton":  # same kernels, same blocks, other strides: the same bits
+            assert torch.equal(g, w), name
+        else:
+            torch.testing.assert_close(g, w, rtol=2e-3, atol=2e-3, msg=name)
 
 
 @pytest.mark.gpu
