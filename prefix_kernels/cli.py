@@ -41,6 +41,12 @@ def _info(args) -> int:
         rows.append(("nvcc", build.find_nvcc() or "not found"))
     except Exception as exc:
         rows.append(("CUDA build cache", f"unavailable ({exc})"))
+    from .decode_choice import TABLE, load_table
+
+    measured = load_table()
+    rows.append(("decode auto order", (
+        f"measured on {', '.join(sorted(measured))} ({sum(map(len, measured.values()))} shapes, {TABLE.name})"
+        if measured else "nothing measured yet: cuda, then triton (python benchmarks/decode_choice.py)")))
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
         print(f"{key:{width}}  {value}")

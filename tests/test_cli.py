@@ -8,7 +8,8 @@ from prefix_kernels import cli, torch_backend
 def test_info_lists_versions_and_backends(capsys):
     assert cli.main(["info"]) == 0
     out = capsys.readouterr().out
-    for word in ("prefix_kernels", "torch", "triton", "CUDA build cache", "train", "decode", "reference"):
+    for word in ("prefix_kernels", "torch", "triton", "CUDA build cache", "decode auto order", "train", "decode",
+                 "reference"):
         assert word in out
 
 
