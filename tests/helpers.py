@@ -9,7 +9,7 @@ where ``truth`` is ``reference_attention`` computed in float64 from the very
 same (already rounded) inputs, ``x_same_dtype`` is ``reference_attention``
 computed in the input dtype (plain PyTorch at that precision, i.e. the error a
 straightforward implementation makes), and ``floor`` is a small term tied to
-the dtype: ``FLOOR_REL[dtype] * eps(dtype) * max|truth| + FLOOR_ABS * eps(dtype)``.
+the dtype: ``FLOOR_REL[dtype] * eps(dtype) * max|truth| + FLOOR_ABS[dtype] * eps(dtype)``.
 The floor only protects against the (rare) case where the same-dtype error is
 accidentally tiny; it is orders of magnitude below what an off-by-one mask or a
 dropped prefix block produces.

@@ -37,11 +37,16 @@ def test_logits_near_1e4(backend_device, dtype):
     assert float(res["truth"]["lse"][torch.isfinite(res["truth"]["lse"])].abs().max()) > 1e3
 
 
+# Without lse the torch backend's CPU path takes its fused backward; there the gradients of q and
+# k are 0 only up to rounding (p = 1, ds = dp - delta formed in two orders). A hypothesis draw
+# (B=1, Lq=1, Lk=0, P=1, D=16, fp32, no lse) found the accuracy rule's floor too tight for that;
+# see FLOOR_ABS in prefix_kernels/accuracy.py.
+@pytest.mark.parametrize("lse", [True, False], ids=["lse", "no_lse"])
 @pytest.mark.parametrize("P,Lk", [(1, 0), (0, 1)], ids=["one_prefix_key", "one_own_key"])
-def test_single_key(backend_device, P, Lk):
+def test_single_key(backend_device, P, Lk, lse):
     backend, device = backend_device
     inp = make_inputs(3, 4, 2, 1, Lk, P, 16, 1, FP32, device)
-    res = assert_close_to_reference(inp, causal=True, return_lse=True, backend=backend)
+    res = assert_close_to_reference(inp, causal=True, return_lse=lse, backend=backend)
     # one key: the output is that key's value, exactly up to rounding
     value = inp["prefix_v"][:, :, :1] if P else inp["v"]
     expected = value.detach().repeat_interleave(2, dim=1).expand(3, 4, 1, 16)
