@@ -7,25 +7,30 @@ from torch.library import opcheck
 from prefix_kernels import shared_prefix_attention
 
 
-def _inputs(dtype=torch.float32):
-    B, Hq, Hkv, Lq, Lk, P, D, G = 3, 4, 2, 5, 7, 6, 32, 2
+def _inputs(dtype=torch.float32, Lk=7):
+    B, Hq, Hkv, Lq, P, D, G = 3, 4, 2, 5, 6, 32, 2
     mk = lambda *s: torch.randn(*s, dtype=dtype, requires_grad=True)  # noqa: E731
     q, k, v = mk(B, Hq, Lq, D), mk(B, Hkv, Lk, D), mk(B, Hkv, Lk, D)
     pk, pv = mk(G, Hkv, P, D), mk(G, Hkv, P, D)
     index = torch.tensor([1, 0, 1])
     mask = torch.ones(B, Lk, dtype=torch.bool)
-    mask[0, :3] = False
+    mask[0, :min(3, Lk)] = False
     return q, k, v, pk, pv, index, mask
 
 
+# Without dlse the torch backend's CPU path takes its fused backward, whose gradients come in
+# another layout than the explicit path's: the fake must state the layout both end in.
+@pytest.mark.parametrize("Lk", [7, 0])
+@pytest.mark.parametrize("with_dlse", [True, False], ids=["dlse", "no_dlse"])
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_opcheck_fwd_and_bwd(backend):
-    q, k, v, pk, pv, index, mask = _inputs()
+def test_opcheck_fwd_and_bwd(backend, with_dlse, Lk):
+    q, k, v, pk, pv, index, mask = _inputs(Lk=Lk)
     scale = 0.2
     opcheck(torch.ops.prefix_kernels.fwd.default, (q, k, v, pk, pv, index, mask, True, scale, backend))
     out, lse = torch.ops.prefix_kernels.fwd(q, k, v, pk, pv, index, mask, True, scale, backend)
-    dout, dlse = torch.randn_like(out), torch.randn_like(lse)
-    args = [t.detach() for t in (dout, dlse, q, k, v, pk, pv)] + [index, mask, out.detach(), lse.detach()]
+    dout, dlse = torch.randn_like(out), (torch.randn_like(lse) if with_dlse else None)
+    args = [None if t is None else t.detach() for t in (dout, dlse, q, k, v, pk, pv)]
+    args += [index, mask, out.detach(), lse.detach()]
     opcheck(torch.ops.prefix_kernels.bwd.default, (*args, True, scale, backend))
 
 
