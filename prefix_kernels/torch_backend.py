@@ -145,11 +145,13 @@ def _forward_cpu(q, k, v, prefix_k, prefix_v, prefix_index, kv_mask, causal, sca
     G, Hkv, P, _ = prefix_k.shape
     Lk = k.shape[2]
     out_r = lse_r = None
+    checked = []  # the kernel's own lse, before rows that see no key are set to -inf
     if Lk > 0:
         bias, empty = _own_bias(B, Lq, Lk, kv_mask, causal, q.dtype, q.device)
         out_r, lse_r = fwd(q, k, v, 0.0, False, attn_mask=bias, scale=scale)
         if P == 0 and not _finite(lse_r):
             return None
+        checked.append(lse_r)
         if empty is not None:
             lse_r = lse_r.masked_fill(empty, float("-inf"))  # the kernel gives 0 for such rows
     if P == 0:
@@ -174,7 +176,7 @@ def _forward_cpu(q, k, v, prefix_k, prefix_v, prefix_index, kv_mask, causal, sca
             _scatter(out_p, rows, _unstack_rows(o[0], rows.numel()))
             _scatter(lse_p, rows, _unstack_rows(lse[0][..., None], rows.numel())[..., 0])
         out_p, lse_p = out_p.view(B, Hq, Lq, D), lse_p.view(B, Hq, Lq)
-    if not _finite(lse_p, *(() if lse_r is None else (lse_r,))):
+    if not _finite(lse_p, *checked):
         return None
     if out_r is None:
         return _out_layout(out_p), lse_p.float()

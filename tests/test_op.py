@@ -542,6 +542,32 @@ def test_gpu_random_shapes(backend, c):
     _run_random(c, backend, "cuda")
 
 
+@pytest.mark.parametrize("G", [1, 2])
+@pytest.mark.parametrize("P", [0, 5])
+@pytest.mark.parametrize("padding", [None, "left", "right"])
+def test_cpu_fused_path_takes_finite_inputs(monkeypatch, padding, P, G):
+    """Finite inputs never fall back to the explicit path, which would only show as a slowdown:
+    rows that see no own key (left padding) included. (A finiteness check placed after those
+    rows' lse was set to -inf once sent every left-padded batch down the explicit path.)"""
+    from prefix_kernels import torch_backend
+
+    declined = []
+    for name in ("_forward_cpu", "_backward_cpu"):
+        original = getattr(torch_backend, name)
+
+        def watched(*args, _original=original, _name=name):
+            result = _original(*args)
+            if result is None:
+                declined.append(_name)
+            return result
+
+        monkeypatch.setattr(torch_backend, name, watched)
+    inp = make_inputs(3, 4, 2, 6, 6, P, 16, G, FP32, "cpu", padding=padding)
+    out = run_op(inp, causal=True, backend="torch")
+    out.backward(torch.randn_like(out))
+    assert not declined
+
+
 def test_cpu_mask_bias_cache_never_serves_a_stale_mask():
     """The torch backend caches the bias of the last kv_mask (every layer passes the same one):
     an in-place change, a different slice of the same memory, and a new mask that may reuse a
