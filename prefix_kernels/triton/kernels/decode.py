@@ -64,6 +64,24 @@ def _softmax_tiles(acc, m_i, l_i, q, K_BASE, V_BASE, skn, skd, svn, svd, lo, hi,
 
 
 @triton.jit
+def _split_softmax(Q_ROWS, sqd, K_BASE, V_BASE, skn, skd, svn, svd, lo, hi,
+                   row_ok, row_i, offs_d, MASK_BASE, stride_mask, q_shift, qk_scale,
+                   CAUSAL: tl.constexpr, HAS_KV_MASK: tl.constexpr, HEAD_DIM: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+                   PRECISION: tl.constexpr):
+    """One split of either part: load the rows' queries (Q_ROWS: a pointer per row), then the
+    online softmax over keys [lo, hi) from an empty state. Returns (acc, m_i, l_i)."""
+    q = tl.load(Q_ROWS[:, None] + offs_d[None, :] * sqd,
+                mask=row_ok[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    return _softmax_tiles(acc, m_i, l_i, q, K_BASE, V_BASE, skn, skd, svn, svd, lo, hi,
+                          row_ok, row_i, offs_d, MASK_BASE, stride_mask, q_shift, qk_scale,
+                          CAUSAL, HAS_KV_MASK, HEAD_DIM, BLOCK_N, PRECISION)
+
+
+@triton.jit
 def _store_partial(OP, LP, row_id, slot, S_total, acc, m_i, l_i, row_ok, offs_d, HEAD_DIM: tl.constexpr):
     """Write one split's normalised partial out (fp32) and natural-log lse for each row.
 
@@ -134,20 +152,14 @@ def decode_prefix_kernel(
         b = pos
     h = hk * group + j
     offs_d = tl.arange(0, BLOCK_D)
-    q_rows = Q + b * sqb + h * sqh + row_i * sqm
-    q = tl.load(q_rows[:, None] + offs_d[None, :] * sqd,
-                mask=row_ok[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)
-
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     lo = split * keys_per_split
     hi = tl.minimum(lo + keys_per_split, P)
     hi = tl.where(active, hi, lo)  # a surplus program loads nothing
-    acc, m_i, l_i = _softmax_tiles(
-        acc, m_i, l_i, q, PK + g * spkg + hk * spkh, PV + g * spvg + hk * spvh, spkn, spkd, spvn, spvd,
+    acc, m_i, l_i = _split_softmax(
+        Q + b * sqb + h * sqh + row_i * sqm, sqd,
+        PK + g * spkg + hk * spkh, PV + g * spvg + hk * spvh, spkn, spkd, spvn, spvd,
         lo, hi, row_ok, row_i, offs_d, Q, 0, 0, qk_scale,
-        False, False, HEAD_DIM, BLOCK_N, PRECISION,
+        False, False, HEAD_DIM, BLOCK_M, BLOCK_D, BLOCK_N, PRECISION,
     )
     row_id = (b * Hq + h) * Lq + row_i
     _store_partial(OP, LP, row_id, slot0 + split, S_total, acc, m_i, l_i, row_ok, offs_d, HEAD_DIM)
@@ -181,19 +193,13 @@ def decode_own_kernel(
     row_i = offs_r % Lq
     h = hk * group + j
     offs_d = tl.arange(0, BLOCK_D)
-    q_rows = Q + b * sqb + h * sqh + row_i * sqm
-    q = tl.load(q_rows[:, None] + offs_d[None, :] * sqd,
-                mask=row_ok[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)
-
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     lo = split * keys_per_split
     hi = tl.minimum(lo + keys_per_split, T)
-    acc, m_i, l_i = _softmax_tiles(
-        acc, m_i, l_i, q, K + b * skb + hk * skh, V + b * svb + hk * svh, skn, skd, svn, svd,
+    acc, m_i, l_i = _split_softmax(
+        Q + b * sqb + h * sqh + row_i * sqm, sqd,
+        K + b * skb + hk * skh, V + b * svb + hk * svh, skn, skd, svn, svd,
         lo, hi, row_ok, row_i, offs_d, KVM + b * smb, smn, T - Lq, qk_scale,
-        CAUSAL, HAS_KV_MASK, HEAD_DIM, BLOCK_N, PRECISION,
+        CAUSAL, HAS_KV_MASK, HEAD_DIM, BLOCK_M, BLOCK_D, BLOCK_N, PRECISION,
     )
     row_id = (b * Hq + h) * Lq + row_i
     _store_partial(OP, LP, row_id, slot0 + split, S_total, acc, m_i, l_i, row_ok, offs_d, HEAD_DIM)
