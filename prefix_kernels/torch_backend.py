@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from . import cpu_kernel
 from .reference import visible_keys
 
 
@@ -76,6 +77,34 @@ FUSED_CPU = True
 
 def _fused_cpu(q) -> bool:
     return FUSED_CPU and q.device.type == "cpu"
+
+
+def _one_pass(*tensors) -> bool:
+    """Whether the one-pass CPU kernel (csrc/prefix_attention_cpu.cpp) takes the call: CPU
+    float32 tensors, and the kernel built or cached (built on the first such call)."""
+    return (FUSED_CPU and all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
+            and cpu_kernel.unavailable() is None)
+
+
+def _blas_rows(x):
+    """x with a contiguous last dim and rows that do not overlap (a BLAS leading dimension >= D),
+    copied only where it has neither (transformers' views and this package's layouts have both)."""
+    if x.stride(-1) == 1 and (x.shape[2] <= 1 or x.stride(2) >= x.shape[3]):
+        return x
+    return x.contiguous()
+
+
+def _forward_one_pass(q, k, v, prefix_k, prefix_v, prefix_index, kv_mask, causal, scale):
+    return torch.ops.prefix_kernels_cpu.fwd(
+        *(_blas_rows(t) for t in (q, k, v, prefix_k, prefix_v)),
+        None if prefix_index is None else prefix_index.long(), kv_mask, bool(causal), float(scale))
+
+
+def _backward_one_pass(dout, dlse, q, k, v, prefix_k, prefix_v, prefix_index, kv_mask, causal, scale, out, lse):
+    return torch.ops.prefix_kernels_cpu.bwd(
+        _blas_rows(dout.to(q.dtype)), dlse, *(_blas_rows(t) for t in (q, k, v, prefix_k, prefix_v)),
+        None if prefix_index is None else prefix_index.long(), kv_mask, _blas_rows(out), lse.float(),
+        bool(causal), float(scale))
 
 
 def _cpu_flash():
@@ -305,6 +334,8 @@ def _grad_layout(x, zero: bool = False):
 
 def forward(q, k, v, prefix_k, prefix_v, prefix_index, kv_mask, causal: bool, scale: float):
     """Returns out (B, Hq, Lq, D) in q's dtype and the natural-log lse (B, Hq, Lq) in float32."""
+    if _fused_cpu(q) and _one_pass(q, k, v, prefix_k, prefix_v):
+        return _forward_one_pass(q, k, v, prefix_k, prefix_v, prefix_index, kv_mask, causal, scale)
     if _fused_cpu(q):
         fused = _forward_cpu(q, k, v, prefix_k, prefix_v, prefix_index, kv_mask, causal, scale)
         if fused is not None:
@@ -342,6 +373,9 @@ def backward(dout, dlse, q, k, v, prefix_k, prefix_v, prefix_index, kv_mask, cau
     With p = softmax probabilities over all visible keys and delta = rowsum(dout * out) - dlse:
     dv = p^T dout, ds = p * (dout v^T - delta), dq = scale * ds k, dk = scale * ds^T q.
     """
+    if _fused_cpu(q) and _one_pass(q, k, v, prefix_k, prefix_v):
+        return _backward_one_pass(dout, dlse, q, k, v, prefix_k, prefix_v, prefix_index, kv_mask, causal, scale,
+                                  out, lse)
     if dlse is None and _fused_cpu(q):
         fused = _backward_cpu(dout, q, k, v, prefix_k, prefix_v, prefix_index, kv_mask, causal, scale, out, lse)
         if fused is not None:

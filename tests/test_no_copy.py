@@ -24,8 +24,10 @@ detector: that proves the test can fail.
 
 Custom ops (prefix_kernels::fwd / ::bwd, torch.library) are opaque to a
 dispatch mode (the mode is popped while it handles an op), so the recorder runs
-their Python implementation itself, under the mode, to see inside them.  An op
-it cannot open is reported and fails the test rather than being trusted.
+their Python implementation itself, under the mode, to see inside them, and
+the one-pass CPU kernel's C++ ops (prefix_kernels_cpu::fwd / ::bwd) past the
+Python key, so that their at:: allocations reach it.  An op it cannot open is
+reported and fails the test rather than being trusted.
 """
 
 from __future__ import annotations
@@ -53,6 +55,14 @@ def _custom_op_impl(func, device_type):
     return fn if fn is not None else getattr(opdef, "_init_fn", None)
 
 
+def _cpp_kernel(func):
+    """The CPU kernel of a C++ op (csrc/prefix_attention_cpu.cpp), called past the Python dispatch
+    key, so that the at:: allocations it makes are dispatched to the recorder. Its std::vector
+    score buffers (rows x (P + Lk) floats per thread) are not tensors and are not seen."""
+    keys = torch._C.DispatchKeySet(torch._C.DispatchKey.CPU)
+    return lambda *args, **kwargs: func.redispatch(keys, *args, **kwargs)
+
+
 class AllocationRecorder(TorchDispatchMode):
     def __init__(self):
         super().__init__()
@@ -67,6 +77,8 @@ class AllocationRecorder(TorchDispatchMode):
             tensors = [x for x in tree_flatten((args, kwargs))[0] if isinstance(x, torch.Tensor)]
             dev = tensors[0].device.type if tensors else "cpu"
             impl = _custom_op_impl(func, dev)
+            if ns == "prefix_kernels_cpu":  # C++ ops: run their CPU kernel under the recorder
+                impl = _cpp_kernel(func)
             if impl is None:
                 self.opaque.append(str(func))
                 out = func(*args, **kwargs)
