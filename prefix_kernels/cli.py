@@ -41,6 +41,11 @@ def _info(args) -> int:
         rows.append(("nvcc", build.find_nvcc() or "not found"))
     except Exception as exc:
         rows.append(("CUDA build cache", f"unavailable ({exc})"))
+    from . import cpu_kernel
+
+    why = cpu_kernel.unavailable()  # builds it (about 10 s) if it is not cached yet
+    rows.append(("CPU kernel (float32)", "built (one pass: prefix and own keys in one row)" if why is None
+                 else f"unavailable, split path used: {why}"))
     from .decode_choice import TABLE, load_table
 
     measured = load_table()
