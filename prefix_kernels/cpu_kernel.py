@@ -61,18 +61,10 @@ def _registered() -> bool:
         return False
 
 
-def _source_dir():
-    here = os.path.dirname(os.path.abspath(__file__))
-    for candidate in (os.path.join(here, "_csrc"), os.path.join(os.path.dirname(here), "csrc")):
-        if os.path.isfile(os.path.join(candidate, SOURCE)):
-            return candidate
-    return None
-
-
 def _build_and_load() -> None:
     from torch.utils import cpp_extension
 
-    src = _source_dir()
+    src = _build.csrc_dir((SOURCE,))
     if src is None:
         raise _build.BuildError(f"{SOURCE} not found (neither prefix_kernels/_csrc nor the checkout's csrc/)")
     if not cpp_extension.is_ninja_available():
@@ -80,29 +72,13 @@ def _build_and_load() -> None:
     capability = _capability()
     directory = _build.cache_dir(f"cpu-{capability}")
     directory.mkdir(parents=True, exist_ok=True)
-    with _build.file_lock(directory / "build.lock"):
-        stale = directory / "lock"  # a killed builder's FileBaton (see cuda/build.py)
-        if stale.exists():
-            stale.unlink()
-        try:
-            cpp_extension.load(
-                name=EXTENSION,
-                sources=[os.path.join(src, SOURCE)],
-                extra_cflags=["-O3", "-fno-math-errno", "-fno-trapping-math", "-fopenmp", *_arch_flags(capability)],
-                extra_ldflags=["-fopenmp"],  # at::parallel_for is OpenMP in the headers
-                build_directory=str(directory),
-                is_python_module=False,
-                verbose=os.environ.get(_build.ENV_VERBOSE, "").strip() not in ("", "0"),
-            )
-        except Exception as exc:
-            text = str(exc)
-            try:
-                (directory / "build-error.log").write_text(text)
-            except OSError:
-                pass
-            raise _build.BuildError(
-                f"build failed: {_build.first_error_line(text)} (full log: {directory / 'build-error.log'})"
-            ) from exc
+    _build.load_locked(
+        directory,
+        name=EXTENSION,
+        sources=[str(src / SOURCE)],
+        extra_cflags=["-O3", "-fno-math-errno", "-fno-trapping-math", "-fopenmp", *_arch_flags(capability)],
+        extra_ldflags=["-fopenmp"],  # at::parallel_for is OpenMP in the headers
+    )
     if not _registered():
         raise _build.BuildError(f"the built library did not register torch.ops.{EXTENSION}.fwd")
 

@@ -1,4 +1,6 @@
-"""Pure-PyTorch split path: the CPU backend and the fallback everywhere.
+"""The torch backend: float32 CPU calls go to the one-pass C++ kernel (csrc/prefix_attention_cpu.cpp,
+built by cpu_kernel.py); everything else takes the pure-PyTorch split path below, the CPU backend
+for bf16/fp16 (or where the kernel cannot be built) and the fallback everywhere.
 
 No request gets a copy of its prefix. The prefix part is one batched matrix product per prefix g,
 batched over the Hkv kv heads, whose rows are the stacked queries of every request that uses g
@@ -103,7 +105,7 @@ def _forward_one_pass(q, k, v, prefix_k, prefix_v, prefix_index, kv_mask, causal
 def _backward_one_pass(dout, dlse, q, k, v, prefix_k, prefix_v, prefix_index, kv_mask, causal, scale, out, lse):
     return torch.ops.prefix_kernels_cpu.bwd(
         _blas_rows(dout.to(q.dtype)), dlse, *(_blas_rows(t) for t in (q, k, v, prefix_k, prefix_v)),
-        None if prefix_index is None else prefix_index.long(), kv_mask, _blas_rows(out), lse.float(),
+        None if prefix_index is None else prefix_index.long(), kv_mask, _blas_rows(out), lse,
         bool(causal), float(scale))
 
 
@@ -334,7 +336,7 @@ def _grad_layout(x, zero: bool = False):
 
 def forward(q, k, v, prefix_k, prefix_v, prefix_index, kv_mask, causal: bool, scale: float):
     """Returns out (B, Hq, Lq, D) in q's dtype and the natural-log lse (B, Hq, Lq) in float32."""
-    if _fused_cpu(q) and _one_pass(q, k, v, prefix_k, prefix_v):
+    if _one_pass(q, k, v, prefix_k, prefix_v):
         return _forward_one_pass(q, k, v, prefix_k, prefix_v, prefix_index, kv_mask, causal, scale)
     if _fused_cpu(q):
         fused = _forward_cpu(q, k, v, prefix_k, prefix_v, prefix_index, kv_mask, causal, scale)
@@ -373,7 +375,7 @@ def backward(dout, dlse, q, k, v, prefix_k, prefix_v, prefix_index, kv_mask, cau
     With p = softmax probabilities over all visible keys and delta = rowsum(dout * out) - dlse:
     dv = p^T dout, ds = p * (dout v^T - delta), dq = scale * ds k, dk = scale * ds^T q.
     """
-    if _fused_cpu(q) and _one_pass(q, k, v, prefix_k, prefix_v):
+    if _one_pass(q, k, v, prefix_k, prefix_v):
         return _backward_one_pass(dout, dlse, q, k, v, prefix_k, prefix_v, prefix_index, kv_mask, causal, scale,
                                   out, lse)
     if dlse is None and _fused_cpu(q):

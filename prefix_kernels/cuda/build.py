@@ -67,12 +67,12 @@ def package_version() -> str:
     return str(version)
 
 
-def csrc_dir() -> Optional[Path]:
-    """Where the CUDA sources are: prefix_kernels/_csrc in an installed wheel (setup.py copies
-    csrc/ there), else csrc/ of the source checkout this package is imported from."""
+def csrc_dir(names=SOURCES + HEADERS) -> Optional[Path]:
+    """Where the C++/CUDA sources `names` are: prefix_kernels/_csrc in an installed wheel (setup.py
+    copies csrc/ there), else csrc/ of the source checkout this package is imported from."""
     here = Path(__file__).resolve().parent
     for candidate in (here.parent / "_csrc", here.parent.parent / "csrc"):
-        if all((candidate / name).is_file() for name in SOURCES + HEADERS):
+        if all((candidate / name).is_file() for name in names):
             return candidate
     return None
 
@@ -199,6 +199,34 @@ def _op_registered() -> bool:
         return False
 
 
+def load_locked(directory: Path, **load_kwargs) -> None:
+    """torch.utils.cpp_extension.load(**load_kwargs) into `directory`, holding its build lock, as a
+    library that registers ops (no Python module). A failure raises BuildError with the first
+    compiler error and writes the whole log to <directory>/build-error.log."""
+    from torch.utils import cpp_extension
+
+    with file_lock(directory / "build.lock"):
+        # Holding our lock, nobody else builds here: a "lock" file of torch's own FileBaton can
+        # only be left over from a builder that was killed, and would make load() wait forever.
+        stale = directory / "lock"
+        if stale.exists():
+            stale.unlink()
+        try:
+            cpp_extension.load(
+                build_directory=str(directory),
+                is_python_module=False,
+                verbose=os.environ.get(ENV_VERBOSE, "").strip() not in ("", "0"),
+                **load_kwargs,
+            )
+        except Exception as exc:
+            text = str(exc)
+            try:
+                (directory / "build-error.log").write_text(text)
+            except OSError:
+                pass
+            raise BuildError(f"build failed: {first_error_line(text)} (full log: {directory / 'build-error.log'})") from exc
+
+
 def _build_and_load() -> None:
     from torch.utils import cpp_extension
 
@@ -217,30 +245,14 @@ def _build_and_load() -> None:
     cuda_flags = ["-O3", "-lineinfo"]
     if not os.environ.get(ENV_ARCH_LIST, "").strip():
         cuda_flags += gencode_flags(archs)  # else torch derives -gencode from TORCH_CUDA_ARCH_LIST
-    with file_lock(directory / "build.lock"):
-        # Holding our lock, nobody else builds here: a "lock" file of torch's own FileBaton can
-        # only be left over from a builder that was killed, and would make load() wait forever.
-        stale = directory / "lock"
-        if stale.exists():
-            stale.unlink()
-        try:
-            cpp_extension.load(
-                name=EXTENSION,
-                sources=[str(src / s) for s in SOURCES],
-                extra_cflags=["-O3"],
-                extra_cuda_cflags=cuda_flags,
-                extra_include_paths=[str(src)],
-                build_directory=str(directory),
-                is_python_module=False,
-                verbose=os.environ.get(ENV_VERBOSE, "").strip() not in ("", "0"),
-            )
-        except Exception as exc:
-            text = str(exc)
-            try:
-                (directory / "build-error.log").write_text(text)
-            except OSError:
-                pass
-            raise BuildError(f"build failed: {first_error_line(text)} (full log: {directory / 'build-error.log'})") from exc
+    load_locked(
+        directory,
+        name=EXTENSION,
+        sources=[str(src / s) for s in SOURCES],
+        extra_cflags=["-O3"],
+        extra_cuda_cflags=cuda_flags,
+        extra_include_paths=[str(src)],
+    )
     if not _op_registered():
         raise BuildError("the built library did not register torch.ops.prefix_kernels_cuda.decode")
 
