@@ -29,6 +29,13 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 LOG2E = 1.4426950408889634
 
 
+def _on_gpu(device: torch.device) -> bool:
+    """Whether launches on `device` take GPU tile sizes and splits; off a GPU (the interpreter)
+    they take small fixed ones. tests/triton_offline_compile.py replaces this to build the GPU
+    launches from CPU tensors."""
+    return device.type == "cuda"
+
+
 @dataclass(frozen=True)
 class Blocks:
     m: int  # query rows per program (forward, dq) / per inner step (dk, dv)
@@ -44,7 +51,7 @@ def _blocks(D: int, dtype: torch.dtype, device: torch.device, backward: bool) ->
     fp32 tiles are twice as large, so their blocks are halved. Backward programs keep two fp32
     accumulators of (BLOCK, D), hence its smaller tiles. Under the interpreter 16 x 16 tiles make
     every test shape cross several blocks in a few steps."""
-    if device.type != "cuda":
+    if not _on_gpu(device):
         return Blocks(16, 16, 1, 1)
     wide = D > 128
     if dtype == torch.float32:
@@ -58,8 +65,12 @@ def _blocks(D: int, dtype: torch.dtype, device: torch.device, backward: bool) ->
     return Blocks(64, 32, 4, 2) if wide else Blocks(64, 64, 4, 3)
 
 
+def _sm_count(device: torch.device) -> int:
+    return _sm_count_of(device.index if device.index is not None else torch.cuda.current_device())
+
+
 @lru_cache(maxsize=None)
-def _sm_count(index: int) -> int:
+def _sm_count_of(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
@@ -72,9 +83,9 @@ def _prefix_splits(B: int, G: int, kv_programs: int, device: torch.device) -> in
     partial buffer never reaches the (B, Hkv, P, D) size of a per-request copy.
     """
     cap = max(1, B // (2 * G))
-    if device.type != "cuda":
+    if not _on_gpu(device):
         return min(2, cap)  # exercise the split-and-sum path under the interpreter
-    target = 2 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    target = 2 * _sm_count(device)
     return max(1, min(cap, triton.cdiv(target, kv_programs), 65535 // G))
 
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 import triton
 
-from .attention import LOG2E, _blocks, _mask_args, _precision, _sm_count
+from .attention import LOG2E, _blocks, _mask_args, _on_gpu, _precision, _sm_count
 from .kernels.decode import decode_merge_kernel, decode_own_kernel, decode_prefix_kernel
 
 # Splits on a CPU (the interpreter): fixed and small, so that the tests exercise the split and
@@ -48,7 +48,7 @@ def _decode_blocks(D: int, R: int, dtype: torch.dtype, device: torch.device) -> 
     the forward's BLOCK_M. Not autotuned: no GPU was at hand when these were set.
     Under the interpreter 16-row blocks and 32-key tiles make the test shapes cross several row
     blocks and tiles."""
-    if device.type != "cuda":
+    if not _on_gpu(device):
         return DecodeBlocks(16, 32, max(16, min(32, triton.next_power_of_2(R))), 32, 1, 1)
     fwd = _blocks(D, dtype, device, backward=False)
     own_m = max(16, min(fwd.m, triton.next_power_of_2(R)))
@@ -114,7 +114,7 @@ def forward(q, k, v, prefix_k, prefix_v, prefix_index, kv_mask, causal: bool, sc
     lse = torch.empty((B, Hq, Lq), dtype=torch.float32, device=dev)
 
     blk = _decode_blocks(D, R, q.dtype, dev)
-    sm = _sm_count(dev.index if dev.index is not None else torch.cuda.current_device()) if dev.type == "cuda" else None
+    sm = _sm_count(dev) if _on_gpu(dev) else None
     BLOCK_D = max(16, triton.next_power_of_2(D))
     precision = _precision(q.dtype)
     qk_scale = scale * LOG2E
