@@ -48,21 +48,29 @@ def _blocks(D: int, dtype: torch.dtype, device: torch.device, backward: bool) ->
     """Tile sizes, chosen to fit shared memory and registers rather than tuned (no GPU was at
     hand when they were set; autotuning on a GPU is owed). Forward at D = 128 in 16-bit:
     Q 64x128x2 B = 16 KB plus K and V 64x128x2 B x 2 x 3 stages = 96 KB, inside an A100's 164 KB.
-    fp32 tiles are twice as large, so their blocks are halved. Backward programs keep two fp32
-    accumulators of (BLOCK, D), hence its smaller tiles. Under the interpreter 16 x 16 tiles make
-    every test shape cross several blocks in a few steps."""
+    Backward programs keep two fp32 accumulators of (BLOCK, D), hence its smaller tiles.
+
+    Registers were checked by compiling every launch offline for sm_80 and sm_90 with triton
+    3.6 and 3.9 (tests/triton_offline_compile.py; table in benchmarks/NOTES.md):
+    - fp32 takes exact products (PRECISION "ieee"), which Triton does with FMAs that hold whole
+      operand tiles in registers: the earlier 64x32 tiles on 4 warps spilled 4-7 KB per thread
+      at D >= 80 (ptxas fell back to 32 registers and the stack). 32x16 tiles on 8 warps use
+      <= 128 registers and <= 32 B of stack at every D;
+    - 16-bit D > 128: 4 warps spilled 440-1500 B per thread in the decode prefix kernel (which
+      takes these tiles); 8 warps spill nothing.
+    Under the interpreter 16 x 16 tiles make every test shape cross several blocks in a few steps."""
     if not _on_gpu(device):
         return Blocks(16, 16, 1, 1)
     wide = D > 128
     if dtype == torch.float32:
         if backward:
-            return Blocks(16, 16, 4, 1) if wide else Blocks(32, 32, 4, 1)
-        return Blocks(32, 16, 4, 2) if wide else Blocks(64, 32, 4, 2)
+            return Blocks(32, 16, 8, 1)
+        return Blocks(32, 32, 8, 2) if D <= 64 else Blocks(32, 16, 8, 2)
     if backward:
         return Blocks(16, 32, 4, 1) if wide else Blocks(32, 64, 4, 2)
     if D <= 64:
         return Blocks(128, 64, 4, 3)
-    return Blocks(64, 32, 4, 2) if wide else Blocks(64, 64, 4, 3)
+    return Blocks(64, 32, 8, 2) if wide else Blocks(64, 64, 4, 3)
 
 
 def _sm_count(device: torch.device) -> int:
