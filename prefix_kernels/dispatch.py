@@ -63,6 +63,33 @@ def triton_interpreted() -> bool:
     return attention.INTERPRETED
 
 
+def _major_minor(version: str) -> tuple[int, int]:
+    parts = (version.split("+")[0].split(".") + ["0", "0"])[:2]
+    return tuple(int("".join(ch for ch in part if ch.isdigit()) or 0) for part in parts)
+
+
+def interpreter_numpy_clash(triton_version: str, numpy_version: str) -> str | None:
+    """Why this triton's interpreter cannot run our kernels under this numpy, or None.
+
+    triton 3.6's interpreter turns a 1-element array into a loop bound with int(array), which
+    numpy 2.4 refuses (a deprecation since numpy 1.25): every kernel whose loop bound depends on
+    a program id then raises TypeError. triton 3.9's interpreter is fine (CI runs it); 3.7 and
+    3.8 were not checked, so they are declined with 3.6.
+    """
+    if _major_minor(triton_version) < (3, 9) and _major_minor(numpy_version) >= (2, 4):
+        return (f"the Triton interpreter of triton {triton_version} fails under numpy {numpy_version}: it calls "
+                "int() on 1-element arrays, which numpy 2.4 refuses; use triton >= 3.9 or numpy < 2.4")
+    return None
+
+
+@torch.compiler.assume_constant_result
+def _installed_interpreter_clash() -> str | None:
+    import numpy
+    import triton
+
+    return interpreter_numpy_clash(triton.__version__, numpy.__version__)
+
+
 def _triton_device_reasons(p: Problem) -> list[str]:
     """Why triton cannot run on these tensors at all (shared by the op and the decode path)."""
     reasons = []
@@ -74,6 +101,10 @@ def _triton_device_reasons(p: Problem) -> list[str]:
         reasons.append("CPU tensors need the Triton interpreter: set TRITON_INTERPRET=1 before importing prefix_kernels")
     elif p.device.type not in ("cpu", "cuda"):
         reasons.append(f"device type {p.device.type!r} is not supported (cuda, or cpu under TRITON_INTERPRET=1)")
+    if interpreted and p.device.type == "cpu":
+        clash = _installed_interpreter_clash()
+        if clash is not None:
+            reasons.append(clash)
     if interpreted and p.device.type == "cpu" and p.dtype == torch.bfloat16:
         reasons.append("bfloat16 tl.dot returns wrong values under the Triton interpreter (triton 3.9)")
     if p.device.type == "cuda" and not interpreted and p.dtype == torch.bfloat16:

@@ -58,6 +58,11 @@ def triton_device():
     same small lane runs on the GPU.
     """
     if triton_interpreting():
+        from prefix_kernels.dispatch import _installed_interpreter_clash
+
+        clash = _installed_interpreter_clash()
+        if clash is not None:
+            pytest.skip(clash)
         return "cpu"
     if torch.cuda.is_available():
         return "cuda"

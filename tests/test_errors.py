@@ -152,6 +152,36 @@ def test_no_backend_error_triton_bf16_on_cpu():
     assert invoke(call).dtype == torch.bfloat16
 
 
+@pytest.mark.parametrize("triton_version, numpy_version, clash", [
+    ("3.6.0", "2.4.6", True),  # checked: every looped kernel raises TypeError in the interpreter
+    ("3.6.0", "2.2.6", False),  # checked: the triton tests pass (with deprecation warnings)
+    ("3.6.0", "2.3.5", False),  # numpy 2.3 still only warns
+    ("3.8.1", "2.4.0", True),  # not checked, so declined
+    ("3.9.0", "2.4.6", False),  # CI's pair
+    ("3.10.0+git1234", "3.0.0rc1", False),
+])
+def test_interpreter_numpy_clash(triton_version, numpy_version, clash):
+    from prefix_kernels.dispatch import interpreter_numpy_clash
+
+    reason = interpreter_numpy_clash(triton_version, numpy_version)
+    assert (reason is not None) == clash
+    if clash:
+        assert triton_version in reason and numpy_version in reason and "triton >= 3.9" in reason
+
+
+def test_interpreter_numpy_clash_declines_triton_on_cpu(monkeypatch):
+    from prefix_kernels import dispatch
+
+    monkeypatch.setattr(dispatch, "triton_interpreted", lambda: True)
+    monkeypatch.setattr(dispatch, "_installed_interpreter_clash", lambda: "the interpreter clashes")
+    call = base()
+    call["backend"] = "triton"
+    with pytest.raises(NoBackendError, match="the interpreter clashes"):
+        invoke(call)
+    call["backend"] = "auto"  # falls to the torch backend
+    assert invoke(call).shape == (B, HQ, LQ, D)
+
+
 def test_no_backend_error_is_catchable_as_value_error():
     call = base()
     for name in ("q", "k", "v", "prefix_k", "prefix_v"):
