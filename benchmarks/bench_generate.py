@@ -18,6 +18,8 @@ valid reduction order can flip a sampled token).
 
     python benchmarks/bench_generate.py             # GPU, full shapes
     python benchmarks/bench_generate.py --smoke     # CPU, tiny model (keeps the script from rotting)
+    python benchmarks/bench_generate.py --cpu       # CPU, a 4-layer model: 16 samples of 32 tokens
+                                                    # from one 512-token prompt, fp32 (a minute)
 """
 
 from __future__ import annotations
@@ -39,6 +41,9 @@ PROVIDERS = ("hf_generate_sdpa", "prefix_kernels_generate")
 
 LLAMA_1B = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
                 num_key_value_heads=8, vocab_size=128256)
+# --cpu: a model small enough for a 2-core CPU, with the same GQA ratio (4 query heads per kv head).
+CPU_SMALL = dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=4, num_attention_heads=8,
+                 num_key_value_heads=2, vocab_size=8192)
 TINY = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, vocab_size=101)
 SEED = 1234
@@ -143,6 +148,7 @@ def run(model_cfg, prompt_len, samples, new_tokens, providers, device, dtype, re
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--smoke", action="store_true", help="tiny model on the CPU")
+    ap.add_argument("--cpu", action="store_true", help="a small model on the CPU (hidden 512, 4 layers, 512-token prompt)")
     ap.add_argument("--out", type=Path, default=RESULTS, help="JSON-lines file to upsert rows into")
     ap.add_argument("--providers", nargs="*", default=list(PROVIDERS), choices=list(PROVIDERS))
     ap.add_argument("--samples", type=int, nargs="*", default=None,
@@ -152,8 +158,11 @@ def main(argv=None):
     if args.smoke:
         return run(TINY, 8, args.samples or [4], 4, args.providers, torch.device("cpu"), torch.float32,
                    min(args.repeats, 2), args.out)
+    if args.cpu:
+        return run(CPU_SMALL, 512, args.samples or [16], 32, args.providers, torch.device("cpu"), torch.float32,
+                   args.repeats, args.out)
     if not torch.cuda.is_available():
-        ap.error("no CUDA device: run with --smoke on a CPU")
+        ap.error("no CUDA device: run with --smoke or --cpu on a CPU")
     return run(LLAMA_1B, 2048, args.samples or [64], 256, args.providers, torch.device("cuda"), torch.bfloat16,
                args.repeats, args.out)
 
