@@ -155,7 +155,7 @@ def plot_all(results: Path = RESULTS, out: Path | None = None) -> list[Path]:
                     ax.axhline(1.0, color="grey", lw=0.8, ls="--")
                     ax.set_xscale("log", base=2)
                     ax.set_ylim(bottom=0)
-                    ax.set_xlabel(x_field + (" (samples N)" if workload == "generate" and x_field == "B" else ""))
+                    ax.set_xlabel(x_field + (" (N sequences)" if workload == "generate" and x_field == "B" else ""))
                     ax.set_ylabel("speedup (baseline ms / prefix_kernels ms)")
                     ax.set_title(panel, fontsize=9)
                     ax.legend(fontsize=7)
