@@ -5,6 +5,14 @@
 
 #include "shared_prefix_decode.cuh"
 
+// kernel<<<grid, threads, smem, stream>>>(p); the host emulation (tests/cuda_emu) runs the same
+// launch on CPU threads. The kernel comes last: its template arguments contain a comma.
+#ifdef SPD_EMULATE
+#define SPD_LAUNCH(grid, threads, smem, stream, p, ...) spd_emu::launch(__VA_ARGS__, grid, threads, smem, p)
+#else
+#define SPD_LAUNCH(grid, threads, smem, stream, p, ...) __VA_ARGS__<<<grid, threads, smem, stream>>>(p)
+#endif
+
 namespace spd {
 namespace {
 
@@ -84,7 +92,7 @@ cudaError_t launch_typed(const Params& p, const spd_plan& plan, cudaStream_t str
     if (err != cudaSuccess) return err;
     const dim3 grid(static_cast<unsigned>(plan.prefix_grid_x), static_cast<unsigned>(p.Hkv),
                     static_cast<unsigned>(p.prefix_splits));
-    prefix_kernel<T, D><<<grid, C::THREADS, C::SMEM, stream>>>(p);
+    SPD_LAUNCH(grid, C::THREADS, C::SMEM, stream, p, prefix_kernel<T, D>);
     err = cudaGetLastError();
     if (err != cudaSuccess) return err;
   }
@@ -93,12 +101,12 @@ cudaError_t launch_typed(const Params& p, const spd_plan& plan, cudaStream_t str
     if (err != cudaSuccess) return err;
     const dim3 grid(static_cast<unsigned>(static_cast<int64_t>(p.B) * p.Hkv * p.request_row_blocks),
                     static_cast<unsigned>(p.request_splits));
-    request_kernel<T, D><<<grid, C::THREADS, C::SMEM, stream>>>(p);
+    SPD_LAUNCH(grid, C::THREADS, C::SMEM, stream, p, request_kernel<T, D>);
     err = cudaGetLastError();
     if (err != cudaSuccess) return err;
   }
   const unsigned merge_blocks = static_cast<unsigned>(cdiv(p.rows_total, kMergeWarps));
-  merge_kernel<T><<<merge_blocks, 32 * kMergeWarps, 0, stream>>>(p);
+  SPD_LAUNCH(merge_blocks, 32 * kMergeWarps, 0, stream, p, merge_kernel<T>);
   return cudaGetLastError();
 }
 

@@ -127,6 +127,24 @@ __device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float lo, float hi) {
   return *reinterpret_cast<uint32_t*>(&h);
 }
 
+#ifdef SPD_EMULATE
+// Host emulation (tests/cuda_emu): the same four helpers without PTX.
+template <typename T>
+__device__ __forceinline__ void mma16816(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                         uint32_t b0, uint32_t b1) {
+  if constexpr (std::is_same<T, __half>::value) {
+    spd_emu_mma16816<spd_emu_half_to_float>(d, a0, a1, a2, a3, b0, b1);
+  } else {
+    spd_emu_mma16816<spd_emu_bf16_to_float>(d, a0, a1, a2, a3, b0, b1);
+  }
+}
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool full) {
+  spd_emu_cp_async16(smem, gmem, full);
+}
+__device__ __forceinline__ void cp_async_commit() {}
+template <int PENDING>
+__device__ __forceinline__ void cp_async_wait() {}
+#else
 // d (16x8, fp32) += a (16x16, row-major) * b (16x8, column-major), one warp.
 template <typename T>
 __device__ __forceinline__ void mma16816(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
@@ -161,6 +179,7 @@ template <int PENDING>
 __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(PENDING) : "memory");
 }
+#endif  // SPD_EMULATE
 
 __device__ __forceinline__ uint32_t lds32(const void* p) { return *reinterpret_cast<const uint32_t*>(p); }
 
