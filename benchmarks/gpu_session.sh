@@ -21,8 +21,8 @@ if [ "$PHASE" = tests ] || [ "$PHASE" = all ]; then
   # the GPU lane (realistic sizes, 64-bit offsets, fuzzing), then the triton/decode/cuda tests
   # that the CPU runs under the interpreter, now compiled for the GPU
   limit 330 python3 -m pytest tests -m gpu -q -p no:cacheprovider --maxfail=10 -rs 2>&1 | tee "$OUT/tests.log"
-  # (not the offline compile check: here the kernels compile for the real card anyway)
-  limit 150 python3 -m pytest tests -m "not gpu" -k "(triton or decode or cuda) and not triton_gpu_compile" -q -p no:cacheprovider \
+  # (not the offline compile check nor the CUDA kernels' CPU emulation: here the real ones run)
+  limit 150 python3 -m pytest tests -m "not gpu" -k "(triton or decode or cuda) and not triton_gpu_compile and not emulated" -q -p no:cacheprovider \
     --maxfail=10 2>&1 | tail -n 40 | tee -a "$OUT/tests.log"
   limit 60 python3 -m prefix_kernels.cli verify 2>&1 | tee -a "$OUT/tests.log"
 fi

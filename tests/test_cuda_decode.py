@@ -1,4 +1,4 @@
-"""The CUDA decode kernels (csrc/) against reference_attention, on a GPU.
+"""The CUDA decode kernels (csrc/) against reference_attention: on a GPU, and under the host emulation.
 
 Every case checks out and lse with the FlashAttention-style rule of helpers.check_quantity
 (error at most twice plain PyTorch's error in the same dtype, plus a rounding floor), rows that
@@ -6,30 +6,39 @@ see no key (out exactly 0, lse -inf), no NaN, and the output layout (memory (B, 
 The main grid: bf16/fp16/fp32 x Lq {1, 4} x T {1, 37, 300} x P {0, 5, 257} x G {1, 2}, GQA,
 left padding with a fully padded request. Then every compiled head dim, non-causal, strided
 inputs (element loads instead of 16-byte copies), large GQA groups and many requests per prefix,
-uint8 masks and int32 indices, opcheck and torch.compile.
+uint8 masks and int32 indices, determinism; on a GPU also opcheck and torch.compile.
 
-Marked gpu: skipped on a machine without CUDA (tests/conftest.py); skipped with the reason when
-the backend is disabled by environment or nvcc is missing; a failed build fails the tests.
+Each kernel test runs on two implementations (the `impl` fixture):
+- "cuda": the torch binding on a GPU. Marked gpu: skipped on a machine without CUDA
+  (tests/conftest.py); skipped with the reason when the backend is disabled by environment or nvcc
+  is missing; a failed build fails the tests.
+- "emulated": the unchanged sources compiled by g++ with -DSPD_EMULATE (tests/cuda_emu: one
+  std::thread per CUDA thread, barriers for __syncthreads/__syncwarp, mma.sync and shuffles
+  exchanged through per-warp buffers), called on CPU tensors through the same C launcher API as
+  the binding. Outputs and workspace start as NaN, so an element left unwritten shows. This checks
+  what the kernels compute (indexing, masks, causal limits, the online softmax, splits, merge),
+  not timing, memory ordering, races or mma.sync's own rounding (it sums in fp32). About 75 s.
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from helpers import DTYPE_NAMES, check_quantity, make_inputs, run_same_dtype, run_truth
 
-pytestmark = pytest.mark.gpu
-
 FP16, BF16, FP32 = torch.float16, torch.bfloat16, torch.float32
 TENSORS = ("q", "k", "v", "prefix_k", "prefix_v")
 
 
-@pytest.fixture(scope="module")
-def cuda_backend():
+def _cuda_backend():
+    """prefix_kernels.cuda.decode_forward, after the build (skips when it cannot build here)."""
     from prefix_kernels.checks import Problem
     from prefix_kernels.cuda import build, decode_reasons
 
@@ -43,6 +52,29 @@ def cuda_backend():
     from prefix_kernels.cuda import decode_forward
 
     return decode_forward
+
+
+def _emulated_backend():
+    sys.path.insert(0, str(Path(__file__).resolve().parent / "cuda_emu"))
+    import spd_emu
+
+    if spd_emu.compiler() is None:
+        pytest.skip("no g++ to build the emulation")
+    return functools.partial(spd_emu.decode, spd_emu.build())
+
+
+@pytest.fixture(scope="module", params=[pytest.param("cuda", marks=pytest.mark.gpu), "emulated"])
+def impl(request):
+    """(decode function (q, k, v, pk, pv, prefix_index, kv_mask, causal, scale) -> (out, lse), device)."""
+    if request.param == "cuda":
+        return _cuda_backend(), "cuda"
+    return _emulated_backend(), "cpu"
+
+
+@pytest.fixture(scope="module")
+def cuda_backend():
+    """The torch binding alone, for what only it has (the op registration)."""
+    return _cuda_backend()
 
 
 def check_case(decode_forward, inp, *, causal=True, scale=None, desc=""):
@@ -72,72 +104,88 @@ GRID = list(itertools.product((BF16, FP16, FP32), (1, 4), (1, 37, 300), (0, 5, 2
 
 @pytest.mark.parametrize("dtype, Lq, T, P, G", GRID,
                          ids=[f"{DTYPE_NAMES[d]}-Lq{lq}-T{t}-P{p}-G{g}" for d, lq, t, p, g in GRID])
-def test_grid(cuda_backend, dtype, Lq, T, P, G):
-    inp = make_inputs(4, 8, 2, Lq, T, P, 64, G, dtype, device="cuda", padding="left", requires_grad=False)
-    check_case(cuda_backend, inp, desc=f"{DTYPE_NAMES[dtype]} Lq={Lq} T={T} P={P} G={G}")
+def test_grid(impl, dtype, Lq, T, P, G):
+    decode, device = impl
+    inp = make_inputs(4, 8, 2, Lq, T, P, 64, G, dtype, device=device, padding="left", requires_grad=False)
+    check_case(decode, inp, desc=f"{DTYPE_NAMES[dtype]} Lq={Lq} T={T} P={P} G={G}")
 
 
 @pytest.mark.parametrize("D", (64, 80, 96, 128, 256))
 @pytest.mark.parametrize("dtype", (BF16, FP16, FP32), ids=lambda d: DTYPE_NAMES[d])
 @pytest.mark.parametrize("causal", (True, False), ids=("causal", "full"))
-def test_head_dims(cuda_backend, D, dtype, causal):
-    inp = make_inputs(3, 4, 2, 3, 75, 33, D, 3, dtype, device="cuda", padding="right", requires_grad=False)
-    check_case(cuda_backend, inp, causal=causal, desc=f"D={D} {DTYPE_NAMES[dtype]} causal={causal}")
+def test_head_dims(impl, D, dtype, causal):
+    decode, device = impl
+    inp = make_inputs(3, 4, 2, 3, 75, 33, D, 3, dtype, device=device, padding="right", requires_grad=False)
+    check_case(decode, inp, causal=causal, desc=f"D={D} {DTYPE_NAMES[dtype]} causal={causal}")
 
 
 @pytest.mark.parametrize("dtype", (BF16, FP16, FP32), ids=lambda d: DTYPE_NAMES[d])
-def test_strided_inputs(cuda_backend, dtype):
+def test_strided_inputs(impl, dtype):
     """transformers' (B, L, H, D) transposes (16-byte copies) and a D-strided view (element loads)."""
-    inp = make_inputs(3, 8, 2, 4, 37, 5, 80, 2, dtype, device="cuda", padding="left", transposed=True,
+    decode, device = impl
+    inp = make_inputs(3, 8, 2, 4, 37, 5, 80, 2, dtype, device=device, padding="left", transposed=True,
                       requires_grad=False)
-    check_case(cuda_backend, inp, desc="transposed")
+    check_case(decode, inp, desc="transposed")
     for name in TENSORS:  # every other element of a twice-as-wide tensor: stride 2 along D
         x = inp[name]
-        wide = torch.zeros(*x.shape[:-1], 2 * x.shape[-1], dtype=dtype, device="cuda")
+        wide = torch.zeros(*x.shape[:-1], 2 * x.shape[-1], dtype=dtype, device=device)
         wide[..., ::2] = x
         inp[name] = wide[..., ::2]
-    check_case(cuda_backend, inp, desc="D stride 2")
+    check_case(decode, inp, desc="D stride 2")
 
 
 @pytest.mark.parametrize("dtype", (BF16, FP32), ids=lambda d: DTYPE_NAMES[d])
-def test_large_groups_and_many_requests(cuda_backend, dtype):
+def test_large_groups_and_many_requests(impl, dtype):
+    decode, device = impl
     # MQA, 16 query heads x Lq 16 = 256 rows per (request, kv head): several row blocks per request.
-    inp = make_inputs(3, 16, 1, 16, 300, 70, 128, 2, dtype, device="cuda", padding="left", requires_grad=False)
-    check_case(cuda_backend, inp, desc="MQA 256 rows")
+    inp = make_inputs(3, 16, 1, 16, 300, 70, 128, 2, dtype, device=device, padding="left", requires_grad=False)
+    check_case(decode, inp, desc="MQA 256 rows")
     # 67 requests on 3 prefixes: each prefix stacks ~22 x 4 x 2 rows over several row blocks.
-    inp = make_inputs(67, 8, 2, 2, 41, 257, 64, 3, dtype, device="cuda", padding="left", requires_grad=False)
-    check_case(cuda_backend, inp, desc="67 requests")
+    inp = make_inputs(67, 8, 2, 2, 41, 257, 64, 3, dtype, device=device, padding="left", requires_grad=False)
+    check_case(decode, inp, desc="67 requests")
     # Every request on the same prefix, prefix_index given.
-    inp = make_inputs(9, 4, 4, 1, 19, 130, 96, 1, dtype, device="cuda", padding="left", requires_grad=False)
-    check_case(cuda_backend, inp, desc="one prefix, explicit index")
+    inp = make_inputs(9, 4, 4, 1, 19, 130, 96, 1, dtype, device=device, padding="left", requires_grad=False)
+    check_case(decode, inp, desc="one prefix, explicit index")
 
 
-def test_index_and_mask_dtypes(cuda_backend):
-    inp = make_inputs(5, 8, 2, 1, 37, 5, 128, 3, BF16, device="cuda", padding="left", requires_grad=False,
+def test_index_and_mask_dtypes(impl):
+    decode, device = impl
+    inp = make_inputs(5, 8, 2, 1, 37, 5, 128, 3, BF16, device=device, padding="left", requires_grad=False,
                       index_dtype=torch.int32)
-    ref_out, ref_lse = check_case(cuda_backend, inp, desc="int32 index")
+    ref_out, ref_lse = check_case(decode, inp, desc="int32 index")
     inp["kv_mask"] = inp["kv_mask"].to(torch.uint8)
-    out, lse = check_case(cuda_backend, inp, desc="uint8 mask")
+    out, lse = check_case(decode, inp, desc="uint8 mask")
     assert torch.equal(out, ref_out) and torch.equal(lse, ref_lse)
 
 
-def test_prefix_only_and_no_keys(cuda_backend):
-    inp = make_inputs(3, 4, 2, 2, 0, 9, 64, 2, FP16, device="cuda", requires_grad=False)  # T = 0
-    check_case(cuda_backend, inp, desc="T=0")
-    inp = make_inputs(3, 4, 2, 2, 0, 0, 64, 1, FP16, device="cuda", requires_grad=False)  # nothing at all
-    out, lse = check_case(cuda_backend, inp, desc="T=0, P=0")
+def test_prefix_only_and_no_keys(impl):
+    decode, device = impl
+    inp = make_inputs(3, 4, 2, 2, 0, 9, 64, 2, FP16, device=device, requires_grad=False)  # T = 0
+    check_case(decode, inp, desc="T=0")
+    inp = make_inputs(3, 4, 2, 2, 0, 0, 64, 1, FP16, device=device, requires_grad=False)  # nothing at all
+    out, lse = check_case(decode, inp, desc="T=0, P=0")
     assert torch.all(out == 0) and torch.all(torch.isneginf(lse))
 
 
-def test_deterministic(cuda_backend):
-    inp = make_inputs(6, 8, 2, 4, 300, 257, 128, 2, BF16, device="cuda", padding="left", requires_grad=False)
+def test_deterministic(impl):
+    decode, device = impl
+    inp = make_inputs(6, 8, 2, 4, 300, 257, 128, 2, BF16, device=device, padding="left", requires_grad=False)
     args = [inp[n] for n in TENSORS] + [inp["prefix_index"], inp["kv_mask"], True, 0.1]
-    first = cuda_backend(*args)
+    first = decode(*args)
     for _ in range(3):
-        again = cuda_backend(*args)
+        again = decode(*args)
         assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
 
 
+@pytest.mark.parametrize("sms", (1, 8, 132))
+def test_split_counts_emulated(sms):
+    """The plan splits keys to fill `sms` multiprocessors: 1 gives the fewest splits, 132 the most.
+    (On a GPU the binding passes the device's own count; the emulation can try several.)"""
+    inp = make_inputs(2, 8, 2, 1, 700, 1500, 128, 1, BF16, padding="left", requires_grad=False)
+    check_case(functools.partial(_emulated_backend(), sms=sms), inp, desc=f"{sms} SMs")
+
+
+@pytest.mark.gpu
 def test_opcheck_and_compile(cuda_backend):
     inp = make_inputs(3, 4, 2, 2, 37, 5, 64, 2, FP16, device="cuda", padding="left", requires_grad=False)
     args = (*(inp[n] for n in TENSORS), inp["prefix_index"], inp["kv_mask"], True, 0.125)

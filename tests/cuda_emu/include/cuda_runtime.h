@@ -3,7 +3,7 @@
 // The decode kernels have never run on a GPU (none was lent while they were written). This header
 // stands in for cuda_runtime.h, cuda_fp16.h and cuda_bf16.h when the same sources are compiled
 // by g++ with -DSPD_EMULATE, so their logic runs on the CPU: one std::thread per CUDA thread of a
-// block (blocks run one after another), __syncthreads and __syncwarp as std::barrier, warp shuffles
+// block (blocks run one after another on the same threads), __syncthreads and __syncwarp as std::barrier, warp shuffles
 // and mma.sync m16n8k16 as exchanges through per-warp buffers (fragment layouts as in the PTX ISA),
 // cp.async as an immediate 16-byte copy. It checks what the kernels compute (indexing, masks,
 // online softmax, splits, merge), not timing, memory ordering or races.
@@ -198,8 +198,9 @@ inline cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr, int) {
 
 namespace spd_emu {
 
-// kernel<<<grid, threads, smem>>>(p): every block in turn, one std::thread per CUDA thread. A
-// thread that returns early drops out of the barriers, as it stops counting on a GPU.
+// kernel<<<grid, threads, smem>>>(p): every block in turn, one std::thread per CUDA thread (the
+// same threads for every block). A thread that returns early drops out of its block's barriers,
+// as it stops counting on a GPU; a fresh Block is made for the next block once all have finished.
 template <typename P>
 inline void launch(void (*kernel)(P), dim3 grid, dim3 threads, size_t smem, const P& p) {
   if (threads.x * threads.y * threads.z > 1024 || smem > kSharedBytes || threads.y != 1 || threads.z != 1) {
@@ -209,26 +210,29 @@ inline void launch(void (*kernel)(P), dim3 grid, dim3 threads, size_t smem, cons
   gridDim = grid;
   blockDim = threads;
   const int n = static_cast<int>(threads.x);
-  for (unsigned z = 0; z < grid.z; ++z) {
-    for (unsigned y = 0; y < grid.y; ++y) {
-      for (unsigned x = 0; x < grid.x; ++x) {
-        Block b(n);
-        std::vector<std::thread> pool;
-        pool.reserve(n);
-        for (int t = 0; t < n; ++t) {
-          pool.emplace_back([&, t] {
-            threadIdx = dim3(t);
-            blockIdx = dim3(x, y, z);
-            block = &b;
-            kernel(p);
-            b.warps[t >> 5]->arrive_and_drop();
-            b.all.arrive_and_drop();
-          });
+  auto current = std::make_unique<Block>(n);
+  std::barrier<> between(n);
+  auto worker = [&](int t) {
+    threadIdx = dim3(t);
+    for (unsigned z = 0; z < grid.z; ++z) {
+      for (unsigned y = 0; y < grid.y; ++y) {
+        for (unsigned x = 0; x < grid.x; ++x) {
+          blockIdx = dim3(x, y, z);
+          block = current.get();
+          kernel(p);
+          block->warps[t >> 5]->arrive_and_drop();
+          block->all.arrive_and_drop();
+          between.arrive_and_wait();
+          if (t == 0) current = std::make_unique<Block>(n);
+          between.arrive_and_wait();
         }
-        for (auto& th : pool) th.join();
       }
     }
-  }
+  };
+  std::vector<std::thread> pool;
+  pool.reserve(n);
+  for (int t = 0; t < n; ++t) pool.emplace_back(worker, t);
+  for (auto& th : pool) th.join();
 }
 
 }  // namespace spd_emu
