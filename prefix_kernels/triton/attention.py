@@ -54,10 +54,10 @@ def _blocks(D: int, dtype: torch.dtype, device: torch.device, backward: bool) ->
     3.6 and 3.9 (tests/triton_offline_compile.py; table in benchmarks/NOTES.md):
     - fp32 takes exact products (PRECISION "ieee"), which Triton does with FMAs that hold whole
       operand tiles in registers: the earlier 64x32 tiles on 4 warps spilled 4-7 KB per thread
-      at D >= 80 (ptxas fell back to 32 registers and the stack). 32x16 tiles on 8 warps use
-      <= 128 registers and <= 32 B of stack at every D;
+      at D >= 80 (ptxas fell back to 32 registers and the stack). 32x16 tiles on 8 warps keep
+      the stack at <= 56 B per thread at every D (registers <= 128 on sm_80, up to 255 on sm_90);
     - 16-bit D > 128: 4 warps spilled 440-1500 B per thread in the decode prefix kernel (which
-      takes these tiles); 8 warps spill nothing.
+      takes these tiles); on 8 warps at most 24 B.
     Under the interpreter 16 x 16 tiles make every test shape cross several blocks in a few steps."""
     if not _on_gpu(device):
         return Blocks(16, 16, 1, 1)
