@@ -136,6 +136,17 @@ void check(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.size(3) <= 1 || t.stride(3) == 1, name, " must have a contiguous last dim");
 }
 
+// The five attention inputs of both directions, checked; their sizes.
+Geometry checked_geometry(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& prefix_k,
+                          const at::Tensor& prefix_v) {
+  check(q, "q");
+  check(k, "k");
+  check(v, "v");
+  check(prefix_k, "prefix_k");
+  check(prefix_v, "prefix_v");
+  return geometry(q, k, prefix_k);
+}
+
 // Addresses a 4-D tensor (n, h, l, d) through its strides.
 struct View4 {
   float* p;
@@ -211,12 +222,7 @@ std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& q, const at::Tensor
                                            const at::Tensor& prefix_k, const at::Tensor& prefix_v,
                                            const c10::optional<at::Tensor>& prefix_index,
                                            const c10::optional<at::Tensor>& kv_mask, bool causal, double scale) {
-  check(q, "q");
-  check(k, "k");
-  check(v, "v");
-  check(prefix_k, "prefix_k");
-  check(prefix_v, "prefix_v");
-  const Geometry g = geometry(q, k, prefix_k);
+  const Geometry g = checked_geometry(q, k, v, prefix_k, prefix_v);
   auto out = at::empty({g.B, g.Lq, g.Hq, g.D}, q.options()).transpose(1, 2);
   auto lse = at::empty({g.B, g.Hq, g.Lq}, q.options());
   if (g.B == 0 || g.Hq == 0 || g.Lq == 0) return {out, lse};
@@ -282,13 +288,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
     const c10::optional<at::Tensor>& prefix_index, const c10::optional<at::Tensor>& kv_mask, const at::Tensor& out,
     const at::Tensor& lse, bool causal, double scale) {
   check(dout, "dout");
-  check(q, "q");
-  check(k, "k");
-  check(v, "v");
-  check(prefix_k, "prefix_k");
-  check(prefix_v, "prefix_v");
   check(out, "out");
-  const Geometry g = geometry(q, k, prefix_k);
+  const Geometry g = checked_geometry(q, k, v, prefix_k, prefix_v);
   auto dq = at::empty({g.B, g.Lq, g.Hq, g.D}, q.options()).transpose(1, 2);
   auto dk = at::zeros({g.B, g.Lk, g.Hkv, g.D}, q.options()).transpose(1, 2);
   auto dv = at::zeros({g.B, g.Lk, g.Hkv, g.D}, q.options()).transpose(1, 2);
