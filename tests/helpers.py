@@ -18,6 +18,7 @@ dropped prefix block produces.
 from __future__ import annotations
 
 import math
+import os
 from typing import Any, Dict, Optional
 
 import torch
@@ -30,6 +31,21 @@ GRAD_NAMES = {n: "d" + n for n in TENSOR_ARGS}
 
 
 DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+GPU_EXAMPLES_ENV = "PREFIX_KERNELS_GPU_EXAMPLES"
+
+
+def gpu_examples(default: int) -> int:
+    """How many cases a GPU fuzzing test draws: $PREFIX_KERNELS_GPU_EXAMPLES when set, else
+    `default`. Every new set of constexprs and integer specialisations costs a Triton compile
+    (about 0.5-1 s of CPU each), so a lent GPU session, which has minutes, draws fewer
+    (benchmarks/gpu_session.py sets it); a GPU of one's own runs the default."""
+    value = os.environ.get(GPU_EXAMPLES_ENV, "").strip()
+    if not value:
+        return default
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"{GPU_EXAMPLES_ENV} must be a positive integer, got {value!r}")
+    return int(value)
 
 
 def eps(dtype: torch.dtype) -> float:

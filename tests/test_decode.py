@@ -28,6 +28,7 @@ from helpers import (
     TENSOR_ARGS,
     check_quantity,
     describe,
+    gpu_examples,
     make_inputs,
     run_same_dtype,
     run_truth,
@@ -518,7 +519,7 @@ def test_triton_decode_random_shapes(c, triton_device):
 # the CUDA backend on the head dims it compiles.
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
-@settings(max_examples=150, deadline=None, derandomize=True, database=None,
+@settings(max_examples=gpu_examples(150), deadline=None, derandomize=True, database=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(c=decode_case(max_B=48, max_T=700, max_P=700, dims=(64, 80, 96, 128, 256), dtypes=(FP32, FP16, BF16)))
 def test_gpu_decode_random_shapes(backend, c):

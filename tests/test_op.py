@@ -30,6 +30,7 @@ from helpers import (
     TENSOR_ARGS,
     assert_close_to_reference,
     describe,
+    gpu_examples,
     make_inputs,
     run_op,
 )
@@ -535,7 +536,7 @@ def test_triton_random_shapes(c, triton_device):
 # backends, since on CUDA the torch backend is the explicit fallback path.
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["triton", "torch"])
-@settings(max_examples=200, **_HYP)  # x 2 backends; each new constexpr set costs a triton compile
+@settings(max_examples=gpu_examples(200), **_HYP)  # x 2 backends; each new constexpr set costs a triton compile
 @given(c=random_case(max_L=300, max_P=300, dims=[16, 24, 40, 64, 72, 96, 112, 128, 256],
                      dtypes=[FP32, FP16, BF16], max_heads=16))
 def test_gpu_random_shapes(backend, c):

@@ -1,0 +1,140 @@
+"""benchmarks/gpu_session.py: the one call a lent GPU machine gets. Its plan must fit what the device
+tool brings back, its budget must cut and skip steps rather than overrun the call, and every step
+must run: checked here on the CPU (a rehearsal at smoke sizes) so that the first GPU session does
+not spend its minutes on a typo."""
+
+import json
+import subprocess
+import sys
+from argparse import Namespace
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.fixture(scope="module")
+def gs():
+    sys.path.insert(0, str(BENCH))
+    try:
+        import gpu_session
+    finally:
+        sys.path.remove(str(BENCH))
+    return gpu_session
+
+
+def test_plan_fits_what_the_device_tool_brings_back(gs):
+    files = gs.files_written()
+    assert len(files) == len(set(files)) <= gs.MAX_FILES
+    assert all(gs.NAME.match(f) for f in files)
+    for step in (gs.BUILD, *gs.PLAN):
+        assert 0 <= step.floor_s <= step.cap_s, step.name
+        for argv in (step.gpu, step.rehearse):
+            for a in argv:  # every script a step names exists in the checkout
+                if a.endswith(".py"):
+                    assert (gs.ROOT / a).is_file(), (step.name, a)
+        for needed in step.needs:  # and an earlier step writes what it reads
+            earlier = gs.PLAN[: gs.PLAN.index(step)]
+            assert any(needed in s.writes for s in earlier), (step.name, needed)
+    # the most valuable first: the GPU tests, then issue 4's decode numbers
+    assert [s.name for s in gs.PLAN[:2]] == ["tests_gpu", "decode"]
+    assert gs.PLAN[0].env["PREFIX_KERNELS_GPU_EXAMPLES"] == str(gs.GPU_EXAMPLES)
+
+
+def test_out_folder_problems_name_what_would_not_come_back(gs, tmp_path):
+    assert gs.out_folder_problems(tmp_path) == []
+    for i in range(gs.MAX_FILES):
+        (tmp_path / f"f{i}.jsonl").write_text("{}\n")
+    assert gs.out_folder_problems(tmp_path) == []
+    (tmp_path / "one too many.log").write_text("")
+    deep = tmp_path / "a" / "b" / "c"
+    deep.mkdir(parents=True)
+    (deep / "x.json").write_text("")
+    with open(tmp_path / "big.bin", "wb") as f:
+        f.truncate(gs.MAX_FILE_BYTES + 1)  # sparse: nothing is written
+    problems = "\n".join(gs.out_folder_problems(tmp_path))
+    assert "one too many.log: a name" in problems
+    assert "a/b/c/x.json: deeper than 2 folders" in problems
+    assert "big.bin: larger than 16 MiB" in problems
+    assert f"11 files, more than {gs.MAX_FILES}" in problems
+
+
+def _fake(gs, name, code, cap, floor=0, writes=(), needs=()):
+    argv = (sys.executable, "-c", code)
+    return gs.Step(name, gpu=argv, rehearse=argv, cap_s=cap, floor_s=floor, writes=writes, needs=needs)
+
+
+def test_budget_cuts_a_step_at_its_cap_and_skips_what_no_longer_fits(gs, tmp_path, monkeypatch, capsys):
+    write_rows = "import os; open(os.path.join({out!r}, 'rows.jsonl'), 'w').write('{{}}\\n'); print('rows written')"
+    plan = (
+        _fake(gs, "first", write_rows.format(out=str(tmp_path)), cap=60, writes=("rows.jsonl",)),
+        # a step that would run for a minute: interrupted at its 2 s cap, its output kept
+        _fake(gs, "slow", "import time; print('measuring', flush=True); time.sleep(60)", cap=2),
+        _fake(gs, "reads_rows", "print('read')", cap=30, needs=("rows.jsonl",)),
+        _fake(gs, "reads_nothing_written", "print('x')", cap=30, needs=("absent.jsonl",)),
+        _fake(gs, "too_big_for_what_is_left", "print('never')", cap=60, floor=50),
+        _fake(gs, "fails", "raise SystemExit(3)", cap=30),
+    )
+    monkeypatch.setattr(gs, "PLAN", plan)
+    monkeypatch.setattr(gs, "STEPS", {s.name: s for s in (gs.BUILD, *plan)})
+    args = Namespace(out=tmp_path, budget=40, steps=[s.name for s in plan], rehearse=True)
+    summary = gs.session(args)
+    status = {r["step"]: r["status"] for r in summary["steps"]}
+    assert status == dict(first="ok", slow="cut", reads_rows="ok", reads_nothing_written="skipped",
+                          too_big_for_what_is_left="skipped", fails="failed")
+    steps = {r["step"]: r for r in summary["steps"]}
+    assert steps["slow"]["tail"][0] == "measuring" and steps["slow"]["tail"][-1] == "KeyboardInterrupt"  # SIGINT first
+    assert steps["slow"]["seconds"] < 20
+    assert "needs absent.jsonl" in steps["reads_nothing_written"]["reason"]
+    assert "budget:" in steps["too_big_for_what_is_left"]["reason"]
+    assert steps["fails"]["returncode"] == 3
+    assert summary["left_to_do"] == ["slow", "reads_nothing_written", "too_big_for_what_is_left", "fails"]
+    assert "--steps slow,reads_nothing_written,too_big_for_what_is_left,fails" in summary["rerun"]
+    saved = json.loads((tmp_path / "session.json").read_text())
+    assert saved["left_to_do"] == summary["left_to_do"] and saved["budget_s"] == 40
+    log = (tmp_path / "session.log").read_text()
+    assert "rows written" in log and "measuring" in log and "read" in log
+    printed = capsys.readouterr().out
+    assert "left to do: slow, reads_nothing_written" in printed
+
+
+def test_rehearsal_runs_the_real_steps_on_the_cpu(gs, tmp_path):
+    """The real driver in a child process: the CUDA build stand-in, the GPU test selection
+    (collected, so a bad marker or -k expression fails here), and a real benchmark at smoke size."""
+    done = subprocess.run([sys.executable, str(BENCH / "gpu_session.py"), "--rehearse", "--out", str(tmp_path),
+                           "--budget", "600", "--steps", "build,tests_gpu,tests_compiled,train_step"],
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    summary = json.loads((tmp_path / "session.json").read_text())
+    assert [r["step"] for r in summary["steps"]] == ["build", "tests_gpu", "train_step", "tests_compiled"]  # plan order
+    assert all(r["status"] == "ok" for r in summary["steps"]), summary["steps"]
+    tails = {r["step"]: "\n".join(r["tail"]) for r in summary["steps"]}
+    assert " tests collected" in tails["tests_gpu"] and " tests collected" in tails["tests_compiled"]
+    rows = [json.loads(line) for line in (tmp_path / "train_step.jsonl").read_text().splitlines()]
+    assert rows and all(r["status"] == "ok" for r in rows)
+    assert summary["out_problems"] == [] and summary["left_to_do"] == [] and summary["rerun"] is None
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["session.json", "session.log", "train_step.jsonl"]
+
+
+def test_gpu_examples_reads_the_environment(monkeypatch):
+    from helpers import GPU_EXAMPLES_ENV, gpu_examples
+
+    monkeypatch.delenv(GPU_EXAMPLES_ENV, raising=False)
+    assert gpu_examples(150) == 150
+    monkeypatch.setenv(GPU_EXAMPLES_ENV, "25")
+    assert gpu_examples(150) == 25
+    for bad in ("0", "-3", "many"):
+        monkeypatch.setenv(GPU_EXAMPLES_ENV, bad)
+        with pytest.raises(ValueError, match=GPU_EXAMPLES_ENV):
+            gpu_examples(150)
+
+
+def test_refuses_to_run_without_a_gpu_unless_rehearsing(gs, monkeypatch, capsys):
+    monkeypatch.setattr(gs.shutil, "which", lambda name: None)
+    with pytest.raises(SystemExit) as e:
+        gs.main(["--budget", "10"])
+    assert e.value.code == 2 and "--rehearse" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        gs.main(["--steps", "tests_gpu,nonsense", "--rehearse"])
+    assert "unknown nonsense" in capsys.readouterr().err
