@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from rows import environment, upsert  # noqa: E402
+from rows import Progress, environment  # noqa: E402
 from timing import time_ms  # noqa: E402
 
 from prefix_kernels import shared_prefix_attention  # noqa: E402
@@ -109,7 +109,7 @@ def flops(B, Hq, L, P, D, mode) -> float:
 def run(shapes, modes, providers, device, dtype, results: Path) -> list[dict]:
     env = environment(device)
     peak = matmul_tflops(device, dtype)
-    rows = []
+    progress = Progress(results, len(shapes) * len(modes) * len(providers), "attention")
     for B, Hq, Hkv, L, P, D in shapes:
         for mode in modes:
             for name in providers:
@@ -139,12 +139,11 @@ def run(shapes, modes, providers, device, dtype, results: Path) -> list[dict]:
                                          if device.type == "cuda" else None))
                 except Exception as exc:  # reported, not dropped
                     row.update(status="skipped", reason=f"{type(exc).__name__}: {str(exc)[:300]}")
-                rows.append(row)
-                upsert(results, [row])  # row by row: a run cut short keeps what it measured
-                print(f"{mode:7s} P={P:5d} {name:15s} " + (
+                progress.add(row, f"{mode:7s} P={P:5d} {name:15s} " + (
                     f"{row['median_ms']:9.3f} ms {row['tflops']:7.2f} TFLOP/s" if row["status"] == "ok"
-                    else f"skipped: {row['reason']}"), flush=True)
-    return rows
+                    else f"skipped: {row['reason']}"))
+    progress.close()
+    return progress.rows
 
 
 def main(argv=None):

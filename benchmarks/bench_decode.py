@@ -36,7 +36,7 @@ if "--smoke" in sys.argv and not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before prefix_kernels imports triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from rows import environment, upsert  # noqa: E402
+from rows import Progress, environment  # noqa: E402
 from timing import time_ms  # noqa: E402
 
 from prefix_kernels import shared_prefix_decode  # noqa: E402
@@ -146,14 +146,13 @@ def copy_bandwidth_gbps(device) -> float | None:
     src = torch.empty(n, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
     ms = time_ms(lambda: dst.copy_(src), device)[0]
-    del src, dst
     return 2 * n / (ms * 1e-3) / 1e9
 
 
 def run(shapes, providers, device, dtype, results: Path) -> list[dict]:
     env = environment(device)
     hbm = copy_bandwidth_gbps(device)
-    rows = []
+    progress = Progress(results, len(shapes) * len(providers), "decode")
     for B, Hq, Hkv, T, P, D in shapes:
         shape = dict(B=B, Hq=Hq, Hkv=Hkv, Lq=1, T=T, P=P, D=D, G=1, causal=True)
         nbytes = bytes_moved(B, Hq, Hkv, T, P, D, torch.finfo(dtype).bits // 8)
@@ -180,15 +179,14 @@ def run(shapes, providers, device, dtype, results: Path) -> list[dict]:
                     row.update(status="skipped", reason=f"{type(exc).__name__}: {str(exc)[:300]}")
                 finally:
                     step = None
-                rows.append(row)
-                upsert(results, [row])  # row by row: a run cut short keeps what it measured
-                print(f"B={B:4d} P={P:6d} {name:22s} " + (
+                progress.add(row, f"B={B:4d} P={P:6d} {name:22s} " + (
                     f"{row['median_ms']:9.4f} ms {row['gbps']:8.1f} GB/s err {row['max_abs_err_vs_torch']:.2e}"
-                    if row["status"] == "ok" else f"skipped: {row['reason']}"), flush=True)
+                    if row["status"] == "ok" else f"skipped: {row['reason']}"))
         del q, k, v, pk, pv, want
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    return rows
+    progress.close()
+    return progress.rows
 
 
 def main(argv=None):

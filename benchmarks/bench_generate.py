@@ -42,7 +42,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from rows import environment, upsert  # noqa: E402
+from rows import Progress, environment  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "generate.jsonl"
 PROVIDERS = ("hf_generate_sdpa", "prefix_kernels_generate")
@@ -135,7 +135,7 @@ def run(model_cfg, prompt_len, samples, new_tokens, providers, device, dtype, re
     import prefix_kernels
 
     env = environment(device)
-    rows = []
+    progress = Progress(results, len(modes) * len(samples) * len(providers), "generate")
     for mode, N in [(m, n) for m in modes for n in samples]:
         inputs = make_inputs(mode, model_cfg["vocab_size"], prompt_len, own_len, N, device)
         expected = (N, prompt_len + (own_len if mode == "system" else 0) + new_tokens)
@@ -170,15 +170,14 @@ def run(model_cfg, prompt_len, samples, new_tokens, providers, device, dtype, re
             gc.collect()
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-            rows.append(row)
-            upsert(results, [row])  # row by row: a run cut short keeps what it measured
-            print(f"{mode:6s} N={N:4d} {provider:24s} " + (
+            progress.add(row, f"{mode:6s} N={N:4d} {provider:24s} " + (
                 f"{row['median_ms']:10.1f} ms {row['tokens_per_s']:9.0f} tok/s "
                 + (f"{row['peak_mib']:8.0f} MiB" if row["peak_mib"] is not None else "  (no peak memory on CPU)")
                 + (f" match_hf={row['tokens_match_hf']}" if "tokens_match_hf" in row else "")
-                if row["status"] == "ok" else f"skipped: {row['reason']}"), flush=True)
+                if row["status"] == "ok" else f"skipped: {row['reason']}"))
+    progress.close()
     prefix_kernels.revert_prefix_kernels()
-    return rows
+    return progress.rows
 
 
 def main(argv=None):

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from rows import environment, upsert  # noqa: E402
+from rows import Progress, environment  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "train_step.jsonl"
 PROVIDERS = ("peft_sdpa", "peft_eager", "prefix_kernels")
@@ -86,7 +86,7 @@ def measure(step, device, steps: int, warmup: int = 3) -> tuple[float, float, fl
 
 def run(model_cfg, B, L, prefixes, providers, device, dtype, steps, results: Path) -> list[dict]:
     env = environment(device)
-    rows = []
+    progress = Progress(results, len(prefixes) * len(providers), "train_step")
     for P in prefixes:
         g = torch.Generator().manual_seed(P)
         ids = torch.randint(0, model_cfg["vocab_size"], (B, L), generator=g)
@@ -110,16 +110,14 @@ def run(model_cfg, B, L, prefixes, providers, device, dtype, steps, results: Pat
             gc.collect()
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-            rows.append(row)
-            upsert(results, [row])  # row by row: a run cut short keeps what it measured
-            print(f"P={P:4d} {provider:15s} " + (
+            progress.add(row, f"P={P:4d} {provider:15s} " + (
                 f"{row['median_ms']:9.1f} ms {row['tokens_per_s']:9.0f} tok/s "
-                f"{row['peak_mib'] or 0:8.0f} MiB" if row["status"] == "ok" else f"skipped: {row['reason']}"),
-                flush=True)
+                f"{row['peak_mib'] or 0:8.0f} MiB" if row["status"] == "ok" else f"skipped: {row['reason']}"))
+    progress.close()
     import prefix_kernels
 
     prefix_kernels.revert_prefix_kernels()
-    return rows
+    return progress.rows
 
 
 def main(argv=None):

@@ -69,3 +69,40 @@ def upsert(path: Path, rows: list[dict]) -> None:
     for row in rows:
         kept[tuple(json.dumps(row.get(f), sort_keys=True) for f in IDENTITY)] = row
     path.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in kept.values()))
+
+
+class Progress:
+    """A benchmark's cases as they finish: each row is upserted into `results` at once (a run cut
+    short keeps what it measured), its line is printed, and on a terminal a progress bar (tqdm)
+    counts the cases done out of `total`. Without a terminal (a log file, CI) or without tqdm
+    there is no bar, only the lines.
+
+        progress = Progress(results, total=len(shapes) * len(providers), desc="decode")
+        for ...:
+            progress.add(row, line)
+        progress.close()
+        return progress.rows
+    """
+
+    def __init__(self, results: Path, total: int, desc: str):
+        self.results, self.rows = results, []
+        try:
+            from tqdm import tqdm
+
+            # disable=None: no bar when stderr is not a terminal
+            self.bar = tqdm(total=total, desc=desc, unit="case", disable=None, leave=False, dynamic_ncols=True)
+        except ImportError:
+            self.bar = None
+
+    def add(self, row: dict, line: str) -> None:
+        self.rows.append(row)
+        upsert(self.results, [row])
+        if self.bar is not None and not self.bar.disable:
+            self.bar.write(line)
+            self.bar.update(1)
+        else:
+            print(line, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
