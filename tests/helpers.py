@@ -17,8 +17,11 @@ dropped prefix block produces.
 
 from __future__ import annotations
 
+import importlib
 import math
 import os
+import sys
+from pathlib import Path
 from typing import Any, Dict, Optional
 
 import torch
@@ -32,7 +35,18 @@ GRAD_NAMES = {n: "d" + n for n in TENSOR_ARGS}
 
 DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 GPU_EXAMPLES_ENV = "PREFIX_KERNELS_GPU_EXAMPLES"
+
+
+def benchmark_module(name: str):
+    """A module of benchmarks/, which is no package (its scripts import each other by name): imported
+    with that folder on sys.path for the import only."""
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(str(BENCHMARKS))
 
 
 def gpu_examples(default: int) -> int:

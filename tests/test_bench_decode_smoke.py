@@ -1,18 +1,12 @@
 """The decode benchmark script runs on the CPU (tiny shapes) and writes well-formed rows, so it cannot rot."""
 
 import json
-import sys
-from pathlib import Path
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+from helpers import benchmark_module
 
 
 def test_bench_decode_smoke_writes_rows(tmp_path):
-    sys.path.insert(0, str(BENCH))
-    try:
-        import bench_decode
-    finally:
-        sys.path.remove(str(BENCH))
+    bench_decode = benchmark_module("bench_decode")
     out = tmp_path / "decode.jsonl"
     providers = ["prefix_kernels_triton", "sdpa_expanded", "prefix_kernels_cuda"]
     bench_decode.main(["--smoke", "--out", str(out), "--providers", *providers])

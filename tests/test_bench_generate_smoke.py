@@ -1,21 +1,15 @@
 """The generate benchmark script runs on the CPU (tiny model) and writes well-formed rows, so it cannot rot."""
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+from helpers import benchmark_module
 
 
 def test_bench_generate_smoke_writes_rows(tmp_path):
     pytest.importorskip("transformers")
-    sys.path.insert(0, str(BENCH))
-    try:
-        import bench_generate
-    finally:
-        sys.path.remove(str(BENCH))
+    bench_generate = benchmark_module("bench_generate")
     out = tmp_path / "generate.jsonl"
     bench_generate.main(["--smoke", "--out", str(out)])
     bench_generate.main(["--smoke", "--out", str(out), "--repeats", "1"])
@@ -38,11 +32,7 @@ def test_bench_generate_smoke_writes_rows(tmp_path):
 
 def test_bench_generate_reports_a_failing_provider(tmp_path, monkeypatch):
     pytest.importorskip("transformers")
-    sys.path.insert(0, str(BENCH))
-    try:
-        import bench_generate
-    finally:
-        sys.path.remove(str(BENCH))
+    bench_generate = benchmark_module("bench_generate")
     import prefix_kernels
 
     def broken(*args, **kwargs):

@@ -2,17 +2,12 @@
 
 import json
 import sys
-from pathlib import Path
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+from helpers import benchmark_module
 
 
 def test_bench_attention_smoke_writes_rows(tmp_path):
-    sys.path.insert(0, str(BENCH))
-    try:
-        import bench_attention
-    finally:
-        sys.path.remove(str(BENCH))
+    bench_attention = benchmark_module("bench_attention")
     out = tmp_path / "rows.jsonl"
     bench_attention.main(["--smoke", "--out", str(out), "--providers", "prefix_kernels", "sdpa_copied"])
     bench_attention.main(["--smoke", "--out", str(out), "--providers", "prefix_kernels", "sdpa_copied"])
@@ -28,11 +23,7 @@ def test_bench_train_step_smoke_writes_rows(tmp_path):
     import pytest
 
     pytest.importorskip("peft")
-    sys.path.insert(0, str(BENCH))
-    try:
-        import bench_train_step
-    finally:
-        sys.path.remove(str(BENCH))
+    bench_train_step = benchmark_module("bench_train_step")
     out = tmp_path / "train.jsonl"
     bench_train_step.main(["--smoke", "--out", str(out)])
     rows = [json.loads(line) for line in out.read_text().splitlines()]
@@ -64,11 +55,7 @@ def test_progress_upserts_each_case_and_draws_a_bar_only_on_a_terminal(tmp_path,
     import pytest
 
     pytest.importorskip("tqdm")
-    sys.path.insert(0, str(BENCH))
-    try:
-        from rows import Progress
-    finally:
-        sys.path.remove(str(BENCH))
+    Progress = benchmark_module("rows").Progress
     out = tmp_path / "rows.jsonl"
     row = lambda i: dict(workload="w", mode="m", provider=f"p{i}", shape={}, dtype="f", device="d", status="ok")  # noqa: E731
 

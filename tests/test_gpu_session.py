@@ -11,17 +11,14 @@ from pathlib import Path
 
 import pytest
 
+from helpers import benchmark_module
+
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
 @pytest.fixture(scope="module")
 def gs():
-    sys.path.insert(0, str(BENCH))
-    try:
-        import gpu_session
-    finally:
-        sys.path.remove(str(BENCH))
-    return gpu_session
+    return benchmark_module("gpu_session")
 
 
 def test_plan_fits_what_the_device_tool_brings_back(gs):

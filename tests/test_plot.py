@@ -2,20 +2,14 @@
 
 import json
 import sys
-from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+from helpers import benchmark_module
 
 
 def _plot():
-    sys.path.insert(0, str(BENCH))
-    try:
-        import plot
-    finally:
-        sys.path.remove(str(BENCH))
-    return plot
+    return benchmark_module("plot")
 
 
 ENV = dict(device="NVIDIA Test GPU", commit="abc1234", dtype="bfloat16", torch="2.13", prefix_kernels="0.1.0")
