@@ -4,8 +4,8 @@ time budget, with everything measured left under $OUT in at most 8 files.
 Why one call: a task that is lent a GPU gets 15 minutes of device time in all, the machine's start
 (a minute or two) and any second call included, and a command runs 10 minutes at most. So:
 
-    run(command="PREFIX_KERNELS_COMMIT=<HEAD's short hash> python3 benchmarks/gpu_session.py --budget 480",
-        timeout_s=540)
+    run(command="PREFIX_KERNELS_COMMIT=<HEAD's short hash> python3 benchmarks/gpu_session.py --budget 450",
+        timeout_s=510)
 
 then copy the row files it brought back into benchmarks/results/ and decode_choice.json into
 prefix_kernels/data/. The working tree reaches that machine without .git, so the rows take their
@@ -105,9 +105,9 @@ def _bench(script: str, rows: str, *args) -> tuple:
     return (PY, f"benchmarks/{script}", "--out", "{out}/" + rows, *args)
 
 
-BUILD = Step("build", gpu=(PY, "-c", BUILD_SNIPPET),
+BUILD = Step("build", gpu=(PY, "-c", BUILD_SNIPPET),  # waited for at the end, up to the budget's end
              rehearse=(PY, "-c", "print('rehearsal: the CUDA extension is not built on a CPU')"),
-             cap_s=300, floor_s=0)
+             cap_s=0, floor_s=0)
 
 PLAN = (
     Step("tests_gpu", gpu=_pytest("tests", "-m", "gpu", "--maxfail=20", "{xdist}"),
@@ -368,7 +368,7 @@ def _print_table(summary: dict) -> None:
 
 
 def print_plan(budget: int) -> None:
-    print(f"budget {budget} s; build runs in the background from the start (cap {BUILD.cap_s} s)")
+    print(f"budget {budget} s; build runs in the background from the start until it is done or the budget is")
     total = 0
     for s in PLAN:
         total += s.cap_s
@@ -379,7 +379,7 @@ def print_plan(budget: int) -> None:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--budget", type=int, default=480, help="seconds for the whole session (default 480)")
+    ap.add_argument("--budget", type=int, default=450, help="seconds for the whole session (default 450)")
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT") or ROOT / "benchmarks" / "results" / "gpu"),
                     help="folder for the results (default $OUT)")
     ap.add_argument("--steps", default=",".join(STEPS),
