@@ -30,13 +30,15 @@ RESULTS = Path(__file__).resolve().parent / "results"
 MISSING = 'plotting needs matplotlib, which is not installed: pip install ".[bench]" (or pip install matplotlib)'
 
 # workload -> (x-axis shape field, shape fields that split panels)
+# Per workload, the speedup figures: (x axis, fields that split it into panels). Decode is drawn
+# across P (one panel per B) and across B (one panel per P).
 SPEEDUP_AXES = {
-    "attention": ("P", ()),
-    "decode": ("P", ("B",)),
-    "train_step": ("P", ()),
-    "generate": ("B", ()),
+    "attention": (("P", ()),),
+    "decode": (("P", ("B",)), ("B", ("P",))),
+    "train_step": (("P", ()),),
+    "generate": (("B", ()),),
 }
-MEMORY_WORKLOADS = ("train_step", "generate")
+MEMORY_WORKLOADS = ("decode", "train_step", "generate")
 
 
 def pyplot():
@@ -144,8 +146,7 @@ def plot_all(results: Path = RESULTS, out: Path | None = None) -> list[Path]:
     out = Path(out) if out is not None else Path(results) / "plots"
     written = []
     for (workload, device, commit, dtype), group in sorted(_groups(rows).items(), key=lambda kv: repr(kv[0])):
-        if workload in SPEEDUP_AXES:
-            x_field, panel_fields = SPEEDUP_AXES[workload]
+        for i, (x_field, panel_fields) in enumerate(SPEEDUP_AXES.get(workload, ())):
             series = speedup_series(group, x_field, panel_fields)
             if series:
                 fig, axes = plt.subplots(1, len(series), figsize=(6 * len(series), 4.5), squeeze=False)
@@ -161,7 +162,8 @@ def plot_all(results: Path = RESULTS, out: Path | None = None) -> list[Path]:
                     ax.legend(fontsize=7)
                 fig.suptitle(_title("speedup", workload, device, commit, dtype), fontsize=10)
                 fig.tight_layout()
-                written.append(_save(fig, out / f"{_slug(workload, 'speedup', device, commit, dtype)}.png", plt))
+                kind = "speedup" if i == 0 else f"speedup_by_{x_field}"  # the first keeps its old file name
+                written.append(_save(fig, out / f"{_slug(workload, kind, device, commit, dtype)}.png", plt))
         if workload in MEMORY_WORKLOADS:
             lines = memory_series(group)
             if lines:

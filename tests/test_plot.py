@@ -36,7 +36,7 @@ def _synthetic(results):
             attn += [_row("attention", mode, "prefix_kernels", 1.0, B=16, P=P),
                      _row("attention", mode, "sdpa_copied", 2.0 + P / 1024, B=16, P=P),
                      _row("attention", mode, "flex_broadcast", None, status="skipped", B=16, P=P)]
-    decode = [_row("decode", "fwd", prov, ms, B=B, P=P)
+    decode = [_row("decode", "fwd", prov, ms * B / 8, peak=(B * P if prov == "sdpa_expanded" else P + B), B=B, P=P)
               for B in (8, 64) for P in (1024, 4096)
               for prov, ms in (("prefix_kernels_triton", 0.1), ("prefix_kernels_cuda", 0.08), ("sdpa_expanded", 0.3))]
     train = [_row("train_step", "fwd_bwd_adamw", prov, ms, peak=peak, B=16, L=512, P=P)
@@ -48,6 +48,10 @@ def _synthetic(results):
     _write(results / "decode.jsonl", decode)
     _write(results / "gpu" / "train_step.jsonl", train)  # rows in subfolders (a GPU session's $OUT) count too
     _write(results / "generate.jsonl", gen)
+
+
+def _rounded(points):
+    return [(x, round(y, 9)) for x, y in points]
 
 
 def test_series_come_from_ok_rows_only(tmp_path):
@@ -62,8 +66,14 @@ def test_series_come_from_ok_rows_only(tmp_path):
     dec = plot.speedup_series([r for r in rows if r["workload"] == "decode"], "P", ("B",))
     assert set(dec) == {"mode=fwd, B=8", "mode=fwd, B=64"}
     assert set(dec["mode=fwd, B=8"]) == {"prefix_kernels_triton vs sdpa_expanded", "prefix_kernels_cuda vs sdpa_expanded"}
+    assert _rounded(dec["mode=fwd, B=64"]["prefix_kernels_cuda vs sdpa_expanded"]) == [(1024, 3.75), (4096, 3.75)]
+    across_b = plot.speedup_series([r for r in rows if r["workload"] == "decode"], "B", ("P",))
+    assert set(across_b) == {"mode=fwd, P=1024", "mode=fwd, P=4096"}
+    assert _rounded(across_b["mode=fwd, P=1024"]["prefix_kernels_triton vs sdpa_expanded"]) == [(8, 3.0), (64, 3.0)]
     mem = plot.memory_series([r for r in rows if r["workload"] == "generate"])
     assert mem["hf_generate_sdpa [sample]"] == [(16, 4640.0), (64, 6560.0)]
+    dec_mem = plot.memory_series([r for r in rows if r["workload"] == "decode"])
+    assert dec_mem["sdpa_expanded [fwd] (P=4096)"] == [(8, 8 * 4096), (64, 64 * 4096)]
 
 
 def test_plots_are_drawn(tmp_path):
@@ -72,9 +82,9 @@ def test_plots_are_drawn(tmp_path):
     _synthetic(tmp_path / "results")
     written = plot.main(["--results", str(tmp_path / "results"), "--out", str(tmp_path / "plots")])
     names = sorted(p.name for p in written)
-    assert len(names) == 6, names  # speedup: 4 workloads; memory: train_step, generate
-    for kind in ("attention_speedup", "decode_speedup", "train_step_speedup", "generate_speedup",
-                 "train_step_memory", "generate_memory"):
+    assert len(names) == 8, names  # speedup: 4 workloads, decode twice (across P, across B); memory: 3
+    for kind in ("attention_speedup", "decode_speedup_NVIDIA", "decode_speedup_by_B", "train_step_speedup",
+                 "generate_speedup", "decode_memory", "train_step_memory", "generate_memory"):
         assert any(n.startswith(kind) and "NVIDIA-Test-GPU" in n and "abc1234" in n for n in names), kind
     for path in written:
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
