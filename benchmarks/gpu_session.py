@@ -29,6 +29,7 @@ keeps what it measured.
   train_step       bench_train_step.py: a prefix-tuning step on the 1B model
   tests_compiled   the triton/decode/cuda tests that the CPU runs under the interpreter, compiled
   pytest_benchmark pytest benchmarks --benchmark-only, with short rounds
+  headline         headline.py: the README's headline table from this session's rows, printed
 
 Files under --out (the device tool brings back 8 files at most, none deeper than 2 folders):
   session.json          the GPU, versions, budget, and per step: status, seconds, exit code, the
@@ -140,6 +141,9 @@ PLAN = (
                           "--benchmark-max-time=0.05", "--benchmark-min-rounds=1",
                           "--benchmark-json={out}/pytest_benchmark.json"),
          cap_s=90, floor_s=30, writes=("pytest_benchmark.json",)),
+    # the README's headline table from this session's rows, printed into the call's output
+    Step("headline", gpu=(PY, "benchmarks/headline.py", "--results", "{out}"),
+         rehearse=(PY, "benchmarks/headline.py", "--results", "{out}"), cap_s=30, floor_s=3),
 )
 STEPS = {s.name: s for s in (BUILD, *PLAN)}
 LOG, SUMMARY = "session.log", "session.json"
@@ -310,7 +314,8 @@ def session(args) -> dict:
         (out / SUMMARY).write_text(json.dumps(summary, indent=1) + "\n")
 
     runner = Runner(out, env, echo)
-    wheels = install_wheels(env, echo)
+    # (wheels are fetched for the GPU machine's Python, not this one's: a rehearsal leaves them)
+    wheels = None if args.rehearse else install_wheels(env, echo)
     if wheels:
         summary["steps"].append(wheels)
     background = None

@@ -107,3 +107,26 @@ def test_missing_matplotlib_says_how_to_install(tmp_path, monkeypatch):
         plot.plot_all(tmp_path, tmp_path / "plots")
     with pytest.raises(SystemExit, match="bench"):
         plot.main(["--results", str(tmp_path), "--out", str(tmp_path / "plots")])
+
+
+def test_headline_sets_the_fastest_of_ours_against_the_fastest_baseline(tmp_path):
+    headline = benchmark_module("headline")
+    _synthetic(tmp_path)
+    rows = _plot().load_rows(tmp_path)
+    # the package's fraction of the copy bandwidth, on the cuda rows only (the faster of ours)
+    for r in rows:
+        if r["provider"] == "prefix_kernels_cuda":
+            r["frac_copy_bw"] = 0.5 + r["shape"]["B"] / 1000
+    table = {(e["workload"], e["mode"]): e for e in headline.headline(rows)}
+    assert set(table) == {("attention", "fwd"), ("attention", "fwd_bwd"), ("decode", "fwd"),
+                          ("train_step", "fwd_bwd_adamw"), ("generate", "sample")}
+    dec = table["decode", "fwd"]
+    assert dec["shapes"] == 4 and dec["best_baselines"] == ["sdpa_expanded"]
+    assert round(dec["speedup_min"], 9) == round(dec["speedup_max"], 9) == 3.75  # 0.3 / 0.08, cuda beats triton
+    assert _rounded([(dec["fraction_min"], dec["fraction_max"])]) == [(0.508, 0.564)] and dec["limit"] == "copy bandwidth"
+    attn = table["attention", "fwd"]  # the skipped flex rows are no baseline
+    assert attn["best_baselines"] == ["sdpa_copied"] and (attn["speedup_min"], attn["speedup_max"]) == (2.015625, 3.0)
+    assert attn["fraction_min"] is None
+    text = headline.markdown(headline.headline(rows))
+    assert "| decode (fwd) | NVIDIA Test GPU | bfloat16 | 4 | 3.75x | sdpa_expanded | 51% – 56% of copy bandwidth | abc1234 |" in text
+    assert "| attention (fwd) | NVIDIA Test GPU | bfloat16 | 3 | 2.02x – 3.00x | sdpa_copied | - | abc1234 |" in text
