@@ -5,7 +5,7 @@ Why one call: a task that is lent a GPU gets 15 minutes of device time in all, t
 (a minute or two) and any second call included, and a command runs 10 minutes at most. So:
 
     run(command="PREFIX_KERNELS_COMMIT=<HEAD's short hash> python3 benchmarks/gpu_session.py --budget 450",
-        timeout_s=510)
+        timeout_s=510, carry=[".whl"])
 
 then copy the row files it brought back into benchmarks/results/ and decode_choice.json into
 prefix_kernels/data/. The working tree reaches that machine without .git, so the rows take their
@@ -43,8 +43,10 @@ Files under --out (the device tool brings back 8 files at most, none deeper than
     python3 benchmarks/gpu_session.py --rehearse --out DIR    # the same steps on a CPU at smoke
                                                               # sizes (tests: collection only)
 
-Wheels in .whl/ at the repository root (git-ignored; benchmarks/gpu_wheels.sh fetches them), when
-there are any, are installed first into a --target folder on PYTHONPATH: the machine has no network.
+Wheels in .whl/ at the repository root (git-ignored: run `bash benchmarks/gpu_wheels.sh --aot` here
+first, and name it in the call, `carry=[".whl"]`), when there are any, are installed first into a
+--target folder on PYTHONPATH, the machine having no network: FlashInfer for bench_decode's
+flashinfer_cascade provider, with the modules its cascade wrapper needs compiled ahead of time.
 """
 
 from __future__ import annotations
@@ -286,9 +288,17 @@ def install_wheels(env: dict, echo) -> dict | None:
     cmd = [PY, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile", "--no-cache-dir",
            "--upgrade", "--target", str(WHEEL_SITE), *map(str, wheels)]
     done = subprocess.run(cmd, capture_output=True, text=True)
+    aot = sorted((ROOT / ".whl" / "aot").glob("*.so"))
     if done.returncode == 0:
         env["PYTHONPATH"] = os.pathsep.join(p for p in (env.get("PYTHONPATH"), str(WHEEL_SITE)) if p)
-    echo(f"wheels: {len(wheels)} from .whl -> {WHEEL_SITE}: " + ("installed" if done.returncode == 0 else "FAILED"))
+        # FlashInfer modules compiled ahead of time (gpu_wheels.sh --aot): where FlashInfer looks for
+        # AOT modules before it would run nvcc, data/aot/<name>/<name>.so
+        for so in aot:
+            target = WHEEL_SITE / "flashinfer" / "data" / "aot" / so.stem
+            target.mkdir(parents=True, exist_ok=True)
+            shutil.copy(so, target / so.name)
+    echo(f"wheels: {len(wheels)} from .whl -> {WHEEL_SITE}" + (f", {len(aot)} AOT FlashInfer modules" if aot else "")
+         + (": installed" if done.returncode == 0 else ": FAILED"))
     return dict(step="wheels", status="ok" if done.returncode == 0 else "failed",
                 seconds=round(time.monotonic() - t0, 1), returncode=done.returncode,
                 command=" ".join(cmd[:12]) + " ...", tail=(done.stdout + done.stderr).splitlines()[-25:])

@@ -135,3 +135,41 @@ def test_refuses_to_run_without_a_gpu_unless_rehearsing(gs, monkeypatch, capsys)
     with pytest.raises(SystemExit):
         gs.main(["--steps", "tests_gpu,nonsense", "--rehearse"])
     assert "unknown nonsense" in capsys.readouterr().err
+
+
+def _wheel(folder: Path, name: str, version: str, module_code: str) -> Path:
+    """A minimal pure-Python wheel (a zip with the module and its dist-info), as pip downloads them."""
+    import zipfile
+
+    path = folder / f"{name}-{version}-py3-none-any.whl"
+    info = f"{name}-{version}.dist-info"
+    files = {f"{name}.py": module_code,
+             f"{info}/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n",
+             f"{info}/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n"}
+    files[f"{info}/RECORD"] = "".join(f"{f},,\n" for f in files) + f"{info}/RECORD,,\n"
+    with zipfile.ZipFile(path, "w") as z:
+        for f, text in files.items():
+            z.writestr(f, text)
+    return path
+
+
+def test_carried_wheels_and_aot_modules_are_installed_where_the_steps_find_them(gs, tmp_path, monkeypatch):
+    root, site = tmp_path / "repo", tmp_path / "site"
+    (root / ".whl" / "aot").mkdir(parents=True)
+    _wheel(root / ".whl", "carried_pkg", "1.0", "VALUE = 42\n")
+    (root / ".whl" / "aot" / "batch_prefill_bf16.so").write_bytes(b"\x7fELF stand-in")
+    monkeypatch.setattr(gs, "ROOT", root)
+    monkeypatch.setattr(gs, "WHEEL_SITE", site)
+    env = {"PYTHONPATH": "/already/there"}
+    record = gs.install_wheels(env, print)
+    assert record["status"] == "ok", record["tail"]
+    assert env["PYTHONPATH"] == f"/already/there:{site}"
+    assert (site / "flashinfer" / "data" / "aot" / "batch_prefill_bf16" / "batch_prefill_bf16.so").is_file()
+    got = subprocess.run([sys.executable, "-c", "import carried_pkg; print(carried_pkg.VALUE)"],
+                         env=dict(env, PATH="/usr/bin:/bin"), capture_output=True, text=True)
+    assert got.stdout.strip() == "42", got.stderr
+    (root / ".whl" / "carried_pkg-1.0-py3-none-any.whl").write_bytes(b"not a zip")
+    env = {}
+    assert gs.install_wheels(env, print)["status"] == "failed" and "PYTHONPATH" not in env
+    monkeypatch.setattr(gs, "ROOT", tmp_path / "nothing")
+    assert gs.install_wheels({}, print) is None  # no .whl: nothing to do, no step recorded
