@@ -28,7 +28,7 @@ python3 -m pip download -q --no-deps --only-binary=:all: "${PLAT[@]}" -d .whl \
 if [[ ${1:-} == --aot ]]; then
   W=$(mktemp -d /tmp/fi-aot.XXXXXX)
   python3 -m venv --system-site-packages "$W/venv"   # python3 must have torch (a CPU build will do)
-  "$W/venv/bin/pip" install -q "apache-tvm-ffi==$TVM" ninja
+  "$W/venv/bin/pip" install -q "apache-tvm-ffi==$TVM" ninja nvidia-ml-py
   "$W/venv/bin/pip" install -q --no-deps --no-compile --target "$W/site" .whl/flashinfer_python-$FI-*.whl
   export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
   if [[ ! -e $CUDA_HOME/include/curand_kernel.h ]]; then   # CUTLASS util headers include it
