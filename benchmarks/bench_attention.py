@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from flex import compiled_flex_attention, timing_passes  # noqa: E402
 from rows import Progress, environment  # noqa: E402
 from timing import time_ms  # noqa: E402
 
@@ -60,24 +61,14 @@ def provider_sdpa_copied(q, k, v, pk, pv):
     return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask.expand(B, 1, L, P + L))
 
 
-def _flex():
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-
-    return flex_attention, create_block_mask
-
-
-_compiled_flex = None
-
-
 def provider_flex_broadcast(q, k, v, pk, pv):
-    global _compiled_flex
-    flex_attention, create_block_mask = _flex()
-    if _compiled_flex is None:
-        _compiled_flex = torch.compile(flex_attention, dynamic=False)
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    flex = compiled_flex_attention()
     B, Hq, L, D = q.shape
     causal = create_block_mask(lambda b, h, qi, ki: ki <= qi, None, None, L, L, device=q.device)
-    out_p, lse_p = _compiled_flex(q, pk, pv, enable_gqa=True, return_lse=True)  # pk: batch 1, broadcast
-    out_r, lse_r = _compiled_flex(q, k, v, block_mask=causal, enable_gqa=True, return_lse=True)
+    out_p, lse_p = flex(q, pk, pv, enable_gqa=True, return_lse=True)  # pk: batch 1, broadcast
+    out_r, lse_r = flex(q, k, v, block_mask=causal, enable_gqa=True, return_lse=True)
     lse = torch.logaddexp(lse_p, lse_r)
     return (torch.exp(lse_p - lse)[..., None] * out_p + torch.exp(lse_r - lse)[..., None] * out_r).to(q.dtype)
 
@@ -110,9 +101,9 @@ def run(shapes, modes, providers, device, dtype, results: Path) -> list[dict]:
     env = environment(device)
     peak = matmul_tflops(device, dtype)
     progress = Progress(results, len(shapes) * len(modes) * len(providers), "attention")
-    for B, Hq, Hkv, L, P, D in shapes:
+    for names, (B, Hq, Hkv, L, P, D) in [(n, s) for n in timing_passes(providers) for s in shapes]:
         for mode in modes:
-            for name in providers:
+            for name in names:
                 shape = dict(B=B, Hq=Hq, Hkv=Hkv, Lq=L, Lk=L, P=P, D=D, G=1, causal=True)
                 row = dict(workload="attention", mode=mode, provider=name, shape=shape,
                            dtype=str(dtype).replace("torch.", ""), **env)

@@ -36,6 +36,7 @@ if "--smoke" in sys.argv and not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before prefix_kernels imports triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from flex import compiled_flex_attention, timing_passes  # noqa: E402
 from rows import Progress, environment  # noqa: E402
 from timing import time_ms  # noqa: E402
 
@@ -78,21 +79,16 @@ def setup_sdpa_expanded(q, k, v, pk, pv):
     return lambda: F.scaled_dot_product_attention(q, keys, values, enable_gqa=True)
 
 
-_compiled_flex = None
-
-
 def setup_flex(q, k, v, pk, pv):
-    global _compiled_flex
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    from torch.nn.attention.flex_attention import create_block_mask
 
-    if _compiled_flex is None:
-        _compiled_flex = torch.compile(flex_attention, dynamic=False)
+    flex = compiled_flex_attention()
     # Flex broadcasts K/V of batch 1 over the queries only with a block mask: an all-visible one.
     whole = create_block_mask(lambda b, h, qi, ki: ki >= 0, q.shape[0], None, q.shape[2], pk.shape[2], device=q.device)
 
     def step():
-        out_p, lse_p = _compiled_flex(q, pk, pv, block_mask=whole, enable_gqa=True, return_lse=True)
-        out_r, lse_r = _compiled_flex(q, k, v, enable_gqa=True, return_lse=True)
+        out_p, lse_p = flex(q, pk, pv, block_mask=whole, enable_gqa=True, return_lse=True)
+        out_r, lse_r = flex(q, k, v, enable_gqa=True, return_lse=True)
         lse = torch.logaddexp(lse_p, lse_r)
         return (torch.exp(lse_p - lse)[..., None] * out_p + torch.exp(lse_r - lse)[..., None] * out_r).to(q.dtype)
 
@@ -153,13 +149,13 @@ def run(shapes, providers, device, dtype, results: Path) -> list[dict]:
     env = environment(device)
     hbm = copy_bandwidth_gbps(device)
     progress = Progress(results, len(shapes) * len(providers), "decode")
-    for B, Hq, Hkv, T, P, D in shapes:
+    for names, (B, Hq, Hkv, T, P, D) in [(n, s) for n in timing_passes(providers) for s in shapes]:
         shape = dict(B=B, Hq=Hq, Hkv=Hkv, Lq=1, T=T, P=P, D=D, G=1, causal=True)
         nbytes = bytes_moved(B, Hq, Hkv, T, P, D, torch.finfo(dtype).bits // 8)
         with torch.no_grad():
             q, k, v, pk, pv = make_inputs(B, Hq, Hkv, T, P, D, dtype, device)
             want = shared_prefix_decode(q, k, v, pk, pv, backend="torch").float()
-            for name in providers:
+            for name in names:
                 row = dict(workload="decode", mode="fwd", provider=name, shape=shape,
                            dtype=str(dtype).replace("torch.", ""), bytes=nbytes, **env)
                 try:
