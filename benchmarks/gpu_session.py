@@ -27,6 +27,7 @@ keeps what it measured.
   generate         bench_generate.py: 64 samples of 256 tokens from a 2048-token prompt, 1B model
   attention        bench_attention.py: training shapes, forward and forward+backward
   train_step       bench_train_step.py: a prefix-tuning step on the 1B model
+  info, verify     `prefix-kernels info` and `verify` on the card (issue 5's CLI)
   tests_compiled   the triton/decode/cuda tests that the CPU runs under the interpreter, compiled
   pytest_benchmark pytest benchmarks --benchmark-only, with short rounds
   headline         headline.py: the README's headline table from this session's rows, printed
@@ -98,6 +99,7 @@ class Step:
     writes: tuple = ()    # files it leaves under the output folder
     needs: tuple = ()     # files under the output folder it reads
     env: dict = field(default_factory=dict)
+    echo_lines: int = 4   # how many of its last lines to print when it ends (the rest is in the log)
 
 
 def _pytest(*args) -> tuple:
@@ -138,6 +140,12 @@ PLAN = (
     Step("train_step", gpu=_bench("bench_train_step.py", "train_step.jsonl", "--steps", "6"),
          rehearse=_bench("bench_train_step.py", "train_step.jsonl", "--smoke"),
          cap_s=120, floor_s=45, writes=("train_step.jsonl",)),
+    # issue 5's CLI on the card: what `info` says of the backends there, `verify`'s table
+    Step("info", gpu=(PY, "-m", "prefix_kernels.cli", "info"), rehearse=(PY, "-m", "prefix_kernels.cli", "info"),
+         cap_s=40, floor_s=10, echo_lines=25),
+    Step("verify", gpu=(PY, "-m", "prefix_kernels.cli", "verify"),
+         rehearse=(PY, "-m", "prefix_kernels.cli", "verify", "--quick", "--backend", "torch"),
+         cap_s=90, floor_s=20),
     Step("tests_compiled", gpu=_pytest("tests", "-m", "not gpu", "-k", COMPILED_TESTS, "--maxfail=20", "{xdist}"),
          rehearse=_pytest("tests", "-m", "not gpu", "-k", COMPILED_TESTS, "--collect-only"),
          cap_s=100, floor_s=30),
@@ -150,7 +158,7 @@ PLAN = (
          cap_s=90, floor_s=30, writes=("pytest_benchmark.json",), env=NO_FLASHINFER_JIT),
     # the README's headline table from this session's rows, printed into the call's output
     Step("headline", gpu=(PY, "benchmarks/headline.py", "--results", "{out}"),
-         rehearse=(PY, "benchmarks/headline.py", "--results", "{out}"), cap_s=30, floor_s=3),
+         rehearse=(PY, "benchmarks/headline.py", "--results", "{out}"), cap_s=30, floor_s=3, echo_lines=25),
 )
 STEPS = {s.name: s for s in (BUILD, *PLAN)}
 LOG, SUMMARY = "session.log", "session.json"
@@ -354,7 +362,7 @@ def session(args) -> dict:
         summary["steps"].append(record)
         echo(f"{step.name}: {record['status']}" + (f" in {record['seconds']} s" if "seconds" in record else "")
              + (f" ({record['reason']})" if "reason" in record else ""))
-        for line in record.get("tail", [])[-4:]:
+        for line in record.get("tail", [])[-step.echo_lines:]:
             print(f"    {line}", flush=True)
         save()
     if background is not None:
