@@ -76,8 +76,8 @@ MAX_FILES = 8
 MAX_FILE_BYTES = 16 << 20
 MAX_DEPTH = 2
 NAME = re.compile(r"^[A-Za-z0-9._-]+$")
-# GPU fuzzing draws per test and backend in a session (the tests' own default is 150-200: about
-# 1,100 Triton compiles, more than a whole lease).
+# GPU fuzzing draws per test and backend in a session (the tests' own defaults, 200 and 150, need
+# about a thousand Triton compiles at 1.6 s each: more than a whole lease).
 GPU_EXAMPLES = 25
 WHEEL_SITE = Path("/tmp/prefix_kernels_site")
 COMPILED_TESTS = "(triton or decode or cuda) and not triton_gpu_compile and not emulated"
