@@ -93,9 +93,9 @@ BUILD_SNIPPET = (
 class Step:
     name: str
     gpu: tuple            # argv on the GPU; "{out}" becomes the output folder
-    rehearse: tuple       # argv on a CPU (smoke sizes, or collection only)
     cap_s: int            # the most this step may take
     floor_s: int          # with less budget left than this, the step would measure nothing: skip it
+    rehearse: tuple = ()  # argv on a CPU (smoke sizes, or collection only); empty: the same as on the GPU
     writes: tuple = ()    # files it leaves under the output folder
     needs: tuple = ()     # files under the output folder it reads
     env: dict = field(default_factory=dict)
@@ -128,8 +128,6 @@ PLAN = (
          cap_s=150, floor_s=40, writes=("decode.jsonl",), env=NO_FLASHINFER_JIT),
     Step("decode_choice",
          gpu=(PY, "benchmarks/decode_choice.py", "--rows", "{out}/decode.jsonl", "--out", "{out}/decode_choice.json"),
-         rehearse=(PY, "benchmarks/decode_choice.py", "--rows", "{out}/decode.jsonl", "--out",
-                   "{out}/decode_choice.json"),
          cap_s=30, floor_s=5, writes=("decode_choice.json",), needs=("decode.jsonl",)),
     Step("generate", gpu=_bench("bench_generate.py", "generate.jsonl", "--repeats", "2"),
          rehearse=_bench("bench_generate.py", "generate.jsonl", "--smoke", "--repeats", "1", "--modes", "sample"),
@@ -141,8 +139,7 @@ PLAN = (
          rehearse=_bench("bench_train_step.py", "train_step.jsonl", "--smoke"),
          cap_s=120, floor_s=45, writes=("train_step.jsonl",)),
     # issue 5's CLI on the card: what `info` says of the backends there, `verify`'s table
-    Step("info", gpu=(PY, "-m", "prefix_kernels.cli", "info"), rehearse=(PY, "-m", "prefix_kernels.cli", "info"),
-         cap_s=40, floor_s=10, echo_lines=25),
+    Step("info", gpu=(PY, "-m", "prefix_kernels.cli", "info"), cap_s=40, floor_s=10, echo_lines=25),
     Step("verify", gpu=(PY, "-m", "prefix_kernels.cli", "verify"),
          rehearse=(PY, "-m", "prefix_kernels.cli", "verify", "--quick", "--backend", "torch"),
          cap_s=90, floor_s=20),
@@ -157,8 +154,7 @@ PLAN = (
                           "--benchmark-json={out}/pytest_benchmark.json"),
          cap_s=90, floor_s=30, writes=("pytest_benchmark.json",), env=NO_FLASHINFER_JIT),
     # the README's headline table from this session's rows, printed into the call's output
-    Step("headline", gpu=(PY, "benchmarks/headline.py", "--results", "{out}"),
-         rehearse=(PY, "benchmarks/headline.py", "--results", "{out}"), cap_s=30, floor_s=3, echo_lines=25),
+    Step("headline", gpu=(PY, "benchmarks/headline.py", "--results", "{out}"), cap_s=30, floor_s=3, echo_lines=25),
 )
 STEPS = {s.name: s for s in (BUILD, *PLAN)}
 LOG, SUMMARY = "session.log", "session.json"
@@ -179,7 +175,7 @@ def xdist_args() -> list[str]:
 
 def argv_for(step: Step, out: Path, rehearse: bool, xdist: list | None = None) -> list[str]:
     argv = []
-    for a in (step.rehearse if rehearse else step.gpu):
+    for a in (step.rehearse or step.gpu) if rehearse else step.gpu:
         if a == "{xdist}":
             argv += xdist_args() if xdist is None else xdist
         else:
@@ -231,7 +227,7 @@ class Runner:
     and its last lines to the summary."""
 
     def __init__(self, out: Path, env: dict, echo):
-        self.out, self.env, self.echo = out, env, echo
+        self.env, self.echo = env, echo
         self.log = open(out / LOG, "a", buffering=1)
         self._log_lock = threading.Lock()
 
@@ -375,7 +371,6 @@ def session(args) -> dict:
         steps = ",".join(dict.fromkeys(left))
         summary["rerun"] = (f"python3 benchmarks/gpu_session.py --steps {steps} --budget <seconds>"
                             + (" --rehearse" if args.rehearse else ""))
-    save()
     summary["out_problems"] = out_folder_problems(out)
     save()
     runner.log.close()

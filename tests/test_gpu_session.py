@@ -59,7 +59,7 @@ def test_out_folder_problems_name_what_would_not_come_back(gs, tmp_path):
 
 def _fake(gs, name, code, cap, floor=0, writes=(), needs=()):
     argv = (sys.executable, "-c", code)
-    return gs.Step(name, gpu=argv, rehearse=argv, cap_s=cap, floor_s=floor, writes=writes, needs=needs)
+    return gs.Step(name, gpu=argv, cap_s=cap, floor_s=floor, writes=writes, needs=needs)
 
 
 def test_budget_cuts_a_step_at_its_cap_and_skips_what_no_longer_fits(gs, tmp_path, monkeypatch, capsys):
