@@ -109,6 +109,13 @@ def _backward_one_pass(dout, dlse, q, k, v, prefix_k, prefix_v, prefix_index, kv
         bool(causal), float(scale))
 
 
+def _unit_last(x):
+    """x with a contiguous last dim: ATen's CPU flash kernel (forward and backward) reads the head
+    dim as contiguous whatever its stride says (a D-strided bf16 q gave errors of 2.4 instead of
+    7e-3). Copied only where it is not; transformers' views all have unit stride there."""
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
 def _cpu_flash():
     return (torch.ops.aten._scaled_dot_product_flash_attention_for_cpu,
             torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward)
@@ -339,7 +346,7 @@ def forward(q, k, v, prefix_k, prefix_v, prefix_index, kv_mask, causal: bool, sc
     if _one_pass(q, k, v, prefix_k, prefix_v):
         return _forward_one_pass(q, k, v, prefix_k, prefix_v, prefix_index, kv_mask, causal, scale)
     if _fused_cpu(q):
-        fused = _forward_cpu(q, k, v, prefix_k, prefix_v, prefix_index, kv_mask, causal, scale)
+        fused = _forward_cpu(*map(_unit_last, (q, k, v, prefix_k, prefix_v)), prefix_index, kv_mask, causal, scale)
         if fused is not None:
             return fused
     B, Hq, Lq, D = q.shape
@@ -379,6 +386,7 @@ def backward(dout, dlse, q, k, v, prefix_k, prefix_v, prefix_index, kv_mask, cau
         return _backward_one_pass(dout, dlse, q, k, v, prefix_k, prefix_v, prefix_index, kv_mask, causal, scale,
                                   out, lse)
     if dlse is None and _fused_cpu(q):
+        dout, q, k, v, prefix_k, prefix_v, out = map(_unit_last, (dout, q, k, v, prefix_k, prefix_v, out))
         fused = _backward_cpu(dout, q, k, v, prefix_k, prefix_v, prefix_index, kv_mask, causal, scale, out, lse)
         if fused is not None:
             return fused

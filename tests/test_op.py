@@ -253,6 +253,33 @@ def test_transposed_inputs(backend_device, dtype, padding, lse):
     assert_close_to_reference(inp, causal=True, return_lse=lse, backend=backend)
 
 
+def _every_other(x):
+    """x as a view of every other element of a twice-as-wide leaf: stride 2 along D."""
+    wide = torch.zeros(*x.shape[:-1], 2 * x.shape[-1], dtype=x.dtype, device=x.device)
+    wide[..., ::2] = x.detach()
+    return wide.requires_grad_(x.requires_grad)[..., ::2]
+
+
+@pytest.mark.parametrize("dtype", [FP32, FP16], ids=DTYPE_NAMES.get)
+@LSE
+def test_head_dim_strided_inputs(backend_device, dtype, lse):
+    """Inputs whose head dim has stride 2, and a prefix_index read with stride 2, then expanded
+    (stride 0). ATen's CPU flash kernel, under the torch backend's fp16 path, reads the head dim
+    as contiguous (errors of ~2); the triton kernels once read prefix_index as contiguous (wrong
+    prefixes; a segfault when expanded)."""
+    backend, device = backend_device
+    inp = make_inputs(3, 4, 2, 5, 11, 7, 32, 3, dtype, device, padding="left")
+    for name in TENSOR_ARGS:
+        inp[name] = _every_other(inp[name])
+        assert inp[name].stride(-1) == 2
+    index = inp["prefix_index"]
+    inp["prefix_index"] = torch.stack([index, torch.zeros_like(index)], 1).flatten()[::2]
+    assert inp["prefix_index"].stride() == (2,) and torch.equal(inp["prefix_index"], index)
+    assert_close_to_reference(inp, causal=True, return_lse=lse, backend=backend)
+    inp["prefix_index"] = index[1:2].expand(3)
+    assert_close_to_reference(inp, causal=True, return_lse=lse, backend=backend)
+
+
 @pytest.mark.parametrize("scale", [0.3, 1.7])
 def test_custom_scale(backend_device, scale):
     backend, device = backend_device

@@ -120,7 +120,7 @@ def forward(q, k, v, prefix_k, prefix_v, prefix_index, kv_mask, causal: bool, sc
     kvm, smb, smn = _mask_args(kv_mask, q)
     grid = (B * Hq, triton.cdiv(Lq, blk.m))
     shared_prefix_fwd_kernel[grid](
-        q, k, v, prefix_k, prefix_v, prefix_index if prefix_index is not None else q, kvm, out, lse,
+        q, k, v, prefix_k, prefix_v, q if prefix_index is None else prefix_index.contiguous(), kvm, out, lse,
         *q.stride(), *k.stride(), *v.stride(), *prefix_k.stride(), *prefix_v.stride(), smb, smn, *out.stride(),
         Hq, Lq, Lk, P, Hq // Hkv, scale * LOG2E,
         HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_M=blk.m, BLOCK_N=blk.n,
@@ -170,7 +170,7 @@ def backward(dout, dlse, q, k, v, prefix_k, prefix_v, prefix_index, kv_mask, cau
     dq = out_layout(B, Hq, Lq, D, q)
     corr = torch.empty_like(lse)  # per-row renormalisation of p, written by the dq kernel
     shared_prefix_bwd_dq_kernel[(B * Hq, triton.cdiv(Lq, blk.m))](
-        q, k, v, prefix_k, prefix_v, prefix_index if prefix_index is not None else q, kvm, dout, lse, delta, dq, corr,
+        q, k, v, prefix_k, prefix_v, q if prefix_index is None else prefix_index.contiguous(), kvm, dout, lse, delta, dq, corr,
         *q.stride(), *k.stride(), *v.stride(), *prefix_k.stride(), *prefix_v.stride(), smb, smn, *dout.stride(),
         *dq.stride()[:3], Hq, Lq, Lk, P, group, qk_scale, scale,
         HAS_PIDX=prefix_index is not None, HAS_KV_MASK=kv_mask is not None, CAUSAL=causal, **common,
