@@ -466,7 +466,9 @@ __device__ __forceinline__ void attend(const Params& p, unsigned char* smem, con
       l += __shfl_xor_sync(0xffffffffu, l, 2);
       const int row = hr ? r1 : r0;
       if (qoff_s[row] < 0) continue;
-      const bool empty = !(l > 0.f);  // no visible key in this block's range
+      // No visible key in this block's range. A NaN score leaves l NaN (fmaxf skips NaN, the
+      // exponential does not), which must come out as NaN, as in the reference, not as empty.
+      const bool empty = l == 0.f;
       const float inv = empty ? 0.f : 1.f / l;
       const int64_t ws_row = static_cast<int64_t>(slot) * p.rows_total + orow_s[row];
       float* dst = p.ws_out + ws_row * D;
@@ -602,32 +604,33 @@ __global__ void __launch_bounds__(32 * kMergeWarps) merge_kernel(const Params p)
 
   float mx = -INFINITY;
   for (int s = 0; s < p.n_splits; ++s) mx = fmaxf(mx, p.ws_lse[s * p.rows_total + row]);
+  // fmaxf skips a NaN lse; its weight exp2(NaN) does not, so a NaN split makes the row NaN.
+  const float m_use = mx == -INFINITY ? 0.f : mx;
   float acc[kMergeMaxPerLane];
 #pragma unroll
   for (int u = 0; u < kMergeMaxPerLane; ++u) acc[u] = 0.f;
   float wsum = 0.f;
-  if (mx != -INFINITY) {
-    for (int s = 0; s < p.n_splits; ++s) {
-      const int64_t ws_row = s * p.rows_total + row;
-      const float w = exp2f(p.ws_lse[ws_row] - mx);  // empty split: exp2(-inf) = 0
-      if (w == 0.f) continue;
-      wsum += w;
-      const float* src = p.ws_out + ws_row * p.D;
+  for (int s = 0; s < p.n_splits; ++s) {
+    const int64_t ws_row = s * p.rows_total + row;
+    const float w = exp2f(p.ws_lse[ws_row] - m_use);  // empty split: exp2(-inf) = 0
+    if (w == 0.f) continue;
+    wsum += w;
+    const float* src = p.ws_out + ws_row * p.D;
 #pragma unroll
-      for (int u = 0; u < kMergeMaxPerLane; ++u) {
-        const int d = lane + 32 * u;
-        if (d < p.D) acc[u] += w * src[d];
-      }
+    for (int u = 0; u < kMergeMaxPerLane; ++u) {
+      const int d = lane + 32 * u;
+      if (d < p.D) acc[u] += w * src[d];
     }
   }
-  const float inv = wsum > 0.f ? 1.f / wsum : 0.f;  // no visible key at all: out 0, lse -inf
+  const bool empty = wsum == 0.f;  // no visible key at all: out 0, lse -inf
+  const float inv = empty ? 0.f : 1.f / wsum;
   T* o = reinterpret_cast<T*>(p.out) + b * p.so[0] + h * p.so[1] + i * p.so[2];
 #pragma unroll
   for (int u = 0; u < kMergeMaxPerLane; ++u) {
     const int d = lane + 32 * u;
     if (d < p.D) o[d * p.so[3]] = from_float<T>(acc[u] * inv);
   }
-  if (lane == 0) p.lse[row] = wsum > 0.f ? (mx + log2f(wsum)) * kLn2 : -INFINITY;
+  if (lane == 0) p.lse[row] = empty ? -INFINITY : (m_use + log2f(wsum)) * kLn2;
 }
 
 }  // namespace spd

@@ -32,6 +32,7 @@ import pytest
 import torch
 
 from helpers import DTYPE_NAMES, check_quantity, make_inputs, run_same_dtype, run_truth
+from prefix_kernels.reference import reference_attention
 
 FP16, BF16, FP32 = torch.float16, torch.bfloat16, torch.float32
 TENSORS = ("q", "k", "v", "prefix_k", "prefix_v")
@@ -175,6 +176,32 @@ def test_deterministic(impl):
     for _ in range(3):
         again = decode(*args)
         assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
+
+
+@pytest.mark.parametrize("where", TENSORS)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_nan_and_inf_propagate_like_the_reference(impl, where, bad):
+    """A NaN or Inf in an input gives NaN and Inf in out and lse exactly where the reference puts
+    them, finite values elsewhere. fmaxf skips NaN, so a NaN score must still reach the row: the
+    kernels once wrote such a split as empty (out 0, lse -inf) and the merge dropped it."""
+    decode, device = impl
+    inp = make_inputs(3, 4, 2, 5, 6, 4, 64, 1, FP32, device=device, padding="left", requires_grad=False)
+    x = inp[where].clone()
+    x[0, 0, 2, 3] = bad  # request 0 has no padding: its key 2 is visible to its queries 1-4
+    inp[where] = x
+    args = [inp[n] for n in TENSORS] + [inp["prefix_index"], inp["kv_mask"], True, 0.125]
+    out, lse = decode(*args)
+    ref, ref_lse = reference_attention(*args[:5], prefix_index=inp["prefix_index"], kv_mask=inp["kv_mask"],
+                                       causal=True, scale=0.125)
+    assert not torch.isfinite(ref).all()  # the case is not vacuous
+    for kind in (torch.isnan, torch.isinf):
+        assert torch.equal(kind(out), kind(ref)), (
+            f"out: {kind.__name__} pattern differs: kernel {int(kind(out).sum())}, reference {int(kind(ref).sum())}")
+    # lse: non-finite in the same rows. Where an Inf score makes the reference's logsumexp +inf,
+    # the online softmax gives NaN (exp(inf - inf)), as the triton and torch backends do.
+    assert torch.equal(torch.isfinite(lse), torch.isfinite(ref_lse))
+    finite = torch.isfinite(ref)
+    torch.testing.assert_close(out[finite], ref[finite].to(out.dtype), rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("sms", (1, 8, 132))

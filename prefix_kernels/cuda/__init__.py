@@ -112,7 +112,7 @@ def decode_forward(q, k, v, prefix_k, prefix_v, prefix_index=None, kv_mask=None,
     """Shared-prefix decode attention with the CUDA kernels (forward only).
 
     q (B, Hq, Lq, D), Lq in 1..16; k, v (B, Hkv, T, D), any strides; prefix_k, prefix_v
-    (G, Hkv, P, D); prefix_index (B,) int32/int64 with values in [0, G), or None (prefix 0 for
+    (G, Hkv, P, D); prefix_index (B,) integer tensor with values in [0, G), or None (prefix 0 for
     all); kv_mask (B, T) bool/uint8, True = may attend, or None; causal: own key j visible to
     query i iff j <= i + (T - Lq); prefix keys always visible; scale default 1 / sqrt(D).
     Returns out (B, Hq, Lq, D) in q's dtype and lse (B, Hq, Lq) float32, natural log; a row with
@@ -121,6 +121,8 @@ def decode_forward(q, k, v, prefix_k, prefix_v, prefix_index=None, kv_mask=None,
     """
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
+    if prefix_index is not None and prefix_index.dtype not in (torch.int32, torch.int64):
+        prefix_index = prefix_index.to(torch.int32)  # the public op also takes int8/int16/uint8
     return torch.ops.prefix_kernels.decode_cuda(
         q, k, v, prefix_k, prefix_v, prefix_index, kv_mask, bool(causal), float(scale)
     )
