@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 import weakref
 from dataclasses import dataclass
 
 import torch
+import torch.autograd.forward_ad as fwAD
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256
@@ -32,23 +35,39 @@ class Problem:
         return self.Hq // self.Hkv
 
 
-# The last prefix_index whose values were checked, so that the same tensor passed to every layer
-# of a model costs one device sync per step, not one per layer.
+# The last prefix_index whose values were checked on a GPU, so that the same tensor passed to
+# every layer of a model costs one device sync per step, not one per layer. Only CUDA tensors
+# that track a version counter are remembered: a CPU check costs no sync, and a CPU tensor can be
+# written through .numpy() without bumping ._version; an inference tensor has no version counter.
 _checked_index: tuple = (None, -1, -1)
 
 
-def _check_index_range(prefix_index: torch.Tensor, G: int) -> None:
+def check_index_range(prefix_index: torch.Tensor, G: int) -> None:
     """Raise if a value lies outside [0, G): a kernel would read another tensor's memory."""
     global _checked_index
     if prefix_index.device.type == "meta" or torch.compiler.is_compiling():
-        return  # values unknown while tracing; eager calls of the same code are checked
-    last, version, last_G = _checked_index
-    if last is not None and last() is prefix_index and version == prefix_index._version and last_G == G:
-        return
-    lo, hi = int(prefix_index.min()), int(prefix_index.max())  # one device sync
+        return  # values unknown while tracing; the custom ops check them again when they run
+    remember = prefix_index.device.type == "cuda" and not prefix_index.is_inference()
+    if remember:
+        last, version, last_G = _checked_index
+        if last is not None and last() is prefix_index and version == prefix_index._version and last_G == G:
+            return
+    lo, hi = int(prefix_index.min()), int(prefix_index.max())  # one device sync on a GPU
     if lo < 0 or hi >= G:
         raise ValueError(f"prefix_index values must be in [0, G) = [0, {G}), got range [{lo}, {hi}]")
-    _checked_index = (weakref.ref(prefix_index), prefix_index._version, G)
+    if remember:
+        _checked_index = (weakref.ref(prefix_index), prefix_index._version, G)
+
+
+def refuse_forward_ad(*tensors) -> None:
+    """Raise if an input carries a forward-mode tangent (torch.func.jvp, jacfwd, forward_ad):
+    the custom ops have no jvp rule, and torch returns a zero tangent for them without an error."""
+    if fwAD._current_level < 0:  # no dual level open: no input can carry a tangent
+        return
+    if any(t is not None and fwAD.unpack_dual(t).tangent is not None for t in tensors):
+        raise NotImplementedError(
+            "prefix_kernels: forward-mode AD (torch.func.jvp / jacfwd, torch.autograd.forward_ad) is not "
+            "implemented; reverse mode (.backward(), torch.autograd.grad) is")
 
 
 def _expect_tensor(name: str, x, shape_doc: str) -> None:
@@ -58,8 +77,10 @@ def _expect_tensor(name: str, x, shape_doc: str) -> None:
         raise ValueError(f"{name} must be 4-D {shape_doc}, got shape {tuple(x.shape)}")
 
 
-def check_inputs(q, k, v, prefix_k, prefix_v, prefix_index, kv_mask, scale) -> Problem:
+def check_inputs(q, k, v, prefix_k, prefix_v, prefix_index, kv_mask, scale, causal=True) -> Problem:
     """Validate the arguments of shared_prefix_attention and return the problem's sizes."""
+    if not isinstance(causal, bool):  # bool("false") is True: a non-bool is refused, not read by truth
+        raise TypeError(f"causal must be a bool, got {type(causal).__name__} {causal!r}")
     _expect_tensor("q", q, "(B, Hq, Lq, D)")
     _expect_tensor("k", k, "(B, Hkv, Lk, D)")
     _expect_tensor("v", v, "(B, Hkv, Lk, D)")
@@ -107,7 +128,7 @@ def check_inputs(q, k, v, prefix_k, prefix_v, prefix_index, kv_mask, scale) -> P
             raise ValueError(f"prefix_index must have shape (B,) = ({B},), got {tuple(prefix_index.shape)}")
         if prefix_index.device != q.device:
             raise ValueError(f"prefix_index is on {prefix_index.device} but q is on {q.device}")
-        _check_index_range(prefix_index, G)
+        check_index_range(prefix_index, G)
 
     if kv_mask is not None:
         if not isinstance(kv_mask, torch.Tensor):
@@ -120,9 +141,13 @@ def check_inputs(q, k, v, prefix_k, prefix_v, prefix_index, kv_mask, scale) -> P
             raise ValueError(f"kv_mask is on {kv_mask.device} but q is on {q.device}")
 
     if scale is not None:
-        if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        if isinstance(scale, bool) or not isinstance(scale, numbers.Real):  # numpy scalars are Real
             raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
-        if not scale == scale or scale in (float("inf"), float("-inf")):
+        try:
+            value = float(scale)
+        except OverflowError:  # an int past float's range
+            raise ValueError(f"scale must be finite, got an int of {int(scale).bit_length()} bits") from None
+        if not math.isfinite(value):
             raise ValueError(f"scale must be finite, got {scale}")
 
     return Problem(B, Hq, Hkv, Lq, Lk, D, G, P, q.dtype, q.device)

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from . import torch_backend
-from .checks import Problem, check_inputs
+from .checks import Problem, check_index_range, check_inputs, refuse_forward_ad
 from .dispatch import MAX_DECODE_LQ, cuda_decode_module, select_backend
 from .ops import out_layout
 from .reference import reference_attention
@@ -44,12 +44,14 @@ def _decode(
     q: Tensor, k: Tensor, v: Tensor, prefix_k: Tensor, prefix_v: Tensor,
     prefix_index: Optional[Tensor], kv_mask: Optional[Tensor], causal: bool, scale: float, backend: str,
 ) -> tuple[Tensor, Tensor]:
+    if prefix_index is not None:  # the public check cannot see values under torch.compile
+        check_index_range(prefix_index, prefix_k.shape[0])
     out, lse = _decode_forward_fn(backend)(q, k, v, prefix_k, prefix_v, prefix_index, kv_mask, causal, scale)
     B, Hq, Lq, D = q.shape
     like = out_layout(B, Hq, Lq, D, q)
     if out.stride() != like.stride():  # the fake below promises ops.out_layout's memory
         out = like.copy_(out)
-    return out, lse
+    return out, lse.contiguous()
 
 
 @_decode.register_fake
@@ -138,7 +140,8 @@ def shared_prefix_decode(
     Returns:
         out (B, Hq, Lq, D) in q's dtype (memory laid out (B, Lq, Hq, D)), or (out, lse).
     """
-    p = check_inputs(q, k, v, prefix_k, prefix_v, prefix_index, kv_mask, scale)
+    p = check_inputs(q, k, v, prefix_k, prefix_v, prefix_index, kv_mask, scale, causal)
+    refuse_forward_ad(q, k, v, prefix_k, prefix_v)
     if not 1 <= p.Lq <= MAX_DECODE_LQ:
         raise ValueError(
             f"q has Lq={p.Lq} query tokens per request (shape {tuple(q.shape)}); shared_prefix_decode takes "

@@ -26,7 +26,8 @@ from .checks import Problem
 logger = logging.getLogger("prefix_kernels")
 
 BACKENDS = ("triton", "torch", "reference")
-DECODE_BACKENDS = ("cuda", "triton", "torch", "reference")
+DECODE_BACKENDS = ("cuda", "triton", "torch", "reference")  # a superset of BACKENDS
+BACKEND_ENV = "PREFIX_KERNELS_BACKEND"  # overrides backend="auto"
 MAX_DECODE_LQ = 16  # new tokens per request that the decode kernels take
 
 
@@ -226,9 +227,15 @@ def select_backend(requested: str, p: Problem, *, decode: bool = False) -> str:
     names, table = (DECODE_BACKENDS, DECODE_REASONS) if decode else (BACKENDS, REASONS)
     if not isinstance(requested, str):
         raise TypeError(f"backend must be a str, one of 'auto', {', '.join(map(repr, names))}; got {requested!r}")
-    forced = os.environ.get("PREFIX_KERNELS_BACKEND")
+    forced = os.environ.get(BACKEND_ENV)
     if requested == "auto" and forced:
-        requested = forced  # a user override for debugging; same checks as an explicit name
+        # A user override for debugging; then the same checks as an explicit name. A name only the
+        # decode path has ("cuda") leaves the training op on auto instead of breaking it.
+        if forced not in DECODE_BACKENDS:
+            raise ValueError(f"{BACKEND_ENV} must be unset or one of {', '.join(map(repr, DECODE_BACKENDS))}; "
+                             f"got {forced!r}")
+        if forced in names:
+            requested = forced
     if requested != "auto" and requested not in names:
         raise ValueError(f"backend must be one of 'auto', {', '.join(map(repr, names))}; got {requested!r}")
     order = _decode_auto_order if decode else _auto_order

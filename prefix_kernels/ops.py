@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from . import torch_backend
-from .checks import check_inputs
+from .checks import check_index_range, check_inputs, refuse_forward_ad
 from .dispatch import MAX_DECODE_LQ, select_backend
 from .reference import reference_attention
 
@@ -35,7 +35,10 @@ def _fwd(
     q: Tensor, k: Tensor, v: Tensor, prefix_k: Tensor, prefix_v: Tensor,
     prefix_index: Optional[Tensor], kv_mask: Optional[Tensor], causal: bool, scale: float, backend: str,
 ) -> tuple[Tensor, Tensor]:
-    return _backend_module(backend).forward(q, k, v, prefix_k, prefix_v, prefix_index, kv_mask, causal, scale)
+    if prefix_index is not None:  # the public check cannot see values under torch.compile
+        check_index_range(prefix_index, prefix_k.shape[0])
+    out, lse = _backend_module(backend).forward(q, k, v, prefix_k, prefix_v, prefix_index, kv_mask, causal, scale)
+    return out, lse.contiguous()  # the fake promises a contiguous lse; ATen's CPU flash lse is (B, Lq, Hq)
 
 
 def out_layout(B: int, Hq: int, Lq: int, D: int, like: Tensor) -> Tensor:
@@ -162,7 +165,8 @@ def shared_prefix_attention(
     Returns:
         out (B, Hq, Lq, D) in q's dtype, or (out, lse) when return_lse.
     """
-    p = check_inputs(q, k, v, prefix_k, prefix_v, prefix_index, kv_mask, scale)
+    p = check_inputs(q, k, v, prefix_k, prefix_v, prefix_index, kv_mask, scale, causal)
+    refuse_forward_ad(q, k, v, prefix_k, prefix_v)
     scale = 1.0 / math.sqrt(p.D) if scale is None else float(scale)
     if p.G == 1:
         prefix_index = None  # all requests use prefix 0 (values were checked to be in [0, 1))

@@ -110,8 +110,11 @@ CASES = [
     ("scale_str", lambda c: {"scale": "0.5"}, TE, word("scale")),
     ("scale_nan", lambda c: {"scale": float("nan")}, VE, word("scale")),
     ("scale_inf", lambda c: {"scale": float("inf")}, VE, word("scale")),
+    ("scale_int_past_float", lambda c: {"scale": 10**400}, VE, word("scale")),  # float() overflows
     ("backend_unknown", lambda c: {"backend": "cudnn"}, VE, word("backend")),
     ("backend_not_str", lambda c: {"backend": 1}, EITHER, word("backend")),
+    ("causal_str", lambda c: {"causal": "false"}, TE, word("causal")),  # bool("false") is True
+    ("causal_none", lambda c: {"causal": None}, TE, word("causal")),
 ]
 
 
@@ -198,3 +201,74 @@ def test_prefix_index_checked_again_after_in_place_change():
     call["prefix_index"][0] = G
     with pytest.raises(ValueError, match=word("prefix_index")):
         invoke(call)
+
+
+def test_prefix_index_written_behind_the_version_counter():
+    # Writes through .numpy() (or .data) do not bump ._version: a CPU index is checked every call.
+    call = base()
+    invoke(call)
+    call["prefix_index"].numpy()[0] = G
+    with pytest.raises(ValueError, match=word("prefix_index")):
+        invoke(call)
+
+
+@pytest.mark.parametrize("fn", ["shared_prefix_attention", "shared_prefix_decode"])
+def test_prefix_index_made_in_inference_mode(fn):
+    # An inference tensor has no version counter; reading it once crashed every call.
+    import prefix_kernels
+
+    call = base()
+    args = [call.pop(n) for n in ("q", "k", "v", "prefix_k", "prefix_v")]
+    with torch.inference_mode():
+        index = call["prefix_index"].clone()
+        out = getattr(prefix_kernels, fn)(*args, prefix_index=index, kv_mask=call["kv_mask"], backend="torch")
+        want = shared_prefix_attention(*args, prefix_index=index, kv_mask=call["kv_mask"], backend="reference")
+        torch.testing.assert_close(out, want)
+        bad = torch.tensor([0, G])
+        with pytest.raises(ValueError, match=word("prefix_index")):
+            getattr(prefix_kernels, fn)(*args, prefix_index=bad, backend="torch")
+
+
+def test_backend_override_from_the_environment(monkeypatch):
+    call = dict(base(), backend="auto")
+    monkeypatch.setenv("PREFIX_KERNELS_BACKEND", "cudnn")
+    with pytest.raises(ValueError, match="PREFIX_KERNELS_BACKEND"):
+        invoke(call)
+    # "cuda" exists on the decode path only: it must not break the training op, which stays on auto.
+    monkeypatch.setenv("PREFIX_KERNELS_BACKEND", "cuda")
+    invoke(call)
+    monkeypatch.setenv("PREFIX_KERNELS_BACKEND", "reference")
+    monkeypatch.setattr("prefix_kernels.ops.reference_attention",
+                        lambda *a, **k: (_ for _ in ()).throw(RuntimeError("reference ran")))
+    with pytest.raises(RuntimeError, match="reference ran"):
+        invoke(call)
+
+
+def test_numpy_scale_is_a_float():
+    import numpy as np
+
+    call = base()
+    want = invoke(dict(call, scale=0.25))
+    for scale in (np.float32(0.25), np.float64(0.25)):
+        assert torch.equal(invoke(dict(call, scale=scale)), want)
+
+
+@pytest.mark.parametrize("fn", ["shared_prefix_attention", "shared_prefix_decode"])
+def test_forward_mode_ad_is_refused(fn):
+    # The custom ops have no jvp rule, and torch gave a zero tangent for them without an error.
+    import torch.autograd.forward_ad as fwAD
+
+    import prefix_kernels
+
+    call = base()
+    args = [call.pop(n) for n in ("q", "k", "v", "prefix_k", "prefix_v")]
+    op = getattr(prefix_kernels, fn)
+
+    def f(q):
+        return op(q, *args[1:], prefix_index=call["prefix_index"], backend="torch")
+
+    with pytest.raises(NotImplementedError, match="forward-mode"):
+        torch.func.jvp(f, (args[0],), (torch.ones_like(args[0]),))
+    with fwAD.dual_level(), pytest.raises(NotImplementedError, match="forward-mode"):
+        f(fwAD.make_dual(args[0], torch.ones_like(args[0])))
+    f(args[0])  # a plain call inside no dual level is untouched
