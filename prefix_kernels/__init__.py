@@ -24,7 +24,7 @@ def apply_prefix_kernels(model=None):
     return apply(model)
 
 
-def generate(model, input_ids, attention_mask=None, *, shared_prefix=None, num_return_sequences=1, **generate_kwargs):
+def generate(model, input_ids, attention_mask=None, *, shared_prefix=None, num_return_sequences=None, **generate_kwargs):
     """model.generate with a prompt shared by every sequence computed once and kept once (see
     prefix_kernels.hf.generate): N samples from one prompt, or a batch behind a common prompt."""
     from .hf import generate as hf_generate

@@ -95,3 +95,106 @@ def test_generate_refuses_bad_arguments():
         prefix_kernels.generate(model, torch.ones(2, 3, dtype=torch.long), shared_prefix=torch.ones(2, 3, dtype=torch.long))
     with pytest.raises(ValueError, match="cache"):
         prefix_kernels.generate(model, torch.ones(1, 3, dtype=torch.long), past_key_values=None)
+
+
+def _greedy_scores(**extra):
+    return dict(max_new_tokens=5, do_sample=False, pad_token_id=0, return_dict_in_generate=True, output_scores=True,
+                **extra)
+
+
+def _assert_same_output(got, want):
+    assert torch.equal(got.sequences, want.sequences)
+    for a, b in zip(got.scores, want.scores):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_num_return_sequences_from_a_generation_config():
+    """Not passed as a keyword, it comes from the generation config, as in model.generate."""
+    from transformers import GenerationConfig
+
+    ref_model, model = _models("llama")
+    shared, (suffix, mask, _) = _shared(), batch(2, 3, "left")
+    config = GenerationConfig(max_new_tokens=4, do_sample=True, top_k=20, num_return_sequences=3, pad_token_id=0)
+    with torch.no_grad():
+        torch.manual_seed(3)
+        want = ref_model.generate(input_ids=torch.cat([shared.expand(2, -1), suffix], 1),
+                                  attention_mask=torch.cat([torch.ones(2, 7, dtype=torch.long), mask], 1),
+                                  generation_config=config)
+        torch.manual_seed(3)
+        got = prefix_kernels.generate(model, suffix, mask, shared_prefix=shared, generation_config=config)
+    assert want.shape[0] == 6 and torch.equal(got, want)
+
+
+@pytest.mark.parametrize("B", [1, 2])
+def test_requests_without_own_tokens(B):
+    """Empty own input_ids: the shared prompt alone, run once (it once ran twice: generate fed the
+    whole sequence again at its first step, and the scores moved by up to 0.5)."""
+    ref_model, model = _models("llama")
+    shared = _shared()
+    with torch.no_grad():
+        want = ref_model.generate(input_ids=shared.expand(B, -1), **_greedy_scores())
+        got = prefix_kernels.generate(model, torch.zeros(B, 0, dtype=torch.long), shared_prefix=shared,
+                                      **_greedy_scores())
+    _assert_same_output(got, want)
+
+
+SLIDING_FIRST = {  # layer 0 slides over 4 keys (Gemma2's own order; Qwen2 told so)
+    "gemma2": dict(sliding_window=4),
+    "qwen2": dict(sliding_window=4, use_sliding_window=True, layer_types=["sliding_attention", "full_attention"]),
+}
+
+
+@pytest.mark.parametrize("model_type", sorted(SLIDING_FIRST))
+def test_sliding_window_layer_shorter_than_the_prompt(model_type):
+    """A first layer sliding over 4 keys behind a 7-token shared prompt: the prompt's cache must
+    keep all 7 (a sliding cache layer keeps 3, and generate then re-ran 4 of them)."""
+    attn = "eager" if model_type == "gemma2" else "sdpa"  # transformers has no SDPA Gemma2
+    ref_model = build_model(model_type, "eager", **SLIDING_FIRST[model_type]).eval()
+    model = build_model(model_type, attn, **SLIDING_FIRST[model_type]).eval()
+    shared, (suffix, mask, _) = _shared(), batch(2, 5, "left")
+    with torch.no_grad():
+        want = ref_model.generate(input_ids=torch.cat([shared.expand(2, -1), suffix], 1),
+                                  attention_mask=torch.cat([torch.ones(2, 7, dtype=torch.long), mask], 1),
+                                  **_greedy_scores())
+        got = prefix_kernels.generate(model, suffix, mask, shared_prefix=shared, **_greedy_scores())
+    _assert_same_output(got, want)
+
+
+@pytest.mark.parametrize("form", ["common_prompt", "samples"])
+def test_hidden_states_cover_the_shared_prompt(form):
+    ref_model, model = _models("llama")
+    kw = _greedy_scores(output_hidden_states=True)
+    with torch.no_grad():
+        if form == "samples":
+            prompt = _shared(8)
+            kw.update(do_sample=True, num_return_sequences=3)
+            torch.manual_seed(5)
+            want = ref_model.generate(input_ids=prompt, **kw)
+            torch.manual_seed(5)
+            got = prefix_kernels.generate(model, prompt, **kw)
+        else:
+            shared, suffix = _shared(), torch.randint(3, 100, (2, 3), generator=torch.Generator().manual_seed(1))
+            want = ref_model.generate(input_ids=torch.cat([shared.expand(2, -1), suffix], 1), **kw)
+            got = prefix_kernels.generate(model, suffix, shared_prefix=shared, **kw)
+    _assert_same_output(got, want)
+    assert len(got.hidden_states) == len(want.hidden_states)
+    for step_got, step_want in zip(got.hidden_states, want.hidden_states):
+        for a, b in zip(step_got, step_want):
+            assert a.shape == b.shape
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_generate_refuses_what_it_cannot_return_as_generate_would():
+    from hf_models import build_peft
+
+    _, model = _models("llama")
+    own, shared = torch.ones(2, 3, dtype=torch.long), _shared()
+    with pytest.raises(ValueError, match="use_cache"):
+        prefix_kernels.generate(model, own, shared_prefix=shared, use_cache=False, max_new_tokens=2)
+    with pytest.raises(ValueError, match="output_attentions"):
+        prefix_kernels.generate(model, own, shared_prefix=shared, output_attentions=True, max_new_tokens=2)
+    # A PEFT prefix-tuning model: its virtual tokens would be lost behind the prompt's cache.
+    prefix_kernels.apply_prefix_kernels()
+    peft_model = build_peft("llama", "prefix_kernels", "prefix")
+    with pytest.raises(ValueError, match="PREFIX_TUNING"):
+        prefix_kernels.generate(peft_model, own, shared_prefix=shared, max_new_tokens=2)

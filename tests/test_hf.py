@@ -417,3 +417,18 @@ def test_prefix_tuning_sampling_runs():
         out = pm.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=True, top_k=10,
                           num_return_sequences=2, pad_token_id=0)
     assert out.shape == (6, 11) and torch.equal(out[::2, :6], ids)
+
+
+@pytest.mark.parametrize("method", ["prompt", "ptuning"])
+def test_prompt_learning_generate_with_padding_matches_stock(method):
+    """PEFT's own generate() for prompt tuning / P-tuning on a left-padded batch gives stock PEFT's
+    tokens. (On transformers 5.24 + peft 0.21 stock hands the model a mask shorter than its keys,
+    which transformers pads with False at the end; the mask builder once raised a kernel shape
+    error there and now pads the same way.)"""
+    ids, mask, _ = batch(2, 6, "left")
+    kwargs = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        want = build_peft("llama", "eager", method).eval().generate(input_ids=ids, attention_mask=mask, **kwargs)
+        got = build_peft("llama", "prefix_kernels", method).eval().generate(input_ids=ids, attention_mask=mask,
+                                                                            **kwargs)
+    assert torch.equal(got, want)

@@ -63,6 +63,10 @@ def mask_forward(*, batch_size, kv_length, mask_function=None, attention_mask=No
     ):
         if attention_mask is None:
             return None
+        if attention_mask.shape[-1] < kv_length:
+            # As transformers' prepare_padding_mask: a mask shorter than the keys is padded with
+            # False at the end (stock PEFT prompt tuning's generate() makes such masks).
+            attention_mask = torch.nn.functional.pad(attention_mask, (0, kv_length - attention_mask.shape[-1]))
         return attention_mask[:, attention_mask.shape[-1] - kv_length:]
     kwargs.update(allow_is_causal_skip=False, allow_is_bidirectional_skip=False)
     return sdpa_mask(batch_size=batch_size, kv_length=kv_length, mask_function=mask_function,

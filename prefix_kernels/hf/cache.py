@@ -143,6 +143,10 @@ class PrefixCache(DynamicCache):
             if not (initialized and keys is not None and keys.numel()):
                 prefixes.append(None)
                 continue
+            if getattr(layer, "is_sliding", False) and layer.get_seq_length() > keys.shape[-2]:
+                raise ValueError(
+                    f"PrefixCache.from_cache: layer {i} is a sliding-window layer that kept {keys.shape[-2]} of "
+                    f"{layer.get_seq_length()} tokens; build the prompt's cache with DynamicCache() (full layers)")
             if length is not None:
                 prefixes.append((layer.keys[..., :length, :], layer.values[..., :length, :]))
             elif isinstance(layer, DynamicLayer):
