@@ -226,3 +226,19 @@ def test_opcheck_and_compile(cuda_backend):
     got = compiled(*args)
     want = step(*args)
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+def test_small_index_dtypes_reach_the_binding_as_int32(monkeypatch):
+    """The public op takes int8/int16/uint8 prefix_index; the binding takes int32/int64 only."""
+    from types import SimpleNamespace
+
+    import prefix_kernels.cuda as cuda
+
+    seen = []
+    binding = SimpleNamespace(decode_cuda=lambda *args: seen.append(args[5].dtype))
+    monkeypatch.setattr(cuda, "torch", SimpleNamespace(int32=torch.int32, int64=torch.int64,
+                                                       ops=SimpleNamespace(prefix_kernels=binding)))
+    inp = make_inputs(3, 4, 2, 1, 5, 3, 64, 2, FP16, requires_grad=False)
+    for dtype in (torch.int8, torch.int16, torch.uint8, torch.int32, torch.int64):
+        cuda.decode_forward(*(inp[n] for n in TENSORS), inp["prefix_index"].to(dtype), None)
+    assert seen == [torch.int32] * 4 + [torch.int64]
