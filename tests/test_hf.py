@@ -432,3 +432,64 @@ def test_prompt_learning_generate_with_padding_matches_stock(method):
         got = build_peft("llama", "prefix_kernels", method).eval().generate(input_ids=ids, attention_mask=mask,
                                                                             **kwargs)
     assert torch.equal(got, want)
+
+
+def test_prompt_tuning_loss_comes_first():
+    """model(...)[0] and return_dict=False give the loss first, as stock: the patched forward once
+    set it last (a ModelOutput keeps its keys in the order they are set)."""
+    ids, mask, labels = batch()
+    pm = build_peft("llama", "prefix_kernels", "prompt")
+    out = pm(input_ids=ids, attention_mask=mask, labels=labels)
+    assert list(out.keys())[0] == "loss" and out[0].dim() == 0
+    assert pm(input_ids=ids, attention_mask=mask, labels=labels, return_dict=False)[0].dim() == 0
+
+
+def test_prompt_tuning_with_dropout_runs_stock_forward(caplog):
+    """OPT keeps hidden dropout 0.1 (functional, read from its layers): at batch 1 the prompt
+    positions would share one dropout mask across the batch. Stock PEFT's forward runs instead,
+    with a warning, and gives stock's loss for the same seed."""
+    hf_attention._warned.clear()
+    ids, mask, labels = batch()
+    losses = []
+    for attn in ("eager", "prefix_kernels"):
+        pm = build_peft("opt", attn, "prompt", dropout=0.1).train()
+        torch.manual_seed(0)
+        with caplog.at_level(logging.WARNING, logger="prefix_kernels"):
+            losses.append(pm(input_ids=ids, attention_mask=mask, labels=labels).loss)
+    assert any("dropout" in r.getMessage() and "prompt tuning" in r.getMessage() for r in caplog.records)
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=0)
+
+
+def test_autocast_with_rope(caplog):
+    """Under bf16 autocast RoPE leaves q and k in fp32 and v in bf16 (a linear's output); the
+    kernel once refused the mixed dtypes. Loss and gradients as eager's under the same autocast."""
+    ids, mask, labels = batch()
+    results = []
+    for attn in ("eager", "prefix_kernels"):
+        pm = build_peft("llama", attn, "prefix")
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = pm(input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        results.append((loss.detach(), [p.grad for p in pm.parameters() if p.requires_grad]))
+    (loss_e, grads_e), (loss_o, grads_o) = results
+    torch.testing.assert_close(loss_o, loss_e, rtol=1e-3, atol=0)  # bf16 attention: ~3 digits
+    for g_o, g_e in zip(grads_o, grads_e):
+        assert (g_o - g_e).norm() <= 3e-2 * g_e.norm()
+
+
+@pytest.mark.parametrize("method", ["prefix", "prompt"])
+def test_output_attentions_falls_back_to_eager(method, caplog):
+    """The kernels compute no attention weights: output_attentions=True takes the eager fallback
+    (with the warning) and returns stock eager's weights over prefix + own keys."""
+    hf_attention._warned.clear()
+    ids, mask, labels = batch()
+    stock = build_peft("llama", "eager", method)(input_ids=ids, attention_mask=mask, output_attentions=True)
+    with caplog.at_level(logging.WARNING, logger="prefix_kernels"):
+        ours = build_peft("llama", "prefix_kernels", method)(input_ids=ids, attention_mask=mask,
+                                                           output_attentions=True)
+    assert any("output_attentions" in m for m in _fallback_warnings(caplog))
+    assert len(ours.attentions) == len(stock.attentions) == 2
+    for a, b in zip(ours.attentions, stock.attentions):
+        if method == "prompt":  # ours: the own tokens' rows over prompt + own keys (logits are (B, L, V) too)
+            b = b[:, :, -a.shape[2]:]
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

@@ -42,10 +42,14 @@ _UNSUPPORTED_KWARGS = {
 _warned: set = set()
 
 
-def _warn_once(reason: str) -> None:
-    if reason not in _warned:
-        _warned.add(reason)
-        logger.warning("prefix_kernels: falling back to the model's eager attention: %s", reason)
+def warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        logger.warning(message)
+
+
+def _warn_fallback_once(reason: str) -> None:
+    warn_once(f"prefix_kernels: falling back to the model's eager attention: {reason}")
 
 
 def _mask_interface_fns():
@@ -100,6 +104,8 @@ def _fallback_reason(module, attention_mask, dropout, kwargs):
         return "the model's mask is not causal + padding (sliding window shorter than the keys, packed or chunked sequences)"
     if dropout and dropout > 0.0:
         return f"attention dropout ({dropout}) while training"
+    if kwargs.get("output_attentions"):
+        return "output_attentions=True (the kernels compute no attention weights)"
     for name, what in _UNSUPPORTED_KWARGS.items():
         if kwargs.get(name) is not None:
             return f"{what} ({name}) in {type(module).__name__}"
@@ -140,10 +146,15 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
 
     reason = _fallback_reason(module, attention_mask, dropout, kwargs)
     if reason is not None:
-        _warn_once(reason)
+        _warn_fallback_once(reason)
         return _eager_fallback(module, query, key, value, attention_mask, dropout, scale, causal,
                                layer_prefix, prefix_index, kwargs)
 
+    if not query.dtype == key.dtype == value.dtype and torch.is_autocast_enabled(query.device.type):
+        # Under autocast RoPE leaves q and k in fp32 while v comes from a linear in the autocast
+        # dtype; eager's matmuls would run in that dtype, and so does the kernel.
+        dtype = torch.get_autocast_dtype(query.device.type)
+        query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
     B, Hkv, Lk, D = key.shape
     if layer_prefix is None:
         prefix_k = prefix_v = key.new_empty((1, Hkv, 0, D))

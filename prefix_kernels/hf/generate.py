@@ -51,8 +51,8 @@ def _refuse(model, generate_kwargs: dict) -> None:
     if _setting(model, generate_kwargs, "use_cache") is False:
         raise ValueError("use_cache=False: this path keeps the shared prompt in the cache; call model.generate")
     if _setting(model, generate_kwargs, "output_attentions"):
-        raise ValueError("output_attentions=True: the prefix_kernels attention computes no attention weights; "
-                         "call model.generate on an eager model")
+        raise ValueError("output_attentions=True: the shared prompt's attention runs once, outside generate, and "
+                         "its weights would be missing from the first step's; call model.generate")
 
 
 def _prepend_shared_hidden_states(result, shared_hidden: tuple) -> None:

@@ -25,7 +25,7 @@ from torch import nn
 
 from . import attention, compat, delivery
 from .cache import PrefixCache
-from .prompt import checkpointing_off, shared_prompt_forward
+from .prompt import checkpointing_off, dropout_in_training, shared_prompt_forward
 
 _originals: dict = {}  # (class, name) -> original function
 _changed_models: dict = {}  # id(model) -> (weakref-able model, previous attention implementation)
@@ -76,7 +76,12 @@ def _wrap_causal_lm_forward(original):
     def forward(self, *args, **kwargs):
         config = self.active_peft_config
         if _peft_type(config) in ("PROMPT_TUNING", "P_TUNING") and uses_prefix_kernels(self) and not args:
-            return shared_prompt_forward(self, **kwargs)
+            dropout = dropout_in_training(self.base_model)
+            if dropout is None:
+                return shared_prompt_forward(self, **kwargs)
+            attention.warn_once(f"prefix_kernels: prompt tuning runs stock PEFT's forward (the soft prompt per "
+                              f"request) while dropout acts in training ({dropout}): at batch 1 every request "
+                              "would share one dropout mask on the prompt")
         return original(self, *args, **kwargs)
 
     return forward

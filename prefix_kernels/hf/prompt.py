@@ -81,5 +81,25 @@ def shared_prompt_forward(peft_model, input_ids=None, attention_mask=None, input
         first = prompt_out.logits[:, -1:, :].expand(batch, 1, -1)  # predicts labels[:, 0], as in stock PEFT
         logits = torch.cat([first, out.logits], dim=1)
         padded = torch.cat([labels.new_full((batch, 1), -100), labels.to(logits.device)], dim=1)
-        out.loss = base.loss_function(logits=logits, labels=padded, vocab_size=_vocab_size(base), **loss_kwargs)
+        loss = base.loss_function(logits=logits, labels=padded, vocab_size=_vocab_size(base), **loss_kwargs)
+        # Built anew, not `out.loss = ...`: a ModelOutput keeps its keys in the order they were set,
+        # and the loss must come first, as in stock (`model(...)[0]`, `return_dict=False`).
+        out = type(out)(**{"loss": loss, **dict(out)})
     return out if return_dict is not False else out.to_tuple()
+
+
+def dropout_in_training(model) -> str | None:
+    """What dropout would act while `model` trains (None if none). With any, prompt tuning runs
+    stock PEFT's forward: at batch 1 the prompt positions would share one dropout mask across the
+    batch, where stock draws one per request."""
+    if not model.training:
+        return None
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout) and module.p > 0:
+            return f"{type(module).__name__}(p={module.p})"
+        # functional dropout reads a float the module keeps (OPT's layers: self.dropout = 0.1); a
+        # config field alone may be unused (GPT-2's summary_first_dropout, for another head)
+        for name, value in vars(module).items():
+            if "dropout" in name and isinstance(value, float) and value > 0:
+                return f"{type(module).__name__}.{name}={value}"
+    return None
