@@ -21,6 +21,7 @@ bf16 matmul rate measured on the same card.
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 from pathlib import Path
 
@@ -61,13 +62,23 @@ def provider_sdpa_copied(q, k, v, pk, pv):
     return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask.expand(B, 1, L, P + L))
 
 
-def provider_flex_broadcast(q, k, v, pk, pv):
+@functools.lru_cache(maxsize=None)
+def _flex_masks(B: int, L: int, P: int, device: torch.device):
+    """Built once per shape, outside the timed step. Flex broadcasts K/V of batch 1 over the
+    queries only with a block mask (without one it raises: query and key/value batch sizes
+    differ), hence the all-visible one for the prefix."""
     from torch.nn.attention.flex_attention import create_block_mask
 
+    whole = create_block_mask(lambda b, h, qi, ki: ki >= 0, B, None, L, P, device=device)
+    causal = create_block_mask(lambda b, h, qi, ki: ki <= qi, None, None, L, L, device=device)
+    return whole, causal
+
+
+def provider_flex_broadcast(q, k, v, pk, pv):
     flex = compiled_flex_attention()
     B, Hq, L, D = q.shape
-    causal = create_block_mask(lambda b, h, qi, ki: ki <= qi, None, None, L, L, device=q.device)
-    out_p, lse_p = flex(q, pk, pv, enable_gqa=True, return_lse=True)  # pk: batch 1, broadcast
+    whole, causal = _flex_masks(B, L, pk.shape[2], q.device)
+    out_p, lse_p = flex(q, pk, pv, block_mask=whole, enable_gqa=True, return_lse=True)  # pk: batch 1, broadcast
     out_r, lse_r = flex(q, k, v, block_mask=causal, enable_gqa=True, return_lse=True)
     lse = torch.logaddexp(lse_p, lse_r)
     return (torch.exp(lse_p - lse)[..., None] * out_p + torch.exp(lse_r - lse)[..., None] * out_r).to(q.dtype)
@@ -97,8 +108,8 @@ def flops(B, Hq, L, P, D, mode) -> float:
     return fwd if mode == "fwd" else 3.5 * fwd
 
 
-def run(shapes, modes, providers, device, dtype, results: Path) -> list[dict]:
-    env = environment(device)
+def run(shapes, modes, providers, device, dtype, results: Path, smoke: bool = False) -> list[dict]:
+    env = environment(device, smoke)
     peak = matmul_tflops(device, dtype)
     progress = Progress(results, len(shapes) * len(modes) * len(providers), "attention")
     for names, (B, Hq, Hkv, L, P, D) in [(n, s) for n in timing_passes(providers) for s in shapes]:
@@ -141,7 +152,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU")
     ap.add_argument("--out", type=Path, default=RESULTS, help="JSON-lines file to upsert rows into")
-    ap.add_argument("--providers", nargs="*", default=list(PROVIDERS))
+    ap.add_argument("--providers", nargs="*", default=list(PROVIDERS), choices=list(PROVIDERS))
     args = ap.parse_args(argv)
     if args.smoke:
         device, dtype = torch.device("cpu"), torch.float32
@@ -151,7 +162,7 @@ def main(argv=None):
             ap.error("no CUDA device: run with --smoke on a CPU")
         device, dtype = torch.device("cuda"), torch.bfloat16
         shapes = [(16, 32, 8, 1024, P, 128) for P in (16, 128, 1024)]
-    return run(shapes, ("fwd", "fwd_bwd"), args.providers, device, dtype, args.out)
+    return run(shapes, ("fwd", "fwd_bwd"), args.providers, device, dtype, args.out, smoke=args.smoke)
 
 
 if __name__ == "__main__":

@@ -145,8 +145,8 @@ def copy_bandwidth_gbps(device) -> float | None:
     return 2 * n / (ms * 1e-3) / 1e9
 
 
-def run(shapes, providers, device, dtype, results: Path) -> list[dict]:
-    env = environment(device)
+def run(shapes, providers, device, dtype, results: Path, smoke: bool = False) -> list[dict]:
+    env = environment(device, smoke)
     hbm = copy_bandwidth_gbps(device)
     progress = Progress(results, len(shapes) * len(providers), "decode")
     for names, (B, Hq, Hkv, T, P, D) in [(n, s) for n in timing_passes(providers) for s in shapes]:
@@ -199,7 +199,7 @@ def main(argv=None):
             ap.error("no CUDA device: run with --smoke on a CPU")
         device, dtype = torch.device("cuda"), torch.bfloat16
         shapes = [(B, 32, 8, 256, P, 128) for B in (8, 64, 256) for P in (1024, 4096, 16384)]
-    return run(shapes, args.providers, device, dtype, args.out)
+    return run(shapes, args.providers, device, dtype, args.out, smoke=args.smoke)
 
 
 if __name__ == "__main__":

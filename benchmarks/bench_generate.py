@@ -42,7 +42,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from rows import Progress, environment  # noqa: E402
+from rows import Progress, environment, positive_int  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "generate.jsonl"
 PROVIDERS = ("hf_generate_sdpa", "prefix_kernels_generate")
@@ -131,10 +131,10 @@ def measure(fn, device, repeats: int, warmup: int = 1):
 
 
 def run(model_cfg, prompt_len, samples, new_tokens, providers, device, dtype, repeats, results: Path,
-        modes=("sample",), own_len: int = 32) -> list[dict]:
+        modes=("sample",), own_len: int = 32, smoke: bool = False) -> list[dict]:
     import prefix_kernels
 
-    env = environment(device)
+    env = environment(device, smoke)
     progress = Progress(results, len(modes) * len(samples) * len(providers), "generate")
     for mode, N in [(m, n) for m in modes for n in samples]:
         inputs = make_inputs(mode, model_cfg["vocab_size"], prompt_len, own_len, N, device)
@@ -186,16 +186,16 @@ def main(argv=None):
     ap.add_argument("--cpu", action="store_true", help="a small model on the CPU (hidden 512, 4 layers, 512-token prompt)")
     ap.add_argument("--out", type=Path, default=RESULTS, help="JSON-lines file to upsert rows into")
     ap.add_argument("--providers", nargs="*", default=list(PROVIDERS), choices=list(PROVIDERS))
-    ap.add_argument("--samples", type=int, nargs="*", default=None,
+    ap.add_argument("--samples", type=positive_int, nargs="*", default=None,
                     help="numbers of samples N to sweep (default: 64 on GPU, 4 with --smoke)")
-    ap.add_argument("--repeats", type=int, default=3, help="timed runs per provider after one warm-up run")
+    ap.add_argument("--repeats", type=positive_int, default=3, help="timed runs per provider after one warm-up run")
     ap.add_argument("--modes", nargs="*", choices=MODES, default=None,
                     help="sample: N samples from one prompt; system: N different requests behind one shared "
                          "prompt, greedy (default: sample on a GPU, both on a CPU)")
     args = ap.parse_args(argv)
     if args.smoke:
         return run(TINY, 8, args.samples or [4], 4, args.providers, torch.device("cpu"), torch.float32,
-                   min(args.repeats, 2), args.out, args.modes or MODES, own_len=5)
+                   min(args.repeats, 2), args.out, args.modes or MODES, own_len=5, smoke=True)
     if args.cpu:
         return run(CPU_SMALL, 512, args.samples or [16], 32, args.providers, torch.device("cpu"), torch.float32,
                    args.repeats, args.out, args.modes or MODES)

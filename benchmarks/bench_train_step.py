@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from rows import Progress, environment  # noqa: E402
+from rows import Progress, environment, positive_int  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "train_step.jsonl"
 PROVIDERS = ("peft_sdpa", "peft_eager", "prefix_kernels")
@@ -84,8 +84,8 @@ def measure(step, device, steps: int, warmup: int = 3) -> tuple[float, float, fl
     return statistics.median(times), times[len(times) // 5], times[(4 * len(times)) // 5]
 
 
-def run(model_cfg, B, L, prefixes, providers, device, dtype, steps, results: Path) -> list[dict]:
-    env = environment(device)
+def run(model_cfg, B, L, prefixes, providers, device, dtype, steps, results: Path, smoke: bool = False) -> list[dict]:
+    env = environment(device, smoke)
     progress = Progress(results, len(prefixes) * len(providers), "train_step")
     for P in prefixes:
         g = torch.Generator().manual_seed(P)
@@ -111,8 +111,9 @@ def run(model_cfg, B, L, prefixes, providers, device, dtype, steps, results: Pat
             if device.type == "cuda":
                 torch.cuda.empty_cache()
             progress.add(row, f"P={P:4d} {provider:15s} " + (
-                f"{row['median_ms']:9.1f} ms {row['tokens_per_s']:9.0f} tok/s "
-                f"{row['peak_mib'] or 0:8.0f} MiB" if row["status"] == "ok" else f"skipped: {row['reason']}"))
+                f"{row['median_ms']:9.1f} ms {row['tokens_per_s']:9.0f} tok/s " + (
+                    f"{row['peak_mib']:8.0f} MiB" if row["peak_mib"] is not None else "peak memory not measured")
+                if row["status"] == "ok" else f"skipped: {row['reason']}"))
     progress.close()
     import prefix_kernels
 
@@ -124,11 +125,11 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--smoke", action="store_true", help="tiny model on the CPU")
     ap.add_argument("--out", type=Path, default=RESULTS, help="JSON-lines file to upsert rows into")
-    ap.add_argument("--providers", nargs="*", default=list(PROVIDERS))
-    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--providers", nargs="*", default=list(PROVIDERS), choices=list(PROVIDERS))
+    ap.add_argument("--steps", type=positive_int, default=10, help="timed steps after warm-up")
     args = ap.parse_args(argv)
     if args.smoke:
-        return run(TINY, 2, 16, (4,), args.providers, torch.device("cpu"), torch.float32, 2, args.out)
+        return run(TINY, 2, 16, (4,), args.providers, torch.device("cpu"), torch.float32, 2, args.out, smoke=True)
     if not torch.cuda.is_available():
         ap.error("no CUDA device: run with --smoke on a CPU")
     return run(LLAMA_1B, 16, 512, (16, 64, 256), args.providers, torch.device("cuda"), torch.bfloat16,

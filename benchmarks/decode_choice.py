@@ -19,6 +19,9 @@ sys.path.insert(0, str(ROOT))
 
 from prefix_kernels.decode_choice import TABLE  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from rows import read_rows  # noqa: E402
+
 PROVIDER = {"prefix_kernels_cuda": "cuda", "prefix_kernels_triton": "triton"}
 
 
@@ -45,7 +48,7 @@ def main(argv=None):
     ap.add_argument("--rows", type=Path, default=ROOT / "benchmarks" / "results" / "decode.jsonl")
     ap.add_argument("--out", type=Path, default=TABLE)
     args = ap.parse_args(argv)
-    rows = [json.loads(line) for line in args.rows.read_text().splitlines() if line.strip()]
+    rows = [r for r in read_rows(args.rows) if not r.get("smoke")]
     table = build_table(rows)
     args.out.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
     n = sum(len(v) for v in table.values())

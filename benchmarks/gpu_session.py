@@ -366,6 +366,9 @@ def session(args) -> dict:
         summary["steps"].insert(1 if wheels else 0, build)
         echo(f"build: {build['status']} ({build['tail'][-1] if build['tail'] else 'no output'})")
     left = [r["step"] for r in summary["steps"] if r["status"] != "ok" and r["step"] in STEPS]
+    # A rerun writes into a fresh $OUT: a step left to do takes along the steps whose files it reads.
+    needed = {f for step in PLAN if step.name in left for f in step.needs}
+    left = [step.name for step in PLAN if step.name in left or needed & set(step.writes)]
     summary["left_to_do"] = left
     if left:
         steps = ",".join(dict.fromkeys(left))
@@ -391,7 +394,7 @@ def _print_table(summary: dict) -> None:
 
 
 def print_plan(budget: int) -> None:
-    print(f"budget {budget} s; build runs in the background from the start until it is done or the budget is")
+    print(f"budget {budget} s; build runs in the background from the start until it is done or the budget is spent")
     total = 0
     for s in PLAN:
         total += s.cap_s

@@ -5,7 +5,9 @@ attention: of the bf16 matmul rate measured there; end to end: none).
 
 At each shape the package's fastest provider (for decode, the faster of triton and cuda: what
 `auto` picks once `decode_choice.json` is written) is set against the fastest baseline with
-status ok; a provider that was skipped is no baseline. The table gives the range over shapes.
+status ok; a provider that was skipped is no baseline, and is listed under the table with its
+reason. Smoke rows are left out, and rows of different commits are never paired. The table gives
+the range over shapes.
 
     python benchmarks/headline.py [--results benchmarks/results]     # prints markdown
 """
@@ -30,25 +32,30 @@ def _shape_key(shape: dict) -> str:
 
 
 def headline(rows: list[dict]) -> list[dict]:
-    """One entry per (workload, mode, device, dtype): shapes compared, speedup range, the
-    baselines that were fastest, and the range of the package's fraction of the hardware limit."""
+    """One entry per (workload, mode, device, dtype, commit): shapes compared, speedup range, the
+    baselines that were fastest, the range of the package's fraction of the hardware limit, and
+    the providers skipped at some shape with their first reason. Rows of different commits are
+    never paired (a rerun of ours alone would otherwise be set against an older baseline)."""
     cases = defaultdict(lambda: defaultdict(dict))
     for r in rows:
-        group = (r["workload"], r.get("mode"), r.get("device"), r.get("dtype"))
+        group = (r["workload"], r.get("mode"), r.get("device"), r.get("dtype"), r.get("commit"))
         cases[group][_shape_key(r["shape"])][r["provider"]] = r
     table = []
-    for (workload, mode, device, dtype), shapes in sorted(cases.items(), key=lambda kv: repr(kv[0])):
-        speedups, baselines, fractions, commits = [], set(), [], set()
+    for (workload, mode, device, dtype, commit), shapes in sorted(cases.items(), key=lambda kv: repr(kv[0])):
+        speedups, baselines, fractions, skipped = [], set(), [], {}
         for by_provider in shapes.values():
-            ours = [r for p, r in by_provider.items() if is_subject(p)]
-            theirs = [r for p, r in by_provider.items() if not is_subject(p)]
+            for p, r in by_provider.items():
+                if r.get("status") == "skipped":
+                    skipped.setdefault(p, (r.get("reason") or "").splitlines()[0][:120] if r.get("reason") else "")
+            ok = {p: r for p, r in by_provider.items() if r.get("status") == "ok"}
+            ours = [r for p, r in ok.items() if is_subject(p)]
+            theirs = [r for p, r in ok.items() if not is_subject(p)]
             if not ours or not theirs:
                 continue
             best = min(ours, key=lambda r: r["median_ms"])
             base = min(theirs, key=lambda r: r["median_ms"])
             speedups.append(base["median_ms"] / best["median_ms"])
             baselines.add(base["provider"])
-            commits.add(best.get("commit"))
             field = LIMIT_FIELD.get(workload, (None,))[0]
             if field and best.get(field) is not None:
                 fractions.append(best[field])
@@ -58,7 +65,10 @@ def headline(rows: list[dict]) -> list[dict]:
                               limit=LIMIT_FIELD.get(workload, (None, None))[1],
                               fraction_min=min(fractions) if fractions else None,
                               fraction_max=max(fractions) if fractions else None,
-                              commits=sorted(c for c in commits if c)))
+                              commits=[commit] if commit else [], skipped=dict(sorted(skipped.items()))))
+        else:  # said, not dropped: e.g. ours rerun alone at a new commit
+            table.append(dict(workload=workload, mode=mode, device=device, dtype=dtype, shapes=0,
+                              commits=[commit] if commit else [], skipped=dict(sorted(skipped.items()))))
     return table
 
 
@@ -70,20 +80,27 @@ def markdown(table: list[dict]) -> str:
     lines = ["| workload | device | dtype | shapes | speedup over the best baseline | best baseline | "
              "fraction of the hardware limit | commit |",
              "| --- | --- | --- | ---: | ---: | --- | ---: | --- |"]
+    notes = []
     for e in table:
+        name = f"{e['workload']} ({e['mode']})"
+        notes += [f"- {name}, {e['device']}: {p} skipped ({why or 'no reason recorded'})"
+                  for p, why in e["skipped"].items()]
+        if not e["shapes"]:
+            notes.append(f"- {name}, {e['device']}: no shape where the package and a baseline both ran")
+            continue
         fraction = ("-" if e["fraction_min"] is None else
                     _range(100 * e["fraction_min"], 100 * e["fraction_max"], "{:.0f}%") + f" of {e['limit']}")
-        lines.append(f"| {e['workload']} ({e['mode']}) | {e['device']} | {e['dtype']} | {e['shapes']} | "
+        lines.append(f"| {name} | {e['device']} | {e['dtype']} | {e['shapes']} | "
                      f"{_range(e['speedup_min'], e['speedup_max'], '{:.2f}x')} | {', '.join(e['best_baselines'])} | "
                      f"{fraction} | {', '.join(e['commits']) or '-'} |")
-    return "\n".join(lines)
+    return "\n".join(lines + ([""] + notes if notes else []))
 
 
 def main(argv=None) -> str:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--results", type=Path, default=RESULTS, help="folder of *.jsonl rows (searched recursively)")
     args = ap.parse_args(argv)
-    text = markdown(headline(load_rows(args.results)))
+    text = markdown(headline(load_rows(args.results, skipped=True)))
     print(text)
     return text
 

@@ -8,8 +8,8 @@
                              recorded it (train_step, generate on a GPU; CPU rows have none)
 
 Rows are grouped by (workload, device, commit, dtype): one figure per group, titled with the device
-and commit its rows came from. Rows with status "skipped" are ignored; a group with nothing to draw
-draws nothing.
+and commit its rows came from. Rows with status "skipped" and smoke rows are ignored; a group with
+nothing to draw draws nothing.
 
     python benchmarks/plot.py                                   # benchmarks/results -> benchmarks/results/plots
     python benchmarks/plot.py --results DIR --out DIR
@@ -20,13 +20,17 @@ Needs matplotlib: pip install ".[bench]"
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import sys
 from collections import defaultdict
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from rows import read_rows  # noqa: E402
+
 RESULTS = Path(__file__).resolve().parent / "results"
+NOTHING_TO_DRAW = ("no package provider and baseline measured (status ok, not smoke) at the same shape, "
+                   "device, commit and dtype")
 MISSING = 'plotting needs matplotlib, which is not installed: pip install ".[bench]" (or pip install matplotlib)'
 
 # Per workload, the speedup figures: (x axis, fields that split it into panels). Decode is drawn
@@ -52,15 +56,18 @@ def pyplot():
     return plt
 
 
-def load_rows(results: Path) -> list[dict]:
-    """Every row with status "ok" from the *.jsonl files under results (recursively)."""
+def load_rows(results: Path, skipped: bool = False) -> list[dict]:
+    """The measured rows of the *.jsonl files under results (recursively): status "ok", or with
+    skipped=True also those with status "skipped" (their reasons). Smoke rows (tiny shapes, run
+    to keep the scripts alive) are never numbers to show and are left out."""
     rows = []
     for path in sorted(Path(results).rglob("*.jsonl")):
-        for line in path.read_text().splitlines():
-            if line.strip():
-                row = json.loads(line)
-                if row.get("status") == "ok" and row.get("median_ms") is not None:
-                    rows.append(row)
+        for row in read_rows(path):
+            if row.get("smoke"):
+                continue
+            if (row.get("status") == "ok" and row.get("median_ms") is not None) or (
+                    skipped and row.get("status") == "skipped"):
+                rows.append(row)
     return rows
 
 
@@ -196,7 +203,7 @@ def main(argv=None) -> list[Path]:
     except ImportError as exc:
         sys.exit(f"error: {exc}")
     if not written:
-        print(f"no plots: no rows with status ok under {args.results}")
+        print(f"no plots: {NOTHING_TO_DRAW} under {args.results}")
     for path in written:
         print(path)
     return written

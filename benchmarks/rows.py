@@ -7,14 +7,18 @@ package version, git commit) so that a plot or a README number can say where it 
 from __future__ import annotations
 
 import json
+import os
 import platform
 import subprocess
+from functools import lru_cache
 from pathlib import Path
 
 import torch
 
-# Fields that say *what* was measured; a rerun with the same values replaces the old row.
-IDENTITY = ("workload", "mode", "provider", "shape", "dtype", "device")
+# Fields that say *what* was measured; a rerun with the same values replaces the old row. "smoke"
+# (tiny shapes, run so that the scripts do not rot) keeps such rows from replacing measured ones;
+# plots and the headline leave them out.
+IDENTITY = ("workload", "mode", "provider", "shape", "dtype", "device", "smoke")
 
 
 def _version(module: str) -> str | None:
@@ -24,30 +28,43 @@ def _version(module: str) -> str | None:
         return None
 
 
+@lru_cache(maxsize=None)
 def git_commit() -> str | None:
-    """HEAD's short hash, or PREFIX_KERNELS_COMMIT where there is no .git (a lent GPU machine
-    receives the working tree without it)."""
-    import os
-
-    if os.environ.get("PREFIX_KERNELS_COMMIT"):
-        return os.environ["PREFIX_KERNELS_COMMIT"]
+    """HEAD's short hash, with "-dirty" when tracked files other than the stored rows differ from it;
+    PREFIX_KERNELS_COMMIT only where there is no git checkout (a lent GPU machine receives the
+    working tree without .git). Read once per process: the rows a run writes must not change it."""
+    here = Path(__file__).resolve().parent
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True,
-                             cwd=Path(__file__).resolve().parent)
-        return out.stdout.strip()
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True,
+                              cwd=here).stdout.strip()
     except Exception:
-        return None
+        return os.environ.get("PREFIX_KERNELS_COMMIT") or None
+    changed = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ":/",
+                              ":(exclude,top)benchmarks/results"], capture_output=True, text=True, cwd=here)
+    return head + ("-dirty" if changed.returncode == 0 and changed.stdout.strip() else "")
 
 
-def environment(device: torch.device) -> dict:
-    """Where the numbers come from."""
+def _cpu_name() -> str:
+    """The CPU's model name (rows from two CPU machines must not replace each other)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def environment(device: torch.device, smoke: bool = False) -> dict:
+    """Where the numbers come from, and whether they are a smoke run's."""
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
     else:
-        name = f"cpu:{platform.processor() or platform.machine()}"
+        name = f"cpu:{_cpu_name()}"
     import prefix_kernels
 
     return {
+        "smoke": bool(smoke),
         "device": name,
         "torch": torch.__version__,
         "triton": _version("triton"),
@@ -57,18 +74,48 @@ def environment(device: torch.device) -> dict:
     }
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an int >= 1 (0 repeats or steps would leave nothing to time)."""
+    value = int(text)
+    if value < 1:
+        raise ValueError(text)
+    return value
+
+
+positive_int.__name__ = "positive int"  # argparse names the type in its error message
+
+
+def _identity(row: dict) -> tuple:
+    # rows written before "smoke" existed were all measured ones: a missing field reads as False
+    return tuple(json.dumps(row.get(f, False if f == "smoke" else None), sort_keys=True) for f in IDENTITY)
+
+
+def read_rows(path: Path) -> list[dict]:
+    """The rows of one JSON-lines file; a line that is not JSON raises, naming the file and line."""
+    rows = []
+    for number, line in enumerate(Path(path).read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}:{number}: not a JSON row ({exc.msg}); fix or delete that line") from None
+    return rows
+
+
 def upsert(path: Path, rows: list[dict]) -> None:
-    """Write rows into path, replacing any earlier row with the same identity."""
+    """Write rows into path, replacing any earlier row with the same identity. The file is replaced
+    whole (written beside it, then renamed), so a run killed mid-write leaves the old file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     kept = {}
     if path.exists():
-        for line in path.read_text().splitlines():
-            if line.strip():
-                row = json.loads(line)
-                kept[tuple(json.dumps(row.get(f), sort_keys=True) for f in IDENTITY)] = row
+        for row in read_rows(path):
+            kept[_identity(row)] = row
     for row in rows:
-        kept[tuple(json.dumps(row.get(f), sort_keys=True) for f in IDENTITY)] = row
-    path.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in kept.values()))
+        kept[_identity(row)] = row
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in kept.values()))
+    os.replace(tmp, path)
 
 
 class Progress:

@@ -96,6 +96,20 @@ def test_budget_cuts_a_step_at_its_cap_and_skips_what_no_longer_fits(gs, tmp_pat
     assert "left to do: slow, reads_nothing_written" in printed
 
 
+def test_rerun_takes_along_the_steps_whose_files_a_left_step_reads(gs, tmp_path, monkeypatch):
+    """A second call writes into a fresh $OUT: decode_choice left to do needs decode rerun with it
+    (the printed command once named decode_choice alone, which could never run)."""
+    write_rows = "import os; open(os.path.join({out!r}, 'rows.jsonl'), 'w').write('{{}}\\n')"
+    plan = (_fake(gs, "first", write_rows.format(out=str(tmp_path)), cap=30, writes=("rows.jsonl",)),
+            _fake(gs, "other", "print('ok')", cap=30),
+            _fake(gs, "reads_rows", "raise SystemExit(1)", cap=30, needs=("rows.jsonl",)))
+    monkeypatch.setattr(gs, "PLAN", plan)
+    monkeypatch.setattr(gs, "STEPS", {s.name: s for s in (gs.BUILD, *plan)})
+    summary = gs.session(Namespace(out=tmp_path, budget=60, steps=[s.name for s in plan], rehearse=True))
+    assert summary["left_to_do"] == ["first", "reads_rows"]
+    assert "--steps first,reads_rows " in summary["rerun"]
+
+
 def test_rehearsal_runs_the_real_steps_on_the_cpu(gs, tmp_path):
     """The real driver in a child process: the CUDA build stand-in, the GPU test selection
     (collected, so a bad marker or -k expression fails here), and a real benchmark at smoke size."""

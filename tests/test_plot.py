@@ -130,3 +130,32 @@ def test_headline_sets_the_fastest_of_ours_against_the_fastest_baseline(tmp_path
     text = headline.markdown(headline.headline(rows))
     assert "| decode (fwd) | NVIDIA Test GPU | bfloat16 | 4 | 3.75x | sdpa_expanded | 51% – 56% of copy bandwidth | abc1234 |" in text
     assert "| attention (fwd) | NVIDIA Test GPU | bfloat16 | 3 | 2.02x – 3.00x | sdpa_copied | - | abc1234 |" in text
+
+
+def test_headline_notes_skipped_providers_and_leaves_out_smoke_rows(tmp_path):
+    headline = benchmark_module("headline")
+    _synthetic(tmp_path)
+    # a smoke run's rows (tiny shapes) beside the measured ones: never in the table
+    _write(tmp_path / "smoke.jsonl", [dict(_row("attention", "fwd", "prefix_kernels", 50.0, B=16, P=16), smoke=True)])
+    text = headline.markdown(headline.headline(_plot().load_rows(tmp_path, skipped=True)))
+    assert "| attention (fwd) | NVIDIA Test GPU | bfloat16 | 3 | 2.02x – 3.00x |" in text
+    assert "- attention (fwd), NVIDIA Test GPU: flex_broadcast skipped (ImportError: not installed)" in text
+
+
+def test_headline_never_pairs_rows_of_two_commits(tmp_path):
+    """Ours rerun at a new commit, the baseline left from an older one: no speedup is claimed."""
+    headline = benchmark_module("headline")
+    ours = dict(_row("decode", "fwd", "prefix_kernels_triton", 1.0, B=8, P=1024), commit="bbbbbbb")
+    base = dict(_row("decode", "fwd", "sdpa_expanded", 2.0, B=8, P=1024), commit="aaaaaaa")
+    text = headline.markdown(headline.headline([ours, base]))
+    assert "2.00x" not in text and "no shape where the package and a baseline both ran" in text
+
+
+def test_a_broken_row_file_is_named(tmp_path):
+    rows = benchmark_module("rows")
+    path = tmp_path / "decode.jsonl"
+    path.write_text(json.dumps(_row("decode", "fwd", "sdpa_expanded", 1.0, B=1, P=1)) + "\n" + '{"workload": "dec')
+    with pytest.raises(ValueError, match=r"decode\.jsonl:2: not a JSON row"):
+        _plot().load_rows(tmp_path)
+    with pytest.raises(ValueError, match=r"decode\.jsonl:2"):
+        rows.upsert(path, [])
