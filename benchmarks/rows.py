@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from prefix_kernels.cli import positive_int  # noqa: F401  (the scripts' argparse type)
+
 # Fields that say *what* was measured; a rerun with the same values replaces the old row. "smoke"
 # (tiny shapes, run so that the scripts do not rot) keeps such rows from replacing measured ones;
 # plots and the headline leave them out.
@@ -72,17 +74,6 @@ def environment(device: torch.device, smoke: bool = False) -> dict:
         "prefix_kernels": prefix_kernels.__version__,
         "commit": git_commit(),
     }
-
-
-def positive_int(text: str) -> int:
-    """argparse type: an int >= 1 (0 repeats or steps would leave nothing to time)."""
-    value = int(text)
-    if value < 1:
-        raise ValueError(text)
-    return value
-
-
-positive_int.__name__ = "positive int"  # argparse names the type in its error message
 
 
 def _identity(row: dict) -> tuple:

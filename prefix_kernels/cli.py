@@ -3,14 +3,76 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
+# The backends `verify` checks (verify.BACKENDS; a test keeps the two equal). Spelled out here so
+# that building the parser (and --help) does not import torch.
+VERIFY_BACKENDS = ("cuda", "triton", "torch")
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an int >= 1 (0 or a negative count would run nothing, or crash later)."""
+    value = int(text)
+    if value < 1:
+        raise ValueError(text)
+    return value
+
+
+positive_int.__name__ = "positive int"  # argparse names the type in its error message
+
+
+def device_arg(text: str) -> str:
+    """argparse type: cpu, or cuda / cuda:N where this machine has that CUDA device.
+
+    Checked before any work: an unknown or absent device otherwise surfaces as a traceback from
+    deep inside the run (or, in the demo, from a child process)."""
+    import torch
+
+    kind, _, index = text.partition(":")
+    if kind == "cpu" and not index:
+        return text
+    if kind != "cuda" or (index and not index.isdigit()):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a device: cpu or cuda (cuda:N)")
+    if not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{text!r}: no CUDA device here (torch.cuda.is_available() is False)")
+    if index and int(index) >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(f"{text!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return text
+
+
+def out_dir(text: str) -> Path:
+    """argparse type for bench --out: not a file (a folder is made in `_bench`, before anything runs)."""
+    path = Path(text)
+    if path.exists() and not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} exists and is not a folder")
+    return path
+
+
+def _make_out(args, smoke: bool) -> Path:
+    """bench's output folder, created before the first case is measured: a bad --out found after
+    minutes of measuring loses them. Smoke rows go to results/smoke by default: they are marked
+    and never plotted, but need not sit in the measured rows' files."""
+    default = benchmarks_dir() / "results"
+    out = args.out if args.out is not None else (default / "smoke" if smoke else default)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        if not os.access(out, os.W_OK | os.X_OK):
+            raise PermissionError("not writable")
+    except OSError as exc:
+        args.error(f"argument --out: cannot write rows into {out}: {exc}")  # exits 2, as argparse does
+    return out
+
 
 def _demo(args) -> int:
-    from .demo import run_demo
+    from .demo import ChildRunError, run_demo
 
-    run_demo(args.device, args.steps)
+    try:
+        run_demo(args.device, args.steps)
+    except ChildRunError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -88,12 +150,33 @@ def _shape_summary(shape: dict) -> str:
     return " ".join(f"{k}={v}" for k, v in shape.items() if not isinstance(v, bool))
 
 
+def _number(x: float) -> str:
+    """Three significant digits, without exponents for large values: a smoke run's 0.004 GB/s
+    must not print as 0.0, nor 12345 tok/s as 1.23e+04."""
+    return f"{x:.0f}" if abs(x) >= 100 else f"{x:.3g}"
+
+
+def _ms(x: float) -> str:
+    return f"{x:.3f}" if abs(x) >= 0.001 else f"{x:.3g}"  # 0.000 would read as nothing measured
+
+
 def _rate(row: dict) -> str:
-    for field, unit, fmt in (("tokens_per_s", "tok/s", "{:.0f}"), ("tflops", "TFLOP/s", "{:.2f}"),
-                             ("gbps", "GB/s", "{:.1f}")):
+    for field, unit in (("tokens_per_s", "tok/s"), ("tflops", "TFLOP/s"), ("gbps", "GB/s")):
         if row.get(field) is not None:
-            return f"{fmt.format(row[field])} {unit}"
+            return f"{_number(row[field])} {unit}"
     return "-"
+
+
+REASON_WIDTH = 120
+
+
+def _first_line(reason) -> str:
+    """A skip reason's first line, cut to REASON_WIDTH: an InductorError's many lines (or a long
+    one) would break the table."""
+    lines = str(reason).strip().splitlines()
+    line = lines[0] if lines else ""
+    more = len(lines) > 1 or len(line) > REASON_WIDTH
+    return line[:REASON_WIDTH - 4].rstrip() + " ..." if more else line
 
 
 def format_rows(rows: list[dict]) -> str:
@@ -104,10 +187,10 @@ def format_rows(rows: list[dict]) -> str:
         ok = r.get("status") == "ok"
         table.append((
             r.get("workload", "?"), str(r.get("mode", "")), r.get("provider", "?"), _shape_summary(r.get("shape", {})),
-            f"{r['median_ms']:.3f}" if ok and r.get("median_ms") is not None else "-",
+            _ms(r["median_ms"]) if ok and r.get("median_ms") is not None else "-",
             _rate(r) if ok else "-",
-            f"{r['peak_mib']:.0f}" if r.get("peak_mib") is not None else "-",
-            "ok" if ok else f"{r.get('status', '?')}: {r.get('reason', '')}",
+            _number(r["peak_mib"]) if r.get("peak_mib") is not None else "-",
+            "ok" if ok else f"{r.get('status', '?')}: {_first_line(r.get('reason', ''))}",
         ))
     widths = [max(len(str(x)) for x in col) for col in zip(header, *table)]
     widths[-1] = len(header[-1])  # the reason runs on; do not pad to it
@@ -116,10 +199,52 @@ def format_rows(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _bench(args) -> int:
-    import importlib
-    import os
+# Runs one benchmark script's main() in a child process and writes the rows it returns to a file.
+_CHILD = """
+import importlib, json, sys
+bench, workload, rows_file, *argv = sys.argv[1:]
+sys.path.insert(0, bench)
+sys.argv = [bench + "/bench_" + workload + ".py", *argv]  # a script may read its flags at import
+rows = importlib.import_module("bench_" + workload).main(argv)
+with open(rows_file, "w") as f:
+    json.dump(rows or [], f)
+"""
 
+
+def _child_env(interpret: bool) -> dict:
+    """This process's environment, plus this package first on the path (the child must import
+    the same prefix_kernels) and, on a CPU, the Triton interpreter."""
+    from . import __file__ as package_init
+
+    env = dict(os.environ)
+    root = str(Path(package_init).resolve().parents[1])
+    env["PYTHONPATH"] = os.pathsep.join([root] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    if interpret:
+        env.setdefault("TRITON_INTERPRET", "1")
+    return env
+
+
+def run_workload(bench: Path, workload: str, argv: list, interpret: bool) -> list:
+    """One benchmark script, in a child process; the rows it wrote.
+
+    A child, because Triton reads TRITON_INTERPRET when a kernel is decorated, i.e. when
+    prefix_kernels is imported, and this process (`python -m prefix_kernels.cli`, or the
+    console script) has imported it already: set here, the variable would come too late and
+    the triton provider would be skipped on every CPU."""
+    import json
+    import subprocess
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        rows_file = Path(tmp) / "rows.json"
+        done = subprocess.run([sys.executable, "-c", _CHILD, str(bench), workload, str(rows_file), *argv],
+                              check=False, env=_child_env(interpret))
+        if done.returncode != 0 or not rows_file.is_file():
+            raise RuntimeError(f"bench_{workload}.py exited with code {done.returncode} (its output is above)")
+        return json.loads(rows_file.read_text())
+
+
+def _bench(args) -> int:
     import torch
 
     bench = benchmarks_dir()
@@ -133,25 +258,22 @@ def _bench(args) -> int:
     if smoke:
         why = "--quick" if args.quick else "no CUDA device here"
         print(f"{why}: running the --smoke variants (tiny shapes on the CPU); these rows are no GPU numbers")
-        if not cuda and "prefix_kernels.triton" not in sys.modules:
-            os.environ.setdefault("TRITON_INTERPRET", "1")  # triton kernels on CPU tensors, as the tests do
-    out = Path(args.out) if args.out is not None else bench / "results"
-    if str(bench) not in sys.path:
-        sys.path.insert(0, str(bench))
+    out = _make_out(args, smoke)
     written, failed = [], []
     for workload in args.workload:
         target = out / f"{workload}.jsonl"
-        print(f"\n== {workload} -> {target}", flush=True)
+        print(f"\n== {workload} -> {target}", flush=True)  # flushed: the child's lines follow it
         try:
-            module = importlib.import_module(f"bench_{workload}")
-            rows = module.main((["--smoke"] if smoke else []) + ["--out", str(target)])
-            written += rows or []
-        except (Exception, SystemExit) as exc:  # one workload failing does not stop the others
+            written += run_workload(bench, workload, (["--smoke"] if smoke else []) + ["--out", str(target)],
+                                    interpret=smoke and not cuda)  # triton kernels on CPU tensors, as the tests do
+        except Exception as exc:  # one workload failing does not stop the others
             failed.append(workload)
             print(f"{workload} failed: {type(exc).__name__}: {exc}", file=sys.stderr)
     print(f"\n{len(written)} rows written under {out}\n")
     print(format_rows(written))
     if args.plot:
+        if str(bench) not in sys.path:
+            sys.path.insert(0, str(bench))
         try:
             import plot
 
@@ -159,7 +281,8 @@ def _bench(args) -> int:
         except ImportError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 1
-        print("\nplots:" if paths else "\nno plots: no rows with status ok", *paths, sep="\n  ")
+        nothing = getattr(plot, "NOTHING_TO_DRAW", "no rows with status ok")  # smoke rows are never drawn
+        print("\nplots:" if paths else f"\nno plots: {nothing}", *paths, sep="\n  ")
     if failed:
         print(f"\nworkloads that failed to run: {', '.join(failed)}", file=sys.stderr)
     return 1 if failed else 0
@@ -172,8 +295,9 @@ def build_parser() -> argparse.ArgumentParser:
                           description="Prefix-tunes a Llama-shaped model (random weights, built from a config) on the "
                                       "synthetic E2E-style data shipped with the package, once with stock PEFT + SDPA "
                                       "and once patched, and prints both loss curves, step time and peak memory.")
-    demo.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-    demo.add_argument("--steps", type=int, default=None, help="training steps per run (default: 30 on CPU, 40 on GPU)")
+    demo.add_argument("--device", type=device_arg, default=None, help="cpu or cuda (default: cuda if available)")
+    demo.add_argument("--steps", type=positive_int, default=None,
+                      help="training steps per run (default: 30 on CPU, 40 on GPU)")
     demo.set_defaults(func=_demo)
     info = sub.add_parser("info", help="versions, device, which backends can run here and why not",
                           description="Prints versions, the device, the CUDA build cache and nvcc, and for each "
@@ -183,9 +307,11 @@ def build_parser() -> argparse.ArgumentParser:
                             description="Runs the op (forward and backward) and the decode path with every backend "
                                         "this machine can run over a sweep of shapes and prints each case's worst "
                                         "error ratio (error / bound, <= 1 passes). Exits 1 on any failure.")
-    verify.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    verify.add_argument("--device", type=device_arg, default=None, help="cpu or cuda (default: cuda if available)")
     verify.add_argument("--quick", action="store_true", help="a third of the sweep")
-    verify.add_argument("--backend", action="append", default=None, help="only this backend (repeatable)")
+    verify.add_argument("--backend", action="append", default=None, choices=VERIFY_BACKENDS,
+                        help="only this backend (repeatable; default: every one, each that cannot run here "
+                             "reported as skipped with its reason)")
     verify.set_defaults(func=_verify)
     bench = sub.add_parser("bench", help="run the benchmarks, print their rows, optionally plot them",
                            description="Runs the benchmark scripts of the repository checkout (benchmarks/"
@@ -195,9 +321,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--workload", nargs="+", choices=WORKLOADS, default=list(WORKLOADS),
                        help="which benchmarks to run (default: all)")
     bench.add_argument("--quick", action="store_true", help="the --smoke variants: tiny shapes on the CPU")
-    bench.add_argument("--out", type=Path, default=None, help="folder for the rows (default: benchmarks/results)")
+    bench.add_argument("--out", type=out_dir, default=None, help="folder for the rows (default: benchmarks/results; smoke runs: benchmarks/results/smoke)")
     bench.add_argument("--plot", action="store_true", help="then draw the plots into OUT/plots (needs matplotlib)")
-    bench.set_defaults(func=_bench)
+    bench.set_defaults(func=_bench, error=bench.error)
     return parser
 
 

@@ -14,6 +14,7 @@ On a CPU: a small model (about a minute on 2 cores). On a GPU: a ~1B-parameter L
 from __future__ import annotations
 
 import multiprocessing as mp
+import queue as queue_module
 import re
 import statistics
 import time
@@ -43,10 +44,13 @@ class DemoConfig:
 
     @classmethod
     def for_device(cls, device: str, steps: int | None = None) -> "DemoConfig":
+        """The demo's model for this device; `steps` None means the device's default."""
+        if steps is not None and steps < 1:
+            raise ValueError(f"steps={steps}: the demo needs at least one training step")
         if device.startswith("cuda"):
             # Llama-3.2-1B's shape: ~1.2B parameters
-            return cls(device, "bfloat16", 2048, 16, 32, 8, 8192, 16, 64, steps or 40)
-        return cls(device, "float32", 256, 4, 8, 2, 512, 16, 16, steps or 30)
+            return cls(device, "bfloat16", 2048, 16, 32, 8, 8192, 16, 64, 40 if steps is None else steps)
+        return cls(device, "float32", 256, 4, 8, 2, 512, 16, 16, 30 if steps is None else steps)
 
 
 class WordTokenizer:
@@ -154,16 +158,54 @@ def train(cfg: DemoConfig, patched: bool, queue=None, progress: bool = True) -> 
     return result
 
 
-def _in_child(cfg: DemoConfig, patched: bool) -> dict:
+class ChildRunError(RuntimeError):
+    """A run's child process died without a result (its traceback, if any, is on stderr)."""
+
+
+POLL_S = 1.0  # how often the parent looks whether the child is still alive while it waits
+
+
+def _in_child(cfg: DemoConfig, patched: bool, target=None) -> dict:
+    """`target` (default: train) in a spawned child; its result, or ChildRunError if the child dies.
+
+    The queue is polled with a timeout rather than read with a blocking get: a child that dies
+    (a crash, a kill, out of memory) never puts anything, and a blocking get would wait forever."""
+    name = "patched" if patched else "stock"
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    proc = ctx.Process(target=train, args=(cfg, patched, queue))
+    proc = ctx.Process(target=target or train, args=(cfg, patched, queue))
     proc.start()
-    result = queue.get()
-    proc.join()
+    try:
+        result = _wait_for_result(queue, proc)
+    finally:
+        proc.join(timeout=None if proc.exitcode is not None else 60)
+        if proc.is_alive():  # it sent its result but does not exit: do not leave it behind
+            proc.kill()
+            proc.join()
+    if result is None:
+        raise ChildRunError(f"the {name} run failed in its child process ({_exit_reason(proc.exitcode)}); "
+                            "its error, if it printed one, is above")
     if proc.exitcode:
-        raise RuntimeError(f"the {'patched' if patched else 'stock'} run failed (exit code {proc.exitcode})")
+        raise ChildRunError(f"the {name} run failed after sending its result ({_exit_reason(proc.exitcode)})")
     return result
+
+
+def _wait_for_result(queue, proc):
+    """The child's result, or None once the child has exited without sending one."""
+    while True:
+        try:
+            return queue.get(timeout=POLL_S)
+        except queue_module.Empty:
+            if proc.is_alive():
+                continue
+        try:  # it exited: anything it sent just before is in the pipe by now
+            return queue.get(timeout=POLL_S)
+        except queue_module.Empty:
+            return None
+
+
+def _exit_reason(code) -> str:
+    return f"killed by signal {-code}" if code is not None and code < 0 else f"exit code {code}"
 
 
 def interleaved_seconds(cfg: DemoConfig, rounds: int | None = None) -> dict:
@@ -248,6 +290,8 @@ def format_report(cfg: DemoConfig, stock: dict, ours: dict, summary: dict) -> st
 
 def run_demo(device: str | None = None, steps: int | None = None) -> dict:
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device={device!r}: no CUDA device here")  # the children would die on it
     cfg = DemoConfig.for_device(device, steps)
     stock = _in_child(cfg, patched=False)
     ours = _in_child(cfg, patched=True)

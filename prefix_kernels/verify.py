@@ -93,27 +93,58 @@ def check(c: Case, backend: str, device, decode: bool) -> dict:
     return ratios
 
 
+# The backends verify checks, in dispatch's order; "reference" is what they are checked against.
+BACKENDS = tuple(b for b in DECODE_REASONS if b != "reference")
+
+
+def _check_backends(backends) -> tuple:
+    unknown = sorted(set(backends or ()) - set(BACKENDS))
+    if unknown:
+        raise ValueError(f"backends={unknown}: verify checks {', '.join(BACKENDS)}")
+    return tuple(b for b in BACKENDS if not backends or b in backends)
+
+
 def run(device=None, quick: bool = False, printer=print, backends=None) -> bool:
-    """Run the sweep; True when every (case, backend) passes. `backends`: only these names."""
+    """Run the sweep; True when every (case, backend) passes and at least one case ran.
+
+    `backends`: only these names. A backend that could take no case of the sweep gets a line
+    saying why (its first reason): a verify that checked nothing must not read as a pass."""
+    wanted = _check_backends(backends)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    ok = True
+    ok, ran, skipped = True, dict.fromkeys(wanted, 0), {}
     printer(f"{'case':48} {'path':8} {'backend':9} {'worst quantity':>14} {'ratio':>7}  result")
     for c in sweep(device, quick):
         tensors, index, mask = _inputs(c, device)
         problem = check_inputs(*tensors, index, mask, None)
         paths = [("train", False, REASONS)] + ([("decode", True, DECODE_REASONS)] if c.Lq <= 16 else [])
         for path, decode, reasons in paths:
-            for backend, why in reasons.items():
-                if backend == "reference" or (backends and backend not in backends) or why(problem):
+            for backend in wanted:
+                if backend not in reasons:
                     continue
-                try:
-                    ratios = check(c, backend, device, decode)
-                    worst = max(ratios, key=ratios.get)
-                    passed = ratios[worst] <= 1.0
-                    line = f"{worst:>14} {ratios[worst]:7.3f}  {'pass' if passed else 'FAIL'}"
-                except Exception as exc:  # a crash is a failure, reported with its reason
-                    passed, line = False, f"{'':>14} {'':>7}  FAIL ({type(exc).__name__}: {str(exc)[:80]})"
+                why = reasons[backend](problem)
+                if why:
+                    skipped.setdefault(backend, f"{path}: {'; '.join(why)}")
+                    continue
+                ran[backend] += 1
+                passed, line = _check_line(c, backend, device, decode)
                 ok &= passed
                 printer(f"{c.label():48} {path:8} {backend:9} {line}")
+    for backend, count in ran.items():
+        if not count:
+            printer(f"{backend}: skipped: {skipped.get(backend, 'no case of the sweep')}")
+    if not any(ran.values()):
+        printer(f"nothing was checked: none of {', '.join(wanted)} can run on {device.type} here")
+        return False
     printer("all passed" if ok else "FAILURES above")
     return ok
+
+
+def _check_line(c: Case, backend: str, device, decode: bool) -> tuple:
+    """(passed, the result columns) for one case and backend."""
+    try:
+        ratios = check(c, backend, device, decode)
+        worst = max(ratios, key=ratios.get)
+        passed = ratios[worst] <= 1.0
+        return passed, f"{worst:>14} {ratios[worst]:7.3f}  {'pass' if passed else 'FAIL'}"
+    except Exception as exc:  # a crash is a failure, reported with its reason
+        return False, f"{'':>14} {'':>7}  FAIL ({type(exc).__name__}: {str(exc)[:80]})"

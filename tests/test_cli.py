@@ -35,3 +35,65 @@ def test_help(command, capsys):
     with pytest.raises(SystemExit) as exc:
         cli.main([command, "--help"])
     assert exc.value.code == 0
+
+
+# --- bad input: an argparse error naming the flag (exit 2), never "all passed" over nothing checked ---
+
+
+def _usage_error(argv, capsys) -> str:
+    with pytest.raises(SystemExit) as exc:
+        cli.main(argv)
+    assert exc.value.code == 2
+    return capsys.readouterr().err
+
+
+@pytest.mark.parametrize("backend", ["nonsense", "reference"])
+def test_verify_refuses_a_backend_it_does_not_check(backend, capsys):
+    err = _usage_error(["verify", "--quick", "--backend", backend], capsys)
+    assert "--backend" in err and "invalid choice" in err
+
+
+def test_verify_backend_choices_are_the_ones_verify_checks():
+    from prefix_kernels import verify
+
+    assert cli.VERIFY_BACKENDS == verify.BACKENDS
+    with pytest.raises(ValueError, match="reference"):
+        verify.run(quick=True, backends=["reference"], printer=lambda line: None)
+
+
+def test_verify_fails_when_no_backend_can_run(monkeypatch):
+    """Every backend turned away: each gets a line saying why, and the run fails."""
+    from prefix_kernels import verify
+
+    for table in (verify.REASONS, verify.DECODE_REASONS):
+        for name in ("triton", "torch", "cuda"):
+            if name in table:
+                monkeypatch.setitem(table, name, lambda p, name=name: [f"{name} cannot run here"])
+    lines = []
+    assert verify.run("cpu", quick=True, backends=["triton", "torch"], printer=lines.append) is False
+    assert "triton: skipped: train: triton cannot run here" in lines
+    assert "torch: skipped: train: torch cannot run here" in lines
+    assert not any("cuda" in line for line in lines)  # not asked for
+    assert "all passed" not in lines and lines[-1].startswith("nothing was checked")
+
+
+def test_verify_reports_a_backend_that_ran_nothing(monkeypatch, capsys):
+    from prefix_kernels import verify
+
+    monkeypatch.setitem(verify.DECODE_REASONS, "cuda",
+                        lambda p: ["CUDA kernels need CUDA tensors, got cpu"])
+    assert cli.main(["verify", "--quick", "--device", "cpu", "--backend", "cuda"]) == 1
+    out = capsys.readouterr().out
+    assert "cuda: skipped: decode: CUDA kernels need CUDA tensors" in out
+    assert "nothing was checked" in out and "all passed" not in out
+
+
+@pytest.mark.parametrize("command", ["verify", "demo"])
+def test_device_is_checked_up_front(command, monkeypatch, capsys):
+    import torch
+
+    assert "--device" in _usage_error([command, "--device", "foo"], capsys)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    err = _usage_error([command, "--device", "cuda"], capsys)
+    assert "--device" in err and "no CUDA device" in err
+    assert cli.device_arg("cpu") == "cpu"

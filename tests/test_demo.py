@@ -1,6 +1,7 @@
 """`prefix-kernels demo`: the shipped data, the command line, and a short stock-vs-patched run."""
 
 import json
+import threading
 
 import pytest
 
@@ -39,3 +40,72 @@ def test_short_demo_run_loss_curves_agree():
     assert stock["losses"][-1] < stock["losses"][0]  # it trains
     report = format_report(cfg, stock, ours, summary)
     assert "loss curves agree" in report and "median step" in report
+
+
+# --- the command line's checks, and a child process that dies ---
+
+
+@pytest.mark.parametrize("steps", ["0", "-1", "two"])
+def test_steps_must_be_a_positive_int(steps, capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["demo", "--steps", steps])
+    assert exc.value.code == 2 and "--steps" in capsys.readouterr().err
+
+
+def test_steps_none_is_the_default_and_a_number_is_kept(monkeypatch):
+    from prefix_kernels import demo
+
+    assert DemoConfig.for_device("cpu").steps == 30 and DemoConfig.for_device("cuda").steps == 40
+    assert DemoConfig.for_device("cpu", 1).steps == 1
+    with pytest.raises(ValueError, match="steps=0"):
+        DemoConfig.for_device("cpu", 0)
+    seen = []
+    monkeypatch.setattr(demo, "run_demo", lambda device, steps: seen.append(steps))
+    assert cli.main(["demo", "--device", "cpu", "--steps", "3"]) == 0 and cli.main(["demo", "--device", "cpu"]) == 0
+    assert seen == [3, None]
+
+
+def test_run_demo_refuses_cuda_without_a_device(monkeypatch):
+    import torch
+
+    from prefix_kernels import demo
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="no CUDA device"):
+        demo.run_demo("cuda", 2)
+
+
+def test_a_child_that_dies_is_reported_not_waited_for(capsys):
+    """The child crashes (an unknown device) before sending anything: an error within seconds
+    (it hung on a blocking queue.get), then a child that succeeds still hands back its result."""
+    from prefix_kernels.demo import ChildRunError, _in_child
+
+    small = dict(dtype="float32", hidden=64, layers=2, heads=4, kv_heads=2, intermediate=96, batch_size=4,
+                 prefix=6, steps=2)
+    outcome = []
+
+    def wait_for_the_child():  # in a thread, so that a hang fails the test instead of stalling the run
+        try:
+            outcome.append(_in_child(DemoConfig(device="foo", **small), patched=False))
+        except ChildRunError as exc:
+            outcome.append(exc)
+
+    waiter = threading.Thread(target=wait_for_the_child, daemon=True)
+    waiter.start()
+    waiter.join(timeout=180)
+    assert not waiter.is_alive(), "_in_child still waits for a child that died"
+    assert isinstance(outcome[0], ChildRunError)
+    assert "stock run failed in its child process (exit code 1)" in str(outcome[0])
+    result = _in_child(DemoConfig(device="cpu", **small), patched=False)
+    assert len(result["losses"]) == 2
+
+
+def test_cli_demo_reports_a_failed_child(monkeypatch, capsys):
+    from prefix_kernels import demo
+
+    def failing(device, steps):
+        raise demo.ChildRunError("the stock run failed in its child process (exit code 1)")
+
+    monkeypatch.setattr(demo, "run_demo", failing)
+    assert cli.main(["demo", "--device", "cpu", "--steps", "2"]) == 1
+    assert "stock run failed" in capsys.readouterr().err
