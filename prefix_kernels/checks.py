@@ -59,6 +59,19 @@ def check_index_range(prefix_index: torch.Tensor, G: int) -> None:
         _checked_index = (weakref.ref(prefix_index), prefix_index._version, G)
 
 
+def check_prefix_index(prefix_index, B: int, G: int, device: torch.device) -> None:
+    """prefix_index: a (B,) integer tensor on `device` with values in [0, G)."""
+    if not isinstance(prefix_index, torch.Tensor):
+        raise TypeError(f"prefix_index must be a (B,) = ({B},) integer tensor or None, got {type(prefix_index).__name__}")
+    if prefix_index.dtype not in (torch.int32, torch.int64, torch.int16, torch.uint8, torch.int8):
+        raise TypeError(f"prefix_index must be an integer tensor of shape ({B},), got dtype {prefix_index.dtype}")
+    if prefix_index.shape != (B,):
+        raise ValueError(f"prefix_index must have shape (B,) = ({B},), got {tuple(prefix_index.shape)}")
+    if prefix_index.device != device:
+        raise ValueError(f"prefix_index is on {prefix_index.device} but q is on {device}")
+    check_index_range(prefix_index, G)
+
+
 def refuse_forward_ad(*tensors) -> None:
     """Raise if an input carries a forward-mode tangent (torch.func.jvp, jacfwd, forward_ad):
     the custom ops have no jvp rule, and torch returns a zero tangent for them without an error."""
@@ -120,15 +133,7 @@ def check_inputs(q, k, v, prefix_k, prefix_v, prefix_index, kv_mask, scale, caus
             )
 
     if prefix_index is not None:
-        if not isinstance(prefix_index, torch.Tensor):
-            raise TypeError(f"prefix_index must be a (B,) = ({B},) integer tensor or None, got {type(prefix_index).__name__}")
-        if prefix_index.dtype not in (torch.int32, torch.int64, torch.int16, torch.uint8, torch.int8):
-            raise TypeError(f"prefix_index must be an integer tensor of shape ({B},), got dtype {prefix_index.dtype}")
-        if prefix_index.shape != (B,):
-            raise ValueError(f"prefix_index must have shape (B,) = ({B},), got {tuple(prefix_index.shape)}")
-        if prefix_index.device != q.device:
-            raise ValueError(f"prefix_index is on {prefix_index.device} but q is on {q.device}")
-        check_index_range(prefix_index, G)
+        check_prefix_index(prefix_index, B, G, q.device)
 
     if kv_mask is not None:
         if not isinstance(kv_mask, torch.Tensor):

@@ -493,3 +493,62 @@ def test_output_attentions_falls_back_to_eager(method, caplog):
         if method == "prompt":  # ours: the own tokens' rows over prompt + own keys (logits are (B, L, V) too)
             b = b[:, :, -a.shape[2]:]
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def _multi_prefix_case(G=3, P=4, L=6, B=3, seed=5):
+    """A prepared Llama, its unpatched twin, per-layer prefixes (G, 2, P, 16), ids and a mask with P leading ones."""
+    model = prefix_kernels.apply_prefix_kernels(build_model("llama", "eager").eval())
+    ref = build_model("llama", "eager").eval()
+    g = torch.Generator().manual_seed(seed)
+    prefixes = [(torch.randn(G, 2, P, 16, generator=g), torch.randn(G, 2, P, 16, generator=g)) for _ in range(2)]
+    ids = torch.randint(3, 100, (B, L), generator=torch.Generator().manual_seed(1))
+    return model, ref, prefixes, ids, torch.ones(B, P + L, dtype=torch.long)
+
+
+def _materialised(prefixes, idx):
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    for i, pair in enumerate(prefixes):
+        if pair is not None:
+            cache.update(pair[0][idx].clone(), pair[1][idx].clone(), i)
+    return cache
+
+
+def test_prefix_index_is_checked_on_the_eager_fallback_too():
+    """output_attentions takes the eager fallback, which indexes the prefixes itself: a uint8 index
+    must select as integers there too (it selected as a boolean mask), and -1 must raise."""
+    model, ref, prefixes, ids, mask = _multi_prefix_case()
+    with torch.no_grad():
+        want = ref(input_ids=ids, attention_mask=mask, past_key_values=_materialised(prefixes, [1, 1, 1])).logits
+        for kw in ({}, {"output_attentions": True}):
+            idx = torch.tensor([1, 1, 1], dtype=torch.uint8)
+            got = model(input_ids=ids, attention_mask=mask, past_key_values=PrefixCache(prefixes, idx), **kw).logits
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+            with pytest.raises(ValueError, match="prefix_index"):
+                model(input_ids=ids, attention_mask=mask, past_key_values=PrefixCache(prefixes, torch.tensor([0, 1, -1])),
+                      **kw)
+
+
+def test_layers_without_prefix_keep_positions_and_ignore_prefix_index():
+    """[None, prefix] and [prefix, None] with G = 2: positions count from P whichever layer lacks a
+    prefix (they counted from 0 when layer 0 had none), and the index applies to prefixed layers only."""
+    model, _, prefixes, ids, mask = _multi_prefix_case(G=2, B=2)
+    idx = torch.tensor([1, 0])
+    for layers in ([None, prefixes[1]], [prefixes[0], None]):
+        with torch.no_grad():
+            got = model(input_ids=ids, attention_mask=mask, past_key_values=PrefixCache(layers, idx)).logits
+            gen = model.generate(input_ids=ids, attention_mask=mask, past_key_values=PrefixCache(layers, idx),
+                                 max_new_tokens=1, do_sample=False, pad_token_id=0, output_logits=True,
+                                 return_dict_in_generate=True).logits[0]
+        torch.testing.assert_close(got[:, -1], gen, rtol=1e-5, atol=1e-5)  # forward and generate agree
+        assert PrefixCache(layers, idx).get_seq_length() == 4
+
+
+def test_prefix_cache_errors_name_what_to_do():
+    model, _, prefixes, ids, mask = _multi_prefix_case()
+    with pytest.raises(ValueError, match="holds 1 layers"):  # fewer entries than the model's layers
+        model(input_ids=ids, attention_mask=mask, past_key_values=PrefixCache(prefixes[:1], torch.tensor([0, 1, 2])))
+    with pytest.raises(ValueError, match=r"repeat_interleave\(2\)"):  # beams need the index expanded
+        model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=2, num_beams=2, pad_token_id=0,
+                       past_key_values=PrefixCache(prefixes, torch.tensor([0, 1, 2])))

@@ -21,6 +21,7 @@ import sys
 
 import torch
 
+from ..checks import check_prefix_index
 from ..ops import shared_prefix_attention
 from ..reference import visible_keys
 from . import compat
@@ -127,11 +128,26 @@ def _check_prefix_shape(module, prefix_k, key) -> None:
         )
 
 
+def _check_cache_index(prefix_index, B: int, prefix_k) -> None:
+    """The PrefixCache's prefix_index against this call, on every path (the eager fallback indexes
+    with it too: a uint8 index would select as a mask there, a -1 wrap around)."""
+    if isinstance(prefix_index, torch.Tensor) and prefix_index.dim() == 1 and prefix_index.shape[0] not in (B, 0) \
+            and B % prefix_index.shape[0] == 0:
+        raise ValueError(
+            f"prefix_index of the PrefixCache has {prefix_index.shape[0]} entries for a batch of {B}: with "
+            f"num_beams or num_return_sequences, pass prefix_index.repeat_interleave({B // prefix_index.shape[0]}) "
+            "(generate does not expand a cache that is passed in)")
+    check_prefix_index(prefix_index, B, prefix_k.shape[0], prefix_k.device)
+
+
 def attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
     """AttentionInterface function: q (B, Hq, Lq, D), k/v (B, Hkv, Lk, D) -> ((B, Lq, Hq, D), None)."""
     shared = kwargs.pop("prefix_kernels_prefix", None)
     layer_prefix = shared.for_layer(getattr(module, "layer_idx", None)) if shared is not None else None
-    prefix_index = shared.prefix_index if shared is not None else None
+    # a layer without prefix (None in the PrefixCache) has no prefixes to choose from
+    prefix_index = shared.prefix_index if layer_prefix is not None else None
+    if prefix_index is not None:
+        _check_cache_index(prefix_index, query.shape[0], layer_prefix[0])
     scale = _scale(module, query, scaling)
     causal = bool(getattr(module, "is_causal", True))
     if layer_prefix is not None:
@@ -181,7 +197,8 @@ def _eager_fallback(module, query, key, value, attention_mask, dropout, scale, c
     if layer_prefix is not None:
         pk, pv = layer_prefix
         P = pk.shape[2]
-        idx = prefix_index if prefix_index is not None else torch.zeros(B, dtype=torch.long, device=key.device)
+        # long: a uint8 index would select as a boolean mask (checked in attention_forward)
+        idx = prefix_index.long() if prefix_index is not None else torch.zeros(B, dtype=torch.long, device=key.device)
         key = torch.cat([pk.to(key.dtype)[idx], key], dim=2)
         value = torch.cat([pv.to(value.dtype)[idx], value], dim=2)
 

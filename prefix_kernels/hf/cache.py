@@ -7,8 +7,8 @@ per-request part only; the prefix reaches the attention function through the dec
 
 `get_seq_length()` counts the prefix (P + T): transformers derives mask sizes and position ids
 from it, exactly as it does for PEFT's expanded prefix cache. Beam reordering, batch selection,
-repeat-interleave, crop and reset act on the per-request part and on `prefix_index`, never on
-the prefix tensors.
+repeat-interleave and crop act on the per-request part and on `prefix_index`, never on the prefix
+tensors; reset empties the per-request part and leaves `prefix_index` as it is.
 """
 
 from __future__ import annotations
@@ -51,6 +51,7 @@ class PrefixLayer(DynamicLayer):
             )
         self.prefix_keys = prefix_keys
         self.prefix_values = prefix_values
+        self.position_offset = 0  # a layer without prefix: the cache's prefix length (set by PrefixCache)
 
     @property
     def prefix_length(self) -> int:
@@ -73,7 +74,10 @@ class PrefixLayer(DynamicLayer):
         return super().update(key_states, value_states, *args, **kwargs)
 
     def get_seq_length(self) -> int:
-        return self.prefix_length + self.own_length()
+        """Positions before the next token: the prefix's and the own tokens'. A layer without
+        prefix counts the cache's prefix too (transformers takes positions from layer 0, which
+        must not depend on which layer lacks a prefix); its mask is cut to its own keys."""
+        return (self.prefix_length if self.prefix_keys is not None else self.position_offset) + self.own_length()
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         if self.own_length() > 0:
@@ -126,6 +130,8 @@ class PrefixCache(DynamicCache):
         # Cache.__init__ directly: DynamicCache.__init__'s signature differs across transformers
         # versions, and this cache never needs its config-driven layer types.
         Cache.__init__(self, layers=layers)
+        for layer in layers:
+            layer.position_offset = max((l.prefix_length for l in layers), default=0)
         self.prefix_index = prefix_index
         self._delivered = False  # set by the decoder-stack hook; checked in update()
 
@@ -167,6 +173,9 @@ class PrefixCache(DynamicCache):
         return max((l.prefix_length for l in self.layers), default=0)
 
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
+        if layer_idx >= len(self.layers):
+            raise ValueError(f"PrefixCache holds {len(self.layers)} layers (one prefix or None each), but the model's "
+                             f"layer {layer_idx} asks for one: build it with an entry for every layer")
         if not self._delivered:
             raise RuntimeError(
                 "a PrefixCache reached a model whose decoder stack does not hand its prefix to the "
