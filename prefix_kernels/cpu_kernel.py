@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import threading
 from typing import Optional
 
@@ -69,6 +70,9 @@ def _build_and_load() -> None:
         raise _build.BuildError(f"{SOURCE} not found (neither prefix_kernels/_csrc nor the checkout's csrc/)")
     if not cpp_extension.is_ninja_available():
         raise _build.BuildError("ninja not found; torch's extension builder needs it (pip install ninja)")
+    compiler = os.environ.get("CXX", "c++")  # what torch's builder calls
+    if shutil.which(compiler) is None:
+        raise _build.BuildError(f"no C++ compiler: {compiler!r} not found (install g++, or set CXX)")
     capability = _capability()
     directory = _build.cache_dir(f"cpu-{capability}")
     directory.mkdir(parents=True, exist_ok=True)

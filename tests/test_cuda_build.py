@@ -298,3 +298,76 @@ def test_dispatch_traces_under_compile(monkeypatch, loaded):
     torch._dynamo.reset()
     compiled = torch.compile(step, fullgraph=True, backend="eager")
     assert float(compiled(torch.zeros(()))) == len(eager)
+
+
+def test_a_damaged_cached_library_is_found(tmp_path):
+    """dlopen maps a truncated .so and dies of SIGBUS when it touches the missing pages (a cached
+    library cut to 64 KiB killed every later process): such a file must be recognised first."""
+    whole = Path(torch.__file__).parent / "lib" / "libc10.so"
+    assert build.damaged_library(whole) is None
+    data = whole.read_bytes()
+    for size in (100, 65536, len(data) - 1):
+        cut = tmp_path / f"cut{size}.so"
+        cut.write_bytes(data[:size])
+        assert "truncated" in build.damaged_library(cut)
+    (tmp_path / "empty.so").write_bytes(b"")
+    assert "not an ELF library" in build.damaged_library(tmp_path / "empty.so")
+
+
+def test_a_damaged_cached_library_is_built_again(tmp_path, monkeypatch, caplog):
+    from torch.utils import cpp_extension
+
+    (tmp_path / "ext.so").write_bytes((Path(torch.__file__).parent / "lib" / "libc10.so").read_bytes()[:4096])
+    seen = []
+    monkeypatch.setattr(cpp_extension, "load", lambda **kw: seen.append((tmp_path / "ext.so").exists()))
+    with caplog.at_level(logging.WARNING, logger="prefix_kernels"):
+        build.load_locked(tmp_path, name="ext", sources=[])
+    assert seen == [False]  # removed before the build, so that ninja links it again
+    assert any("damaged" in r.getMessage() for r in caplog.records)
+
+
+def test_load_errors_keep_the_loader_reason_and_a_read_only_cache_is_named(tmp_path, monkeypatch):
+    from torch.utils import cpp_extension
+
+    def load(**kw):
+        try:
+            raise OSError("ext.so: cannot read file data: Error 21")
+        except OSError as inner:
+            raise RuntimeError("Could not load this library: ext.so") from inner
+
+    monkeypatch.setattr(cpp_extension, "load", load)
+    with pytest.raises(build.BuildError, match="Could not load this library.*cannot read file data"):
+        build.load_locked(tmp_path, name="ext", sources=[])
+    (tmp_path / "file").write_text("")
+    with pytest.raises(build.BuildError, match="cannot lock the build cache .* must be writable"):
+        build.load_locked(tmp_path / "file" / "cache", name="ext", sources=[])
+
+
+def test_a_wait_for_the_build_lock_is_announced(tmp_path, caplog):
+    lock = tmp_path / "build.lock"
+    entered, release = threading.Event(), threading.Event()
+
+    def holder():
+        with build.file_lock(lock):
+            entered.set()
+            release.wait(30)
+
+    t = threading.Thread(target=holder)
+    t.start()
+    entered.wait(30)
+    threading.Timer(0.5, release.set).start()
+    with caplog.at_level(logging.WARNING, logger="prefix_kernels"), build.file_lock(lock):
+        pass
+    t.join()
+    assert any("waiting for the build lock" in r.getMessage() for r in caplog.records)
+
+
+def test_a_missing_compiler_is_named(monkeypatch):
+    from torch.utils import cpp_extension
+
+    from prefix_kernels import cpu_kernel
+
+    monkeypatch.setattr(cpp_extension, "is_ninja_available", lambda: True)  # checked first
+    monkeypatch.setenv("CXX", "/nonexistent/c++")
+    with pytest.raises(build.BuildError, match="no C\\+\\+ compiler: '/nonexistent/c\\+\\+' not found"):
+        cpu_kernel._build_and_load()

@@ -28,6 +28,7 @@ import logging
 import os
 import re
 import shutil
+import struct
 import sys
 import threading
 from pathlib import Path
@@ -167,10 +168,15 @@ def cache_dir(arch: str) -> Path:
 def file_lock(path: Path) -> Iterator[None]:
     """Exclusive fcntl.flock on `path` (created if missing), held for the `with` body. Separate
     processes and separate threads (each opens its own file description) exclude each other; the
-    operating system releases the lock when its holder dies."""
+    operating system releases the lock when its holder dies. A wait is announced: another
+    process's build takes a minute, and a silent wait looks like a hang."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a+") as f:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            logger.warning("prefix_kernels: waiting for the build lock %s (another process is building there)", path)
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX)
         try:
             yield
         finally:
@@ -199,18 +205,55 @@ def _op_registered() -> bool:
         return False
 
 
+def damaged_library(path: Path) -> Optional[str]:
+    """Why the shared library at `path` cannot be mapped safely, or None if it looks whole.
+
+    dlopen maps each loadable segment from the file: a segment that runs past the end of a
+    truncated file is a SIGBUS when touched, not an error (a cached .so cut to 64 KiB killed every
+    later process, `prefix-kernels info` included). Checked from the ELF headers (64-bit,
+    little-endian: what torch builds on Linux x86-64 and aarch64)."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        return f"unreadable ({exc})"
+    if len(data) < 64 or data[:4] != b"\x7fELF":
+        return f"not an ELF library ({len(data)} bytes)"
+    if data[4] != 2 or data[5] != 1:
+        return None  # not 64-bit little-endian: left to dlopen
+    phoff, shoff = struct.unpack_from("<QQ", data, 0x20)
+    phentsize, phnum, shentsize, shnum = struct.unpack_from("<HHHH", data, 0x36)
+    if phoff + phnum * phentsize > len(data) or shoff + shnum * shentsize > len(data):
+        return f"truncated: its headers run past its {len(data)} bytes"
+    for i in range(phnum):
+        p_type, _, p_offset, _, _, p_filesz = struct.unpack_from("<IIQQQQ", data, phoff + i * phentsize)
+        if p_type == 1 and p_offset + p_filesz > len(data):  # PT_LOAD
+            return f"truncated: a segment ends at byte {p_offset + p_filesz}, the file has {len(data)}"
+    return None
+
+
 def load_locked(directory: Path, **load_kwargs) -> None:
     """torch.utils.cpp_extension.load(**load_kwargs) into `directory`, holding its build lock, as a
-    library that registers ops (no Python module). A failure raises BuildError with the first
-    compiler error and writes the whole log to <directory>/build-error.log."""
+    library that registers ops (no Python module). A cached library that is damaged is removed
+    first, so that it is built again. A failure raises BuildError with the first compiler error
+    (or the loader's) and writes the whole log to <directory>/build-error.log."""
     from torch.utils import cpp_extension
 
-    with file_lock(directory / "build.lock"):
+    held = contextlib.ExitStack()
+    try:
+        held.enter_context(file_lock(directory / "build.lock"))
+    except OSError as exc:  # e.g. a read-only cache
+        raise BuildError(f"cannot lock the build cache {directory} (it must be writable): {exc}") from exc
+    with held:
         # Holding our lock, nobody else builds here: a "lock" file of torch's own FileBaton can
         # only be left over from a builder that was killed, and would make load() wait forever.
         stale = directory / "lock"
         if stale.exists():
             stale.unlink()
+        library = directory / f"{load_kwargs['name']}.so"
+        damage = damaged_library(library) if library.exists() else None
+        if damage:
+            logger.warning("prefix_kernels: the cached %s is damaged (%s): building it again", library, damage)
+            library.unlink()
         try:
             cpp_extension.load(
                 build_directory=str(directory),
@@ -219,12 +262,14 @@ def load_locked(directory: Path, **load_kwargs) -> None:
                 **load_kwargs,
             )
         except Exception as exc:
-            text = str(exc)
+            # torch's "Could not load this library" keeps dlopen's reason in __cause__ only
+            cause = f"{type(exc.__cause__).__name__}: {exc.__cause__}" if exc.__cause__ else ""
             try:
-                (directory / "build-error.log").write_text(text)
+                (directory / "build-error.log").write_text("\n".join(filter(None, (str(exc), cause))))
             except OSError:
                 pass
-            raise BuildError(f"build failed: {first_error_line(text)} (full log: {directory / 'build-error.log'})") from exc
+            raise BuildError(f"build failed: {first_error_line(str(exc))}" + (f"; {cause}" if cause else "")
+                             + f" (full log: {directory / 'build-error.log'})") from exc
 
 
 def _build_and_load() -> None:
