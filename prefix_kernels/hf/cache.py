@@ -130,8 +130,12 @@ class PrefixCache(DynamicCache):
         # Cache.__init__ directly: DynamicCache.__init__'s signature differs across transformers
         # versions, and this cache never needs its config-driven layer types.
         Cache.__init__(self, layers=layers)
+        # a plain loop: dynamo traces this constructor under torch.compile, and rejects max(genexpr, default=)
+        offset = 0
         for layer in layers:
-            layer.position_offset = max((l.prefix_length for l in layers), default=0)
+            offset = max(offset, layer.prefix_length)
+        for layer in layers:
+            layer.position_offset = offset
         self.prefix_index = prefix_index
         self._delivered = False  # set by the decoder-stack hook; checked in update()
 
