@@ -46,7 +46,7 @@ def headline(rows: list[dict]) -> list[dict]:
         for by_provider in shapes.values():
             for p, r in by_provider.items():
                 if r.get("status") == "skipped":
-                    skipped.setdefault(p, (r.get("reason") or "").splitlines()[0][:120] if r.get("reason") else "")
+                    skipped.setdefault(p, (r.get("reason") or "").partition("\n")[0][:120])
             ok = {p: r for p, r in by_provider.items() if r.get("status") == "ok"}
             ours = [r for p, r in ok.items() if is_subject(p)]
             theirs = [r for p, r in ok.items() if not is_subject(p)]
