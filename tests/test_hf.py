@@ -214,6 +214,38 @@ def test_prefix_cache_refuses_unprepared_model():
           past_key_values=PrefixCache([(torch.randn(1, 2, 3, 16), torch.randn(1, 2, 3, 16))] * 2))
 
 
+def test_prefix_cache_used_on_a_prepared_model_is_still_refused_by_an_unprepared_one():
+    """The check is made at every forward, not only at a cache's first use: a cache that ran on a
+    prepared model and is then handed (with its own keys cropped away) to an unprepared one raises."""
+    prepared = prefix_kernels.apply_prefix_kernels(build_model("llama", "prefix_kernels"))
+    unprepared = build_model("llama", "prefix_kernels")
+    unprepared.load_state_dict(prepared.state_dict())
+    ids, mask, _ = batch(2, 4)
+    full_mask = torch.cat([torch.ones(2, 3, dtype=torch.long), mask], 1)
+    cache = PrefixCache([(torch.randn(1, 2, 3, 16), torch.randn(1, 2, 3, 16))] * 2)
+    with torch.no_grad():
+        prepared(input_ids=ids, attention_mask=full_mask, past_key_values=cache)
+        cache.crop(-4)
+        with pytest.raises(RuntimeError, match="apply_prefix_kernels"):
+            unprepared(input_ids=ids, attention_mask=full_mask, past_key_values=cache)
+        cache.crop(-4)
+        # and a failed forward on the prepared model does not leave the cache marked as delivered
+        with pytest.raises(IndexError):  # a token id past the vocabulary: raised inside the stack
+            prepared(input_ids=ids + 10**6, attention_mask=full_mask, past_key_values=cache)
+        cache.reset()
+        with pytest.raises(RuntimeError, match="apply_prefix_kernels"):
+            unprepared(input_ids=ids, attention_mask=full_mask, past_key_values=cache)
+
+
+def test_prefix_cache_with_more_entries_than_layers_is_refused():
+    model = prefix_kernels.apply_prefix_kernels(build_model("llama", "prefix_kernels"))
+    ids, mask, _ = batch(2, 4)
+    cache = PrefixCache([(torch.randn(1, 2, 3, 16), torch.randn(1, 2, 3, 16))] * 3)
+    with pytest.raises(ValueError, match="holds 3 layers.*2 decoder layers"):
+        model(input_ids=ids, attention_mask=torch.cat([torch.ones(2, 3, dtype=torch.long), mask], 1),
+              past_key_values=cache)
+
+
 # ------------------------------------------------------------------ plain models, fallbacks, patch lifecycle
 
 

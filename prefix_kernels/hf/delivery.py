@@ -63,9 +63,23 @@ def _find_cache(module, args, kwargs):
     return None
 
 
+def _layer_count(module) -> int:
+    count = getattr(module, "_prefix_kernels_layer_count", None)
+    if count is None:
+        count = max(len(c) for c in module.children() if isinstance(c, nn.ModuleList))
+        module._prefix_kernels_layer_count = count
+    return count
+
+
 def _deliver(module, args, kwargs):
     cache = _find_cache(module, args, kwargs)
     if isinstance(cache, PrefixCache):
+        if len(cache.layers) > _layer_count(module):
+            # more entries than layers: built for another model (a deeper one, or one layer per
+            # head); the extra prefixes would be ignored without a word
+            raise ValueError(
+                f"PrefixCache holds {len(cache.layers)} layers, but {type(module).__name__} has "
+                f"{_layer_count(module)} decoder layers: build it with one entry (a prefix or None) per layer")
         cache._delivered = True
         if module.training:  # checkpointing only acts in training
             compat.force_non_reentrant_checkpointing(module)  # transformers 4.57 defaults to reentrant
@@ -74,12 +88,22 @@ def _deliver(module, args, kwargs):
     return None
 
 
+def _undeliver(module, args, kwargs, output):
+    """After the stack's forward (or its exception): the cache forgets it was delivered, so that
+    handing it next to a model that was not prepared raises instead of dropping the prefix."""
+    cache = _find_cache(module, args, kwargs)
+    if isinstance(cache, PrefixCache):
+        cache._delivered = False
+    return None
+
+
 def install(model: nn.Module) -> int:
     """Hook every decoder stack of `model` (once). Returns the number of stacks hooked."""
     if model in _prepared:
-        return len(_prepared[model])
+        return len(_prepared[model]) // 2  # a pre-hook and a hook per stack
     stacks = decoder_stacks(model)
-    _prepared[model] = [s.register_forward_pre_hook(_deliver, with_kwargs=True) for s in stacks]
+    _prepared[model] = [s.register_forward_pre_hook(_deliver, with_kwargs=True) for s in stacks] + [
+        s.register_forward_hook(_undeliver, with_kwargs=True, always_call=True) for s in stacks]
     return len(stacks)
 
 
