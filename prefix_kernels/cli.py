@@ -76,6 +76,31 @@ def _demo(args) -> int:
     return 0
 
 
+# what each PREFIX_KERNELS_* variable the package reads does (benchmarks and tests read two more)
+ENVIRONMENT = {
+    "PREFIX_KERNELS_BACKEND": "overrides backend='auto'",
+    "PREFIX_KERNELS_DISABLE_CUDA": "CUDA decode backend off when not '' or '0'",
+    "PREFIX_KERNELS_DISABLE_CPU_KERNEL": "float32 CPU kernel off when not '' or '0'",
+    "PREFIX_KERNELS_CACHE": "build cache folder",
+    "PREFIX_KERNELS_VERBOSE_BUILD": "compiler commands shown",
+    "PREFIX_KERNELS_COMMIT": "benchmarks: commit written into rows",
+    "PREFIX_KERNELS_GPU_EXAMPLES": "tests: draws per GPU fuzz test",
+}
+
+
+def _environment_rows(environ=None) -> list:
+    """One row per PREFIX_KERNELS_* variable that is set: its value and effect, or that nothing
+    reads it (a misspelt name is otherwise silently without effect)."""
+    import os
+
+    environ = os.environ if environ is None else environ
+    rows = []
+    for name in sorted(n for n in environ if n.startswith("PREFIX_KERNEL")):
+        effect = ENVIRONMENT.get(name, "not read by prefix_kernels: misspelt? known: " + ", ".join(ENVIRONMENT))
+        rows.append((name, f"{environ[name]!r} ({effect})"))
+    return rows
+
+
 def _info(args) -> int:
     import platform
 
@@ -114,6 +139,7 @@ def _info(args) -> int:
     rows.append(("decode auto order", (
         f"measured on {', '.join(sorted(measured))} ({sum(map(len, measured.values()))} shapes, {TABLE.name})"
         if measured else "nothing measured yet: cuda, then triton (python benchmarks/decode_choice.py)")))
+    rows += _environment_rows()
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
         print(f"{key:{width}}  {value}")

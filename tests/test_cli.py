@@ -13,6 +13,17 @@ def test_info_lists_versions_and_backends(capsys):
         assert word in out
 
 
+def test_info_names_the_environment_variables_set(capsys, monkeypatch):
+    """A PREFIX_KERNELS_* variable shows with its effect; a misspelt one is called out, since
+    nothing reads it."""
+    monkeypatch.setenv("PREFIX_KERNELS_DISABLE_CUDA", "1")
+    monkeypatch.setenv("PREFIX_KERNEL_BACKEND", "torch")
+    assert cli.main(["info"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert any(l.startswith("PREFIX_KERNELS_DISABLE_CUDA") and "CUDA decode backend off" in l for l in lines)
+    assert any(l.startswith("PREFIX_KERNEL_BACKEND") and "not read by prefix_kernels" in l for l in lines)
+
+
 def test_verify_passes_on_the_torch_backend(capsys):
     assert cli.main(["verify", "--quick", "--backend", "torch"]) == 0
     out = capsys.readouterr().out
