@@ -2,6 +2,10 @@
 
 Providers (each reported as skipped with its reason when it cannot run):
   prefix_kernels_triton  shared_prefix_decode(backend="triton")
+  prefix_kernels_triton_fused
+                         the same with the triton launcher's fuse_parts on: the prefix and own
+                         parts in one interleaved grid (off by default until timed; at B = 256
+                         the prefix part is compute-bound, see NOTES.md)
   prefix_kernels_cuda    shared_prefix_decode(backend="cuda") (the optional CUDA extension)
   sdpa_expanded          SDPA over caches that already hold each request's copy of the prefix
                          (B, Hkv, P + T, D), built outside the timed region: a plain KV cache
@@ -72,6 +76,20 @@ def setup_prefix_kernels(backend):
     return setup
 
 
+def setup_triton_fused(q, k, v, pk, pv):
+    from prefix_kernels.triton import decode as launcher
+
+    def step():
+        before, launcher.FUSE_PARTS = launcher.FUSE_PARTS, True
+        try:
+            return shared_prefix_decode(q, k, v, pk, pv, backend="triton")
+        finally:
+            launcher.FUSE_PARTS = before
+
+    step()  # raises NoBackendError with reasons
+    return step
+
+
 def setup_sdpa_expanded(q, k, v, pk, pv):
     B = q.shape[0]
     keys = torch.cat([pk.expand(B, -1, -1, -1), k], dim=2)
@@ -127,6 +145,7 @@ def setup_flashinfer_cascade(q, k, v, pk, pv):
 
 PROVIDERS = {
     "prefix_kernels_triton": setup_prefix_kernels("triton"),
+    "prefix_kernels_triton_fused": setup_triton_fused,
     "prefix_kernels_cuda": setup_prefix_kernels("cuda"),
     "sdpa_expanded": setup_sdpa_expanded,
     "flex": setup_flex,

@@ -23,6 +23,7 @@ import pytest
 import torch
 from torch.library import opcheck
 
+from conftest import triton_interpreting
 from helpers import (
     DTYPE_NAMES,
     TENSOR_ARGS,
@@ -233,6 +234,44 @@ def test_many_splits_merge_in_chunks(triton_device, monkeypatch):
     monkeypatch.setattr(launcher, "CPU_SPLITS", 12)
     inp = make_inputs(2, 4, 2, 1, 300, 257, 16, 1, FP32, triton_device, padding="left", requires_grad=False)
     assert_decode_close(inp, backend="triton")
+
+
+# (B, Hq, Hkv, Lq, T, P, G, padding, causal): both parts with more programs in one than the other
+# (the unpaired tail of the fused grid), several prefixes, padding, and one part empty.
+FUSED = [
+    (3, 4, 2, 1, 37, 5, 1, None, True),
+    (5, 8, 2, 3, 70, 257, 2, "left", True),
+    (4, 4, 1, 4, 300, 40, 2, "left", False),
+    (2, 4, 2, 2, 9, 0, 1, "left", True),  # no prefix: the own part alone
+    (3, 4, 2, 2, 0, 33, 2, None, False),  # no own keys: the prefix part alone
+]
+
+
+@pytest.mark.parametrize("B,Hq,Hkv,Lq,T,P,G,padding,causal", FUSED)
+def test_triton_fused_parts(triton_device, monkeypatch, B, Hq, Hkv, Lq, T, P, G, padding, causal):
+    """fuse_parts runs the prefix and own programs in one interleaved grid: right against the
+    reference, bit-identical to the three-launch path under the interpreter (same splits, same
+    partials, same merge), and the fused kernel is the one launched when both parts have keys."""
+    from prefix_kernels.triton import decode as launcher
+
+    inp = make_inputs(B, Hq, Hkv, Lq, T, P, 16, G, FP16, triton_device, padding=padding, requires_grad=False)
+    launched = []
+    fused = launcher.decode_parts_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            launched.append(grid)
+            return fused[grid]
+
+    monkeypatch.setattr(launcher, "decode_parts_kernel", Spy())
+    monkeypatch.setattr(launcher, "FUSE_PARTS", True)
+    out, lse, _ = assert_decode_close(inp, backend="triton", causal=causal)
+    assert len(launched) == (1 if P and T else 0)
+    if triton_interpreting():
+        monkeypatch.setattr(launcher, "FUSE_PARTS", False)
+        out3, lse3 = run_decode(inp, causal=causal, return_lse=True, backend="triton")
+        assert torch.equal(out, out3) and torch.equal(lse, lse3)
+        assert len(launched) == (1 if P and T else 0)
 
 
 @pytest.mark.parametrize("dtype", [FP32, FP16], ids=DTYPE_NAMES.get)

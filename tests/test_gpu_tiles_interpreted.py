@@ -66,7 +66,11 @@ DECODE = [
 ]
 
 
+@pytest.mark.parametrize("fuse_parts", [False, True], ids=["3launches", "fused"])
 @pytest.mark.parametrize("dtype,D,Lq,T,P,G", DECODE, ids=lambda v: str(v).replace("torch.", ""))
-def test_decode_launches(gpu_launches, dtype, D, Lq, T, P, G):
+def test_decode_launches(gpu_launches, monkeypatch, dtype, D, Lq, T, P, G, fuse_parts):
+    from prefix_kernels.triton import decode
+
+    monkeypatch.setattr(decode, "FUSE_PARTS", fuse_parts)
     inp = make_inputs(6, 4, 2, Lq, T, P, D, G, dtype, gpu_launches, padding="left", requires_grad=False)
     assert_decode_close(inp, backend="triton", causal=True)

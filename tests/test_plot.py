@@ -151,6 +151,17 @@ def test_headline_never_pairs_rows_of_two_commits(tmp_path):
     assert "2.00x" not in text and "no shape where the package and a baseline both ran" in text
 
 
+def test_headline_leaves_out_opt_in_variants(tmp_path):
+    """The fused decode launch is off by default: a faster fused row must not become the
+    headline's speedup, which is what a user gets without asking."""
+    headline = benchmark_module("headline")
+    rows = [_row("decode", "fwd", "prefix_kernels_triton", 1.0, B=8, P=1024),
+            _row("decode", "fwd", "prefix_kernels_triton_fused", 0.5, B=8, P=1024),
+            _row("decode", "fwd", "sdpa_expanded", 2.0, B=8, P=1024)]
+    text = headline.markdown(headline.headline(rows))
+    assert "2.00x" in text and "4.00x" not in text
+
+
 def test_a_broken_row_file_is_named(tmp_path):
     rows = benchmark_module("rows")
     path = tmp_path / "decode.jsonl"

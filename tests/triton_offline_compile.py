@@ -111,6 +111,12 @@ def _decode_cases():
     yield torch.bfloat16, 128, 4, dict(pidx=False, mask=False, causal=False)
 
 
+def _fused_case(dtype, D, flags) -> bool:
+    """Which decode cases also compile the fused launch (decode_parts_kernel): bf16 at every
+    head dim, fp32 at D = 128 and the flags-off case; a subset, as each costs ~1.6 s a compile."""
+    return dtype == torch.bfloat16 or (dtype == torch.float32 and D == 128)
+
+
 def _inputs(dtype, D, Lq, Lk, flags, *, B=4, Hq=8, Hkv=2, P=300, G=2):
     dev = "cpu"
     q = torch.empty(B, Lq, Hq, D, dtype=dtype, device=dev).transpose(1, 2)
@@ -139,6 +145,8 @@ def run(capability: int) -> dict:
     for dtype, D, Lq, flags in _decode_cases():
         q, k, v, pk, pv, pidx, mask = _inputs(dtype, D, Lq, 300, flags)
         decode.forward(q, k, v, pk, pv, pidx, mask, flags["causal"], D ** -0.5)
+        if _fused_case(dtype, D, flags):
+            decode.forward(q, k, v, pk, pv, pidx, mask, flags["causal"], D ** -0.5, fuse_parts=True)
     rows, seen = [], set()
     for name, constexprs, warps, stages, kernel in compiled:
         if id(kernel) in seen:  # the same specialisation again (the JIT cache returned it)

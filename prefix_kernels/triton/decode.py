@@ -8,6 +8,11 @@ strides are accepted. One decode step is three launches (see kernels/decode.py):
   own      grid (B * Hkv, own splits, row blocks)   flash-decoding over each request's cache
   merge    grid (B * Hq * Lq,)                      log-sum-exp merge of all partials
 
+With fuse_parts the prefix and own grids run as one launch whose program ids alternate between
+the two parts (decode_parts_kernel), so that the compute-bound prefix programs of a large batch
+can overlap the memory-bound own-cache programs (benchmarks/NOTES.md, "A compute floor too").
+Off by default (FUSE_PARTS): it has not been timed on a GPU yet.
+
 The partials are fp32 (B * Hq * Lq, S, D) and (B * Hq * Lq, S) with S = prefix splits + own
 splits; choose_splits keeps each part's partials no heavier than the keys and values it reads.
 """
@@ -20,7 +25,7 @@ import torch
 import triton
 
 from .attention import LOG2E, _blocks, _mask_args, _on_gpu, _precision, _sm_count
-from .kernels.decode import decode_merge_kernel, decode_own_kernel, decode_prefix_kernel
+from .kernels.decode import decode_merge_kernel, decode_own_kernel, decode_parts_kernel, decode_prefix_kernel
 
 # Splits on a CPU (the interpreter): fixed and small, so that the tests exercise the split and
 # merge path (and splits that see only padding) at tiny sizes.
@@ -29,6 +34,9 @@ CPU_SPLITS = 2
 # writing its partial) outweigh the keys it reads.
 MIN_KEYS_PER_SPLIT = 128
 MAX_SPLITS = 64
+# Default of forward(fuse_parts=None). False until a GPU run shows the fused launch faster
+# (bench_decode.py's prefix_kernels_triton_fused provider times it beside the default).
+FUSE_PARTS = False
 
 
 @dataclass(frozen=True)
@@ -101,9 +109,15 @@ def _block_starts(starts, R: int, block_m: int, G: int):
     return bstarts
 
 
-def forward(q, k, v, prefix_k, prefix_v, prefix_index, kv_mask, causal: bool, scale: float):
+def forward(q, k, v, prefix_k, prefix_v, prefix_index, kv_mask, causal: bool, scale: float,
+            fuse_parts: bool | None = None):
     """Returns out (B, Hq, Lq, D) in q's dtype (a (B, Lq, Hq, D) tensor transposed, as
-    ops.out_layout) and the natural-log lse (B, Hq, Lq) float32."""
+    ops.out_layout) and the natural-log lse (B, Hq, Lq) float32.
+
+    fuse_parts: run the prefix and own parts as one launch (None: FUSE_PARTS). Same splits,
+    same partials, same merge: the result is bit-identical either way."""
+    if fuse_parts is None:
+        fuse_parts = FUSE_PARTS
     B, Hq, Lq, D = q.shape
     G, Hkv, P, _ = prefix_k.shape
     T = k.shape[2]
@@ -147,12 +161,28 @@ def forward(q, k, v, prefix_k, prefix_v, prefix_index, kv_mask, causal: bool, sc
     part_out = torch.empty((rows, S, D), dtype=torch.float32, device=dev)
     part_lse = torch.empty((rows, S), dtype=torch.float32, device=dev)
 
-    if p_splits > 0:
-        if has_pidx:
-            order, starts = _requests_by_prefix(prefix_index, G)
-            bstarts = _block_starts(starts, R, blk.prefix_m, G)
-        else:
-            order = starts = bstarts = q  # unused (HAS_PIDX=False)
+    if p_splits > 0 and has_pidx:
+        order, starts = _requests_by_prefix(prefix_index, G)
+        bstarts = _block_starts(starts, R, blk.prefix_m, G)
+    else:
+        order = starts = bstarts = q  # unused (HAS_PIDX=False, or no prefix key)
+    n_prefix = row_blocks * Hkv * p_splits
+    n_own = B * Hkv * o_splits * own_row_blocks
+    if fuse_parts and n_prefix > 0 and n_own > 0:
+        kvm, smb, smn = _mask_args(kv_mask, q)
+        decode_parts_kernel[(n_prefix + n_own,)](
+            q, k, v, kvm, prefix_k, prefix_v, order, starts, bstarts, part_out, part_lse,
+            *q.stride(), *k.stride(), *v.stride(), smb, smn, *prefix_k.stride(), *prefix_v.stride(),
+            B, Hq, Hkv, Lq, T, P, group, G, qk_scale, p_per, o_per, p_splits, S,
+            G.bit_length(), row_blocks, n_prefix, n_own, B * Hkv, o_splits,
+            HEAD_DIM=D, BLOCK_D=BLOCK_D, P_BLOCK_M=blk.prefix_m, P_BLOCK_N=blk.prefix_n,
+            O_BLOCK_M=blk.own_m, O_BLOCK_N=blk.own_n, HAS_PIDX=has_pidx, HAS_KV_MASK=kv_mask is not None,
+            CAUSAL=bool(causal), PRECISION=precision, num_warps=blk.warps, num_stages=blk.stages,
+        )
+        p_splits_run = o_splits_run = 0  # both done
+    else:
+        p_splits_run, o_splits_run = p_splits, o_splits
+    if p_splits_run > 0:
         decode_prefix_kernel[(row_blocks, Hkv, p_splits)](
             q, prefix_k, prefix_v, order, starts, bstarts, part_out, part_lse,
             *q.stride(), *prefix_k.stride(), *prefix_v.stride(),
@@ -160,7 +190,7 @@ def forward(q, k, v, prefix_k, prefix_v, prefix_index, kv_mask, causal: bool, sc
             HEAD_DIM=D, BLOCK_D=BLOCK_D, BLOCK_M=blk.prefix_m, BLOCK_N=blk.prefix_n,
             HAS_PIDX=has_pidx, PRECISION=precision, num_warps=blk.warps, num_stages=blk.stages,
         )
-    if o_splits > 0:
+    if o_splits_run > 0:
         kvm, smb, smn = _mask_args(kv_mask, q)
         decode_own_kernel[(B * Hkv, o_splits, own_row_blocks)](
             q, k, v, kvm, part_out, part_lse,

@@ -13,6 +13,9 @@ A decode step (Lq = 1..16 new tokens per request) is split in three launches:
                         group * Lq rows of b and hk, so the GQA heads share each K/V tile.
   decode_merge_kernel   combines the partial (out, lse) of every split by log-sum-exp.
 
+decode_parts_kernel runs the first two as one launch, their programs interleaved (the launcher's
+fuse_parts; see its docstring for why).
+
 Inside a split, scores are in log2 units (scale * log2(e) folded into one multiply, exp2 does the
 work), as in the forward kernel. Every partial lse written to memory, and the final lse, is in
 natural log; a split that sees no key writes out = 0 and lse = -inf.
@@ -98,8 +101,8 @@ def _store_partial(OP, LP, row_id, slot, S_total, acc, m_i, l_i, row_ok, offs_d,
 
 
 @triton.jit
-def decode_prefix_kernel(
-    Q, PK, PV, ORDER, STARTS, BSTARTS, OP, LP,
+def _prefix_program(
+    t, hk, split, Q, PK, PV, ORDER, STARTS, BSTARTS, OP, LP,
     sqb, sqh, sqm, sqd,
     spkg, spkh, spkn, spkd,
     spvg, spvh, spvn, spvd,
@@ -107,7 +110,7 @@ def decode_prefix_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_PIDX: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """Grid (row blocks, Hkv, prefix splits); row blocks on axis 0, which has no 65535 limit.
+    """The prefix part's program (t: row block, int64; hk: kv head, int64; split).
 
     HAS_PIDX: requests are sorted by prefix (ORDER, STARTS as in the backward's prefix kernel)
     and BSTARTS[g] is the first row block of prefix g (BSTARTS[G]: their total). A program finds
@@ -115,9 +118,6 @@ def decode_prefix_kernel(
     so surplus programs find no rows and do nothing. Without HAS_PIDX every request uses prefix 0
     in batch order.
     """
-    t = tl.program_id(0).to(tl.int64)
-    hk = tl.program_id(1).to(tl.int64)
-    split = tl.program_id(2)
     R = group * Lq  # stacked rows per request
     if HAS_PIDX:
         lo_g = t * 0  # the largest g in [0, G) with BSTARTS[g] <= t
@@ -166,8 +166,28 @@ def decode_prefix_kernel(
 
 
 @triton.jit
-def decode_own_kernel(
-    Q, K, V, KVM, OP, LP,
+def decode_prefix_kernel(
+    Q, PK, PV, ORDER, STARTS, BSTARTS, OP, LP,
+    sqb, sqh, sqm, sqd,
+    spkg, spkh, spkn, spkd,
+    spvg, spvh, spvn, spvd,
+    B, Hq, Lq, P, group, G, qk_scale, keys_per_split, slot0, S_total, search_steps,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_PIDX: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """Grid (row blocks, Hkv, prefix splits); row blocks on axis 0, which has no 65535 limit."""
+    _prefix_program(
+        tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64), tl.program_id(2),
+        Q, PK, PV, ORDER, STARTS, BSTARTS, OP, LP,
+        sqb, sqh, sqm, sqd, spkg, spkh, spkn, spkd, spvg, spvh, spvn, spvd,
+        B, Hq, Lq, P, group, G, qk_scale, keys_per_split, slot0, S_total, search_steps,
+        HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, HAS_PIDX, PRECISION,
+    )
+
+
+@triton.jit
+def _own_program(
+    bk, split, rb, Q, K, V, KVM, OP, LP,
     sqb, sqh, sqm, sqd,
     skb, skh, skn, skd,
     svb, svh, svn, svd,
@@ -176,15 +196,12 @@ def decode_own_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_KV_MASK: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """Grid (B * Hkv, key splits, row blocks of group * Lq); B * Hkv on axis 0 (no 65535 limit).
+    """The own part's program (bk = b * Hkv + hk, int64; split; rb: row block).
 
     Row r of a program's block is query head hk * group + r // Lq at position r % Lq: the GQA heads
     of one kv head share every K/V tile. Causal is bottom-right aligned: position i sees own key
     j iff j <= i + (T - Lq).
     """
-    bk = tl.program_id(0).to(tl.int64)
-    split = tl.program_id(1)
-    rb = tl.program_id(2)
     b = bk // Hkv
     hk = bk % Hkv
     offs_r = rb * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -203,6 +220,76 @@ def decode_own_kernel(
     )
     row_id = (b * Hq + h) * Lq + row_i
     _store_partial(OP, LP, row_id, slot0 + split, S_total, acc, m_i, l_i, row_ok, offs_d, HEAD_DIM)
+
+
+@triton.jit
+def decode_own_kernel(
+    Q, K, V, KVM, OP, LP,
+    sqb, sqh, sqm, sqd,
+    skb, skh, skn, skd,
+    svb, svh, svn, svd,
+    smb, smn,
+    Hq, Hkv, Lq, T, group, qk_scale, keys_per_split, slot0, S_total,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_KV_MASK: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """Grid (B * Hkv, key splits, row blocks of group * Lq); B * Hkv on axis 0 (no 65535 limit)."""
+    _own_program(
+        tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2),
+        Q, K, V, KVM, OP, LP,
+        sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, smb, smn,
+        Hq, Hkv, Lq, T, group, qk_scale, keys_per_split, slot0, S_total,
+        HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, HAS_KV_MASK, CAUSAL, PRECISION,
+    )
+
+
+@triton.jit
+def decode_parts_kernel(
+    Q, K, V, KVM, PK, PV, ORDER, STARTS, BSTARTS, OP, LP,
+    sqb, sqh, sqm, sqd,
+    skb, skh, skn, skd,
+    svb, svh, svn, svd,
+    smb, smn,
+    spkg, spkh, spkn, spkd,
+    spvg, spvh, spvn, spvd,
+    B, Hq, Hkv, Lq, T, P, group, G, qk_scale, p_keys_per_split, o_keys_per_split, p_splits, S_total,
+    search_steps, p_row_blocks, n_prefix, n_own, own_grid0, own_grid1,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    P_BLOCK_M: tl.constexpr, P_BLOCK_N: tl.constexpr, O_BLOCK_M: tl.constexpr, O_BLOCK_N: tl.constexpr,
+    HAS_PIDX: tl.constexpr, HAS_KV_MASK: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """Both parts in one grid of n_prefix + n_own programs, alternating while both have work.
+
+    Why: from B of about 74 on an H100 the prefix part is compute-bound (4B flop per byte) while
+    the own part is memory-bound; run one after the other they cannot beat the sum of the two
+    times (benchmarks/NOTES.md: 1.49x the byte floor at B = 256, P = 16384). Interleaved program
+    ids let the scheduler place a prefix program and an own-cache program side by side, so the
+    prefix's matrix products can hide under the own caches' reads. Each part's programs keep the
+    order of their own launch (row blocks, then kv heads, then splits; requests x kv heads, then
+    splits, then row blocks), so concurrent programs still share prefix tiles in L2.
+    """
+    pid = tl.program_id(0)
+    both = tl.minimum(n_prefix, n_own)
+    paired = pid < 2 * both
+    is_prefix = tl.where(paired, pid % 2 == 0, n_prefix > n_own)
+    idx = tl.where(paired, pid // 2, pid - both)
+    if is_prefix:
+        _prefix_program(
+            (idx % p_row_blocks).to(tl.int64), ((idx // p_row_blocks) % Hkv).to(tl.int64),
+            idx // (p_row_blocks * Hkv),
+            Q, PK, PV, ORDER, STARTS, BSTARTS, OP, LP,
+            sqb, sqh, sqm, sqd, spkg, spkh, spkn, spkd, spvg, spvh, spvn, spvd,
+            B, Hq, Lq, P, group, G, qk_scale, p_keys_per_split, 0, S_total, search_steps,
+            HEAD_DIM, BLOCK_D, P_BLOCK_M, P_BLOCK_N, HAS_PIDX, PRECISION,
+        )
+    else:
+        _own_program(
+            (idx % own_grid0).to(tl.int64), (idx // own_grid0) % own_grid1, idx // (own_grid0 * own_grid1),
+            Q, K, V, KVM, OP, LP,
+            sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, smb, smn,
+            Hq, Hkv, Lq, T, group, qk_scale, o_keys_per_split, p_splits, S_total,
+            HEAD_DIM, BLOCK_D, O_BLOCK_M, O_BLOCK_N, HAS_KV_MASK, CAUSAL, PRECISION,
+        )
 
 
 @triton.jit
