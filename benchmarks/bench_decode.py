@@ -7,6 +7,8 @@ Providers (each reported as skipped with its reason when it cannot run):
                          parts in one interleaved grid (off by default until timed; at B = 256
                          the prefix part is compute-bound, see NOTES.md)
   prefix_kernels_cuda    shared_prefix_decode(backend="cuda") (the optional CUDA extension)
+  prefix_kernels_cuda_fused
+                         the same with the extension's fuse_parts on (parts_kernel)
   sdpa_expanded          SDPA over caches that already hold each request's copy of the prefix
                          (B, Hkv, P + T, D), built outside the timed region: a plain KV cache
                          without prefix sharing
@@ -76,18 +78,26 @@ def setup_prefix_kernels(backend):
     return setup
 
 
-def setup_triton_fused(q, k, v, pk, pv):
-    from prefix_kernels.triton import decode as launcher
+def setup_fused(backend, module_name):
+    """shared_prefix_decode(backend=...) with that backend's FUSE_PARTS on for the call: the
+    dispatch, checks and custom op exactly as a user gets them, only the launch differs."""
 
-    def step():
-        before, launcher.FUSE_PARTS = launcher.FUSE_PARTS, True
-        try:
-            return shared_prefix_decode(q, k, v, pk, pv, backend="triton")
-        finally:
-            launcher.FUSE_PARTS = before
+    def setup(q, k, v, pk, pv):
+        import importlib
 
-    step()  # raises NoBackendError with reasons
-    return step
+        module = importlib.import_module(module_name)
+
+        def step():
+            before, module.FUSE_PARTS = module.FUSE_PARTS, True
+            try:
+                return shared_prefix_decode(q, k, v, pk, pv, backend=backend)
+            finally:
+                module.FUSE_PARTS = before
+
+        step()  # raises NoBackendError with reasons
+        return step
+
+    return setup
 
 
 def setup_sdpa_expanded(q, k, v, pk, pv):
@@ -145,8 +155,9 @@ def setup_flashinfer_cascade(q, k, v, pk, pv):
 
 PROVIDERS = {
     "prefix_kernels_triton": setup_prefix_kernels("triton"),
-    "prefix_kernels_triton_fused": setup_triton_fused,
+    "prefix_kernels_triton_fused": setup_fused("triton", "prefix_kernels.triton.decode"),
     "prefix_kernels_cuda": setup_prefix_kernels("cuda"),
+    "prefix_kernels_cuda_fused": setup_fused("cuda", "prefix_kernels.cuda"),
     "sdpa_expanded": setup_sdpa_expanded,
     "flex": setup_flex,
     "flashinfer_cascade": setup_flashinfer_cascade,

@@ -83,8 +83,9 @@ bool vec_ok(const void* ptr, const int64_t* stride, int ndim, int elem_bytes) {
   return true;
 }
 
+// The prefix and per-request kernels as two launches.
 template <typename T, int D>
-cudaError_t launch_typed(const Params& p, const spd_plan& plan, cudaStream_t stream) {
+cudaError_t launch_parts(const Params& p, const spd_plan& plan, cudaStream_t stream) {
   using C = Config<T, D>;
   cudaError_t err;
   if (p.prefix_splits > 0) {
@@ -105,15 +106,36 @@ cudaError_t launch_typed(const Params& p, const spd_plan& plan, cudaStream_t str
     err = cudaGetLastError();
     if (err != cudaSuccess) return err;
   }
+  return cudaSuccess;
+}
+
+template <typename T, int D>
+cudaError_t launch_typed(const Params& p, const spd_plan& plan, cudaStream_t stream, bool fuse_parts) {
+  using C = Config<T, D>;
+  cudaError_t err;
+  const int64_t n_prefix = plan.prefix_grid_x * p.Hkv * p.prefix_splits;
+  const int64_t n_request = static_cast<int64_t>(p.B) * p.Hkv * p.request_row_blocks * p.request_splits;
+  // One grid when asked for, both parts have blocks, and their sum fits gridDim.x (else two launches).
+  if (fuse_parts && n_prefix > 0 && n_request > 0 && n_prefix + n_request <= INT_MAX) {
+    err = cudaFuncSetAttribute(parts_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize, C::SMEM);
+    if (err != cudaSuccess) return err;
+    SPD_LAUNCH(dim3(static_cast<unsigned>(n_prefix + n_request)), C::THREADS, C::SMEM, stream, p,
+               parts_kernel<T, D>);
+    err = cudaGetLastError();
+    if (err != cudaSuccess) return err;
+  } else {
+    err = launch_parts<T, D>(p, plan, stream);
+    if (err != cudaSuccess) return err;
+  }
   const unsigned merge_blocks = static_cast<unsigned>(cdiv(p.rows_total, kMergeWarps));
   SPD_LAUNCH(merge_blocks, 32 * kMergeWarps, 0, stream, p, merge_kernel<T>);
   return cudaGetLastError();
 }
 
 template <typename T>
-cudaError_t launch_dim(const Params& p, const spd_plan& plan, cudaStream_t stream) {
+cudaError_t launch_dim(const Params& p, const spd_plan& plan, cudaStream_t stream, bool fuse_parts) {
 #define SPD_CASE(d) \
-  if (p.D == d) return launch_typed<T, d>(p, plan, stream);
+  if (p.D == d) return launch_typed<T, d>(p, plan, stream, fuse_parts);
   SPD_FOR_EACH_HEAD_DIM(SPD_CASE)
 #undef SPD_CASE
   return cudaErrorInvalidValue;
@@ -227,6 +249,7 @@ extern "C" int spd_launch(const spd_problem* pr, const spd_plan* plan, const spd
   p.request_chunk = static_cast<int>(plan->request_chunk);
   p.request_row_blocks = static_cast<int>(plan->request_row_blocks);
   p.n_splits = p.prefix_splits + p.request_splits;
+  p.prefix_grid_x = plan->prefix_grid_x;
   p.causal = a->causal != 0;
   p.vec_q = spd::vec_ok(a->q, a->q_stride, 4, elem);
   p.vec_kv = spd::vec_ok(a->k, a->k_stride, 4, elem) && spd::vec_ok(a->v, a->v_stride, 4, elem);
@@ -236,9 +259,9 @@ extern "C" int spd_launch(const spd_problem* pr, const spd_plan* plan, const spd
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   cudaError_t err = cudaErrorInvalidValue;
   switch (pr->dtype) {
-    case SPD_FLOAT16: err = spd::launch_dim<__half>(p, *plan, s); break;
-    case SPD_BFLOAT16: err = spd::launch_dim<__nv_bfloat16>(p, *plan, s); break;
-    case SPD_FLOAT32: err = spd::launch_dim<float>(p, *plan, s); break;
+    case SPD_FLOAT16: err = spd::launch_dim<__half>(p, *plan, s, a->fuse_parts != 0); break;
+    case SPD_BFLOAT16: err = spd::launch_dim<__nv_bfloat16>(p, *plan, s, a->fuse_parts != 0); break;
+    case SPD_FLOAT32: err = spd::launch_dim<float>(p, *plan, s, a->fuse_parts != 0); break;
   }
   return static_cast<int>(err);
 }

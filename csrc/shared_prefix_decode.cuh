@@ -15,6 +15,8 @@
  *   merge_kernel     one warp per output row: combines the partial (out, lse) of every split by
  *                    log-sum-exp and writes out (q's dtype) and lse (natural log).
  *
+ * With spd_args.fuse_parts the first two run as one launch, parts_kernel, their blocks interleaved.
+ *
  * Inside an attention block, warp w owns stacked rows [16w, 16w + 16). Key tiles of N keys are
  * staged in shared memory with 16-byte cp.async copies, double-buffered. Scores and the output
  * accumulator live in registers in the mma.sync m16n8k16 accumulator layout: lane = 4 * gid + tig
@@ -62,6 +64,7 @@ struct Params {
   int prefix_splits, prefix_chunk;
   int request_splits, request_chunk, request_row_blocks;
   int n_splits;        // prefix_splits + request_splits
+  int64_t prefix_grid_x;  // the prefix part's row blocks (an upper bound), for parts_kernel
   int causal;
   int vec_q, vec_kv, vec_p;  // 16-byte copies allowed (unit D stride, aligned)
   float qk_scale;      // scale * log2(e)
@@ -488,12 +491,8 @@ __device__ __forceinline__ void attend(const Params& p, unsigned char* smem, con
 // blockIdx.x: row block over all prefixes (block_starts maps it to prefix g), blockIdx.y: kv head,
 // blockIdx.z: prefix split.
 template <typename T, int D>
-__global__ void __launch_bounds__(Config<T, D>::THREADS) prefix_kernel(const Params p) {
+__device__ __forceinline__ void prefix_block(const Params& p, unsigned char* smem, int rb, int hk, int split) {
   using C = Config<T, D>;
-  extern __shared__ __align__(16) unsigned char smem[];
-  const int rb = blockIdx.x;
-  const int hk = blockIdx.y;
-  const int split = blockIdx.z;
   if (rb >= p.block_starts[p.G]) return;  // the grid is an upper bound (whole block exits)
   // Prefix g owns row blocks [block_starts[g], block_starts[g+1]): largest g with block_starts[g] <= rb.
   int lo = 0, hi = p.G;  // block_starts[lo] <= rb < block_starts[hi]
@@ -541,17 +540,20 @@ __global__ void __launch_bounds__(Config<T, D>::THREADS) prefix_kernel(const Par
   attend<T, D>(p, smem, seg, begin, end, split);
 }
 
-// blockIdx.x: (b * Hkv + hk) * request_row_blocks + row block, blockIdx.y: split along T.
 template <typename T, int D>
-__global__ void __launch_bounds__(Config<T, D>::THREADS) request_kernel(const Params p) {
-  using C = Config<T, D>;
+__global__ void __launch_bounds__(Config<T, D>::THREADS) prefix_kernel(const Params p) {
   extern __shared__ __align__(16) unsigned char smem[];
-  const int64_t x = blockIdx.x;
+  prefix_block<T, D>(p, smem, blockIdx.x, blockIdx.y, blockIdx.z);
+}
+
+// x: (b * Hkv + hk) * request_row_blocks + row block, split: along T.
+template <typename T, int D>
+__device__ __forceinline__ void request_block(const Params& p, unsigned char* smem, int64_t x, int split) {
+  using C = Config<T, D>;
   const int rbl = static_cast<int>(x % p.request_row_blocks);
   const int64_t bh = x / p.request_row_blocks;
   const int hk = static_cast<int>(bh % p.Hkv);
   const int64_t b = bh / p.Hkv;
-  const int split = blockIdx.y;
 
   int64_t* qoff_s = reinterpret_cast<int64_t*>(smem + C::OFF_QOFF);
   int64_t* orow_s = reinterpret_cast<int64_t*>(smem + C::OFF_OROW);
@@ -586,6 +588,40 @@ __global__ void __launch_bounds__(Config<T, D>::THREADS) request_kernel(const Pa
   const int begin = split * p.request_chunk;
   const int end = begin + p.request_chunk < p.T ? begin + p.request_chunk : p.T;
   attend<T, D>(p, smem, seg, begin, end, p.prefix_splits + split);
+}
+
+// blockIdx.x: (b * Hkv + hk) * request_row_blocks + row block, blockIdx.y: split along T.
+template <typename T, int D>
+__global__ void __launch_bounds__(Config<T, D>::THREADS) request_kernel(const Params p) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  request_block<T, D>(p, smem, blockIdx.x, blockIdx.y);
+}
+
+// Both attention parts in one 1-D grid (spd_args.fuse_parts): blocks alternate between the prefix
+// part and the request part while both have blocks left, then the larger part's rest follows.
+// Why: from B of about 74 on an H100 the prefix part is compute-bound (4B flop per byte) and the
+// request part memory-bound; in two launches the step costs the sum of the two, in one grid
+// a multiprocessor can hold a block of each (the same shared memory and threads: one Config).
+// Each part's blocks keep the order of their own launch (x fastest), so that blocks running at
+// the same time still read the same prefix tiles from L2.
+template <typename T, int D>
+__global__ void __launch_bounds__(Config<T, D>::THREADS) parts_kernel(const Params p) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  const int64_t prefix_x = p.prefix_grid_x;
+  const int64_t n_prefix = prefix_x * p.Hkv * p.prefix_splits;
+  const int64_t request_x = static_cast<int64_t>(p.B) * p.Hkv * p.request_row_blocks;
+  const int64_t n_request = request_x * p.request_splits;
+  const int64_t both = n_prefix < n_request ? n_prefix : n_request;
+  const int64_t id = blockIdx.x;
+  const bool paired = id < 2 * both;
+  const bool is_prefix = paired ? (id % 2 == 0) : (n_prefix > n_request);
+  const int64_t idx = paired ? id / 2 : id - both;
+  if (is_prefix) {
+    prefix_block<T, D>(p, smem, static_cast<int>(idx % prefix_x), static_cast<int>((idx / prefix_x) % p.Hkv),
+                       static_cast<int>(idx / (prefix_x * p.Hkv)));
+  } else {
+    request_block<T, D>(p, smem, idx % request_x, static_cast<int>(idx / request_x));
+  }
 }
 
 constexpr int kMergeWarps = 4;

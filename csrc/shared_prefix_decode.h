@@ -11,7 +11,8 @@
  *   1. spd_unsupported(dtype, D, Lq)       NULL, or why these kernels cannot take the case
  *   2. spd_make_plan(&problem, sms, &plan)  splits, grid sizes, rows per block, workspace sizes
  *   3. allocate the workspace and the grouping tables (order, starts, block_starts; below)
- *   4. spd_launch(&args, &plan, stream)     three kernels on `stream`, no host synchronisation
+ *   4. spd_launch(&args, &plan, stream)     three kernels on `stream` (two with fuse_parts), no host
+ *                                           synchronisation
  *
  * All strides are in elements and 64-bit. Sizes must fit in int32 (checked by spd_make_plan).
  */
@@ -81,6 +82,8 @@ typedef struct {
   float* ws_lse;  /* plan.ws_lse_elems floats (may be NULL when 0) */
   int causal;
   float scale;    /* multiplies q . k (natural units) */
+  int fuse_parts; /* nonzero: the prefix and per-request kernels as one launch, blocks interleaved
+                     (parts_kernel); same partials, same result. Untimed: off by default. */
 } spd_args;
 
 /* NULL when (dtype, D, Lq) is supported, else a static sentence saying why not. */

@@ -1,6 +1,7 @@
 // torch binding of the shared-prefix decode kernels: checks, allocation, grouping of requests by
 // prefix (torch ops on the device, no host synchronisation) and the op registration
-//   torch.ops.prefix_kernels_cuda.decode(q, k, v, pk, pv, prefix_index?, kv_mask?, causal, scale)
+//   torch.ops.prefix_kernels_cuda.decode(q, k, v, pk, pv, prefix_index?, kv_mask?, causal, scale,
+//                                        fuse_parts=False)
 //       -> (out, lse)
 // The only file of csrc/ that includes torch headers. Only c10/cuda headers are used for the
 // device guard and the current stream (not ATen/cuda/CUDAContext.h, which pulls in cuSPARSE and
@@ -46,7 +47,8 @@ void check_4d(const at::Tensor& x, const char* name, const at::Tensor& q, std::i
 std::tuple<at::Tensor, at::Tensor> decode(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                           const at::Tensor& pk, const at::Tensor& pv,
                                           const std::optional<at::Tensor>& prefix_index,
-                                          const std::optional<at::Tensor>& kv_mask, bool causal, double scale) {
+                                          const std::optional<at::Tensor>& kv_mask, bool causal, double scale,
+                                          bool fuse_parts) {
   TORCH_CHECK(q.is_cuda(), "prefix_kernels_cuda.decode: q must be a CUDA tensor");
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4 && pk.dim() == 4 && pv.dim() == 4,
               "prefix_kernels_cuda.decode: q, k, v, prefix_k, prefix_v must be 4-D");
@@ -145,6 +147,7 @@ std::tuple<at::Tensor, at::Tensor> decode(const at::Tensor& q, const at::Tensor&
   args.ws_lse = ws_lse.data_ptr<float>();
   args.causal = causal ? 1 : 0;
   args.scale = static_cast<float>(scale);
+  args.fuse_parts = fuse_parts ? 1 : 0;
 
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream(q.get_device()).stream();
   const int err = spd_launch(&problem, &plan, &args, static_cast<void*>(stream));
@@ -157,7 +160,7 @@ std::tuple<at::Tensor, at::Tensor> decode(const at::Tensor& q, const at::Tensor&
 TORCH_LIBRARY(prefix_kernels_cuda, m) {
   m.def(
       "decode(Tensor q, Tensor k, Tensor v, Tensor pk, Tensor pv, Tensor? prefix_index, Tensor? kv_mask, "
-      "bool causal, float scale) -> (Tensor, Tensor)");
+      "bool causal, float scale, bool fuse_parts=False) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(prefix_kernels_cuda, CUDA, m) { m.impl("decode", &decode); }

@@ -168,7 +168,7 @@ def test_op_schema_parses():
     parsed = torch._C.parse_schema(schema)
     assert parsed.name == "decode"
     assert [a.name for a in parsed.arguments] == [
-        "q", "k", "v", "pk", "pv", "prefix_index", "kv_mask", "causal", "scale"]
+        "q", "k", "v", "pk", "pv", "prefix_index", "kv_mask", "causal", "scale", "fuse_parts"]
     assert len(parsed.returns) == 2
 
 

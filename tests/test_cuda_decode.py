@@ -204,6 +204,28 @@ def test_nan_and_inf_propagate_like_the_reference(impl, where, bad):
     torch.testing.assert_close(out[finite], ref[finite].to(out.dtype), rtol=1e-4, atol=1e-5)
 
 
+# (dtype, B, Lq, T, P, G): both parts with blocks to spare on one side (the unpaired tail of the
+# interleaved grid), padding, several prefixes, and one part empty (two launches then).
+FUSED = [(BF16, 4, 1, 37, 257, 2), (FP16, 6, 4, 300, 5, 1), (FP32, 3, 2, 37, 40, 2), (BF16, 4, 1, 0, 33, 2),
+         (BF16, 4, 2, 9, 0, 1)]
+
+
+@pytest.mark.parametrize("dtype, B, Lq, T, P, G", FUSED,
+                         ids=[f"{DTYPE_NAMES[d]}-B{b}-Lq{lq}-T{t}-P{p}-G{g}" for d, b, lq, t, p, g in FUSED])
+def test_fused_parts(impl, dtype, B, Lq, T, P, G):
+    """fuse_parts runs the prefix and request blocks in one interleaved grid (parts_kernel):
+    right against the reference, and the same numbers as the two launches (same blocks, same
+    partials, same merge; bit-identical where the blocks' arithmetic is, i.e. in the emulation)."""
+    decode, device = impl
+    inp = make_inputs(B, 8, 2, Lq, T, P, 64, G, dtype, device=device, padding="left", requires_grad=False)
+    fused = functools.partial(decode, fuse_parts=True)
+    out, lse = check_case(fused, inp, desc=f"fused {DTYPE_NAMES[dtype]} B={B} Lq={Lq} T={T} P={P} G={G}")
+    out2, lse2 = decode(*(inp[n] for n in TENSORS), inp["prefix_index"], inp["kv_mask"], True, 0.125,
+                        fuse_parts=False)
+    if device == "cpu":  # a GPU compiles the two paths separately: contraction may differ there
+        assert torch.equal(out, out2) and torch.equal(lse, lse2)
+
+
 @pytest.mark.parametrize("sms", (1, 8, 132))
 def test_split_counts_emulated(sms):
     """The plan splits keys to fill `sms` multiprocessors: 1 gives the fewest splits, 132 the most.

@@ -34,6 +34,10 @@ DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_LQ = 16  # SPD_MAX_LQ
 _INT32_MAX = 2**31 - 1
 _GRID_YZ_MAX = 65535
+# Default of decode_forward(fuse_parts=None): the two attention kernels as one launch whose blocks
+# alternate between the prefix and the per-request part (csrc/shared_prefix_decode.cuh,
+# parts_kernel). False until a GPU run shows it faster; bench_decode.py times both.
+FUSE_PARTS = False
 
 
 def _reasons(p) -> list[str]:
@@ -85,30 +89,32 @@ def decode_reasons(problem) -> list[str]:
         return [f"CUDA decode backend could not check this case ({type(exc).__name__}: {exc})"]
 
 
-def _decode_impl(q, k, v, prefix_k, prefix_v, prefix_index, kv_mask, causal, scale):
+def _decode_impl(q, k, v, prefix_k, prefix_v, prefix_index, kv_mask, causal, scale, fuse_parts=False):
     why = build.ensure_loaded()
     if why:
         raise RuntimeError(f"prefix_kernels: the CUDA decode kernels are unavailable: {why}")
     op = getattr(torch.ops, build.EXTENSION).decode
-    return op(q, k, v, prefix_k, prefix_v, prefix_index, kv_mask, causal, scale)
+    return op(q, k, v, prefix_k, prefix_v, prefix_index, kv_mask, causal, scale, fuse_parts)
 
 
 @torch.library.custom_op("prefix_kernels::decode_cuda", mutates_args=(), device_types="cuda")
 def _decode_cuda(
     q: Tensor, k: Tensor, v: Tensor, prefix_k: Tensor, prefix_v: Tensor,
     prefix_index: Optional[Tensor], kv_mask: Optional[Tensor], causal: bool, scale: float,
+    fuse_parts: bool = False,
 ) -> tuple[Tensor, Tensor]:
-    return _decode_impl(q, k, v, prefix_k, prefix_v, prefix_index, kv_mask, causal, scale)
+    return _decode_impl(q, k, v, prefix_k, prefix_v, prefix_index, kv_mask, causal, scale, fuse_parts)
 
 
 @_decode_cuda.register_fake
-def _decode_cuda_fake(q, k, v, prefix_k, prefix_v, prefix_index, kv_mask, causal, scale):
+def _decode_cuda_fake(q, k, v, prefix_k, prefix_v, prefix_index, kv_mask, causal, scale, fuse_parts=False):
     B, Hq, Lq, D = q.shape
     out = q.new_empty((B, Lq, Hq, D)).transpose(1, 2)  # the layout of prefix_kernels.ops.out_layout
     return out, q.new_empty((B, Hq, Lq), dtype=torch.float32)
 
 
-def decode_forward(q, k, v, prefix_k, prefix_v, prefix_index=None, kv_mask=None, causal=True, scale=None):
+def decode_forward(q, k, v, prefix_k, prefix_v, prefix_index=None, kv_mask=None, causal=True, scale=None,
+                   fuse_parts=None):
     """Shared-prefix decode attention with the CUDA kernels (forward only).
 
     q (B, Hq, Lq, D), Lq in 1..16; k, v (B, Hkv, T, D), any strides; prefix_k, prefix_v
@@ -117,12 +123,15 @@ def decode_forward(q, k, v, prefix_k, prefix_v, prefix_index=None, kv_mask=None,
     query i iff j <= i + (T - Lq); prefix keys always visible; scale default 1 / sqrt(D).
     Returns out (B, Hq, Lq, D) in q's dtype and lse (B, Hq, Lq) float32, natural log; a row with
     no visible key gets out 0 and lse -inf. Call decode_reasons first: this raises when the
-    extension cannot be built.
+    extension cannot be built. fuse_parts: the prefix and per-request kernels as one launch with
+    interleaved blocks (parts_kernel; same result); None takes FUSE_PARTS.
     """
+    if fuse_parts is None:
+        fuse_parts = FUSE_PARTS
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
     if prefix_index is not None and prefix_index.dtype not in (torch.int32, torch.int64):
         prefix_index = prefix_index.to(torch.int32)  # the public op also takes int8/int16/uint8
     return torch.ops.prefix_kernels.decode_cuda(
-        q, k, v, prefix_k, prefix_v, prefix_index, kv_mask, bool(causal), float(scale)
+        q, k, v, prefix_k, prefix_v, prefix_index, kv_mask, bool(causal), float(scale), bool(fuse_parts)
     )

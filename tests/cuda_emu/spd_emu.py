@@ -51,7 +51,7 @@ class Args(ctypes.Structure):
         ("lse", ctypes.c_void_p),
         ("order", ctypes.c_void_p), ("starts", ctypes.c_void_p), ("block_starts", ctypes.c_void_p),
         ("ws_out", ctypes.c_void_p), ("ws_lse", ctypes.c_void_p),
-        ("causal", ctypes.c_int), ("scale", ctypes.c_float),
+        ("causal", ctypes.c_int), ("scale", ctypes.c_float), ("fuse_parts", ctypes.c_int),
     ]
 
 
@@ -81,7 +81,8 @@ def build() -> ctypes.CDLL:
     return dll
 
 
-def decode(dll, q, k, v, pk, pv, prefix_index, kv_mask, causal: bool, scale: float, sms: int = H100_SMS):
+def decode(dll, q, k, v, pk, pv, prefix_index, kv_mask, causal: bool, scale: float, sms: int = H100_SMS,
+           fuse_parts: bool = False):
     """(out (B, Hq, Lq, D) in q's dtype, memory (B, Lq, Hq, D); lse (B, Hq, Lq) float32, natural log)."""
     from prefix_kernels.triton.decode import _block_starts, _requests_by_prefix
 
@@ -108,7 +109,7 @@ def decode(dll, q, k, v, pk, pv, prefix_index, kv_mask, causal: bool, scale: flo
         None if mask is None else mask.data_ptr(), (ctypes.c_int64 * 2)(*(mask.stride() if mask is not None else (0, 0))),
         out.data_ptr(), I64x4(*out.stride()), lse.data_ptr(),
         order.data_ptr(), starts.data_ptr(), block_starts.data_ptr(), ws_out.data_ptr(), ws_lse.data_ptr(),
-        int(causal), float(scale),
+        int(causal), float(scale), int(fuse_parts),
     )
     err = dll.spd_launch(ctypes.byref(problem), ctypes.byref(plan), ctypes.byref(args), None)
     if err != 0:
