@@ -187,7 +187,7 @@ def main(argv=None):
     ap.add_argument("--out", type=Path, default=RESULTS, help="JSON-lines file to upsert rows into")
     ap.add_argument("--providers", nargs="*", default=list(PROVIDERS), choices=list(PROVIDERS))
     ap.add_argument("--samples", type=positive_int, nargs="*", default=None,
-                    help="numbers of samples N to sweep (default: 64 on GPU, 4 with --smoke)")
+                    help="numbers of samples N to sweep (default: 64 on GPU, 16 with --cpu, 4 with --smoke)")
     ap.add_argument("--repeats", type=positive_int, default=3, help="timed runs per provider after one warm-up run")
     ap.add_argument("--modes", nargs="*", choices=MODES, default=None,
                     help="sample: N samples from one prompt; system: N different requests behind one shared "

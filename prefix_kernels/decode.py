@@ -126,7 +126,9 @@ def shared_prefix_decode(
         return_lse: also return the natural-log log-sum-exp of the scaled scores over every
             visible key, float32 (B, Hq, Lq); -inf for a row that sees no key (only possible
             with P == 0), whose output is 0.
-        backend: "auto" (on CUDA: "cuda", then "triton", then "torch"; on CPU: "torch"),
+        backend: "auto" (on CUDA: whichever of "cuda" and "triton" the benchmark measured
+            faster for the nearest shape on this GPU, prefix_kernels/data/decode_choice.json,
+            "cuda" where nothing was measured; then the other, then "torch"; on CPU: "torch"),
             "cuda" (the optional prefix_kernels.cuda extension), "triton", "torch" or
             "reference" (materialises the prefix per request; for tests).
 
