@@ -8,7 +8,7 @@ prefix tuning on SDPA attention (the prefix copied per request in every layer); 
 same after `prefix_kernels.apply_prefix_kernels()` (the prefix read once, its gradient reduced
 in the kernel). The two loss curves must agree; the table shows step time and peak memory.
 
-On a CPU: a small model (about a minute on 2 cores). On a GPU: a ~1B-parameter Llama shape in bf16.
+On a CPU: a small model (one to two minutes on 2 cores). On a GPU: a ~1B-parameter Llama shape in bf16.
 """
 
 from __future__ import annotations
