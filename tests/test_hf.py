@@ -88,7 +88,8 @@ def test_gradient_checkpointing_with_prefix_tuning(model_type, projection):
 
 def test_reentrant_checkpointing_is_made_non_reentrant():
     """Reentrant checkpointing (transformers 4.57's default, or asked for) replays every layer's
-    backward through the one shared prefix graph; the patch switches it to non-reentrant."""
+    backward through the one shared prefix graph; the patch switches it to non-reentrant, and
+    revert_prefix_kernels() gives the user's use_reentrant=True back (it stayed False)."""
     ids, mask, labels = batch()
     stock = loss_and_grads(build_peft("llama", "eager", "prefix", projection=True), ids, mask, labels)
     model = build_model("llama", "prefix_kernels")
@@ -96,8 +97,14 @@ def test_reentrant_checkpointing_is_made_non_reentrant():
     torch.manual_seed(1)
     pm = peft.get_peft_model(model, hf_peft_config("prefix", 5, True, model.config))
     assert_matches(stock, loss_and_grads(pm, ids, mask, labels))
-    funcs = [m._gradient_checkpointing_func for m in model.modules() if getattr(m, "gradient_checkpointing", False)]
-    assert funcs and all(f.keywords["use_reentrant"] is False for f in funcs)
+
+    def reentrant():
+        return [m._gradient_checkpointing_func.keywords["use_reentrant"] for m in model.modules()
+                if getattr(m, "gradient_checkpointing", False)]
+
+    assert reentrant() and not any(reentrant())
+    prefix_kernels.revert_prefix_kernels()
+    assert reentrant() and all(reentrant())
 
 
 def test_stock_peft_still_refuses_checkpointing_on_models_not_patched():
@@ -585,3 +592,58 @@ def test_prefix_cache_errors_name_what_to_do():
     with pytest.raises(ValueError, match=r"repeat_interleave\(2\)"):  # beams need the index expanded
         model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=2, num_beams=2, pad_token_id=0,
                        past_key_values=PrefixCache(prefixes, torch.tensor([0, 1, 2])))
+
+
+# ------------------------------------------------------------------ torch.compile of a PEFT training step
+
+
+def _compiled_peft_step(pm, backend="eager", fullgraph=False):
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    return torch.compile(lambda ids, mask, labels: pm(input_ids=ids, attention_mask=mask, labels=labels).loss,
+                         backend=backend, fullgraph=fullgraph)
+
+
+@pytest.mark.parametrize("method", ["prefix", "prompt"])
+def test_compiled_peft_step_is_one_graph_from_the_first_call(method):
+    """torch.compile(fullgraph=True) of a PEFT step, the model built as the README says (apply, then
+    attn_implementation="prefix_kernels"): the first call once registered the decoder-stack hook
+    inside the traced forward (a graph break: fullgraph raised 'setattr() on unsupported type').
+    One layer: dynamo's tracing is most of the time."""
+    ids, mask, labels = batch()
+    stock = loss_and_grads(build_peft("llama", "eager", method, num_hidden_layers=1), ids, mask, labels)
+    pm = build_peft("llama", "prefix_kernels", method, num_hidden_layers=1).train()
+    loss = _compiled_peft_step(pm, fullgraph=True)(ids, mask, labels)
+    loss.backward()
+    grads = {n: p.grad.detach().clone() for n, p in pm.named_parameters() if p.requires_grad}
+    assert_matches(stock, (loss.detach(), grads))
+
+
+def test_compile_survives_another_model_dying_meanwhile():
+    """Dynamo once guarded on the keys of the WeakKeyDictionary of prepared models (read by every
+    forward): an earlier model freed by a gc cycle while the step compiled (a long inductor
+    compile does that) crashed guard building with IndexError. The backend collects as inductor
+    would, deterministically."""
+    import gc
+
+    ids, mask, labels = batch()
+    gc.collect()
+    gc.disable()
+    try:
+        old = build_peft("llama", "prefix_kernels", "prefix", num_hidden_layers=1)
+        old(input_ids=ids, attention_mask=mask)
+        old.cycle = [old]  # garbage from here on, freed by the next gc cycle
+        del old
+        pm = build_peft("llama", "prefix_kernels", "prefix", num_hidden_layers=1).train()
+        pm(input_ids=ids, attention_mask=mask)
+
+        def collecting_backend(gm, example_inputs):
+            gc.collect()
+            return gm.forward
+
+        loss = _compiled_peft_step(pm, backend=collecting_backend)(ids, mask, labels)
+    finally:
+        gc.enable()
+    want = pm(input_ids=ids, attention_mask=mask, labels=labels).loss
+    torch.testing.assert_close(loss, want, rtol=1e-6, atol=0)

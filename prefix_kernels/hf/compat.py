@@ -67,17 +67,28 @@ def force_non_reentrant_checkpointing(stack) -> None:
     fails with "Trying to backward through the graph a second time". Non-reentrant checkpointing
     computes the same gradients (a user's explicit use_reentrant=True is overridden as well, with a
     log line, since it cannot work here). A checkpoint function that is not a functools.partial
-    (a user's own) is left alone."""
+    (a user's own) is left alone. The function replaced is kept on the module, and
+    `restore_checkpointing` puts it back (revert_prefix_kernels)."""
     for module in stack.modules():
         func = getattr(module, "_gradient_checkpointing_func", None)
         if not getattr(module, "gradient_checkpointing", False) or not isinstance(func, functools.partial):
             continue
         if func.keywords.get("use_reentrant") is False:
             continue  # already non-reentrant (missing or None: torch's checkpoint runs reentrant)
-        module._gradient_checkpointing_func = functools.partial(func.func, *func.args,
-                                                                **{**func.keywords, "use_reentrant": False})
+        replacement = functools.partial(func.func, *func.args, **{**func.keywords, "use_reentrant": False})
+        module._gradient_checkpointing_func = replacement
+        module._prefix_kernels_replaced_checkpointing = (func, replacement)
         _log_once("gradient checkpointing switched to use_reentrant=False (reentrant checkpointing would "
                   "backpropagate through the shared prefix once per layer)")
+
+
+def restore_checkpointing(model) -> None:
+    """Undo `force_non_reentrant_checkpointing` in `model`, where its function is still the one set
+    (checkpointing enabled again since, with whatever kwargs, is the user's and stays)."""
+    for module in model.modules():
+        replaced = vars(module).pop("_prefix_kernels_replaced_checkpointing", None)
+        if replaced is not None and getattr(module, "_gradient_checkpointing_func", None) is replaced[1]:
+            module._gradient_checkpointing_func = replaced[0]
 
 
 _logged: set = set()

@@ -12,6 +12,12 @@ from the kwargs it bound at the forward; the kwarg is bound with them, a context
 be gone by then. The same replay is why the hook also makes checkpointing non-reentrant
 (`compat.force_non_reentrant_checkpointing`): reentrant replays would each backpropagate through
 the one shared prefix graph.
+
+Under torch.compile: the hooks are installed when the PEFT model is set up (or by
+`apply_prefix_kernels(model)`), not in its first forward (registering a hook inside a traced forward
+is a graph break, an error with fullgraph=True); the forward then only reads an attribute of the
+model. It does not look the model up in the registry of prepared models: dynamo guards on the keys
+of that WeakKeyDictionary, and another model freed while a step compiles crashed guard building.
 """
 
 from __future__ import annotations
@@ -97,19 +103,32 @@ def _undeliver(module, args, kwargs, output):
     return None
 
 
+_HANDLES = "_prefix_kernels_hooks"  # attribute of a prepared model: its hook handles
+
+
 def install(model: nn.Module) -> int:
-    """Hook every decoder stack of `model` (once). Returns the number of stacks hooked."""
-    if model in _prepared:
-        return len(_prepared[model]) // 2  # a pre-hook and a hook per stack
+    """Hook every decoder stack of `model` (once): a pre-hook and a hook each. Returns the number
+    of stacks hooked.
+
+    Whether it is done is read from the model itself, not from `_prepared` (see the module docstring:
+    forwards call this, and dynamo would guard on the registry's keys)."""
+    handles = getattr(model, _HANDLES, None)
+    if handles is not None:
+        return len(handles) // 2
     stacks = decoder_stacks(model)
-    _prepared[model] = [s.register_forward_pre_hook(_deliver, with_kwargs=True) for s in stacks] + [
+    handles = [s.register_forward_pre_hook(_deliver, with_kwargs=True) for s in stacks] + [
         s.register_forward_hook(_undeliver, with_kwargs=True, always_call=True) for s in stacks]
+    setattr(model, _HANDLES, handles)
+    _prepared[model] = handles
     return len(stacks)
 
 
 def uninstall(model: nn.Module) -> None:
     for handle in _prepared.pop(model, []):
         handle.remove()
+    if _HANDLES in vars(model):
+        delattr(model, _HANDLES)
+    compat.restore_checkpointing(model)  # the user's use_reentrant=True again
 
 
 def prepared_models() -> list:

@@ -6,8 +6,9 @@ What applying does:
    attention implementation is "prefix_kernels" and otherwise calls the original unchanged:
    - `PeftModel.get_prompt`: prefix tuning runs its encoder once at batch 1 and returns a
      `PrefixCache` holding each layer's prefix (1, Hkv, P, D) once, instead of B copies;
-   - `PeftModel._setup_prompt_encoder`: lifts PEFT's refusal of gradient checkpointing with
-     prefix tuning (the prefix reaches checkpointed layers through their kwargs);
+   - `PeftModel._setup_prompt_encoder`: hooks the decoder stacks (delivery.py) and lifts PEFT's
+     refusal of gradient checkpointing with prefix tuning (the prefix reaches checkpointed layers
+     through their kwargs);
    - `PeftModelForCausalLM.forward`: prompt tuning and P-tuning run the soft prompt once at
      batch 1 (see prompt.py);
    - `PeftModelForCausalLM.prepare_inputs_for_generation`: prefix tuning's generate() injects the
@@ -62,7 +63,11 @@ def _wrap_setup_prompt_encoder(original):
     @functools.wraps(original)
     def _setup_prompt_encoder(self, adapter_name):
         config = self.peft_config[adapter_name]
-        if _peft_type(config) == "PREFIX_TUNING" and uses_prefix_kernels(self):
+        if not uses_prefix_kernels(self):
+            return original(self, adapter_name)
+        # Hook the decoder stacks now, outside any compiled forward (see delivery.py).
+        delivery.install(self.get_base_model())
+        if _peft_type(config) == "PREFIX_TUNING":
             compat.check_peft_prefix_layout(self)  # fail at get_peft_model, not at the first step
             with checkpointing_off(self.get_base_model()):
                 return original(self, adapter_name)
