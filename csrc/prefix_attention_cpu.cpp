@@ -26,9 +26,9 @@
 
 #include <algorithm>
 #include <atomic>
-#include <bit>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -85,6 +85,14 @@ int64_t rows_per_block(int64_t keys) {
   return std::max<int64_t>(1, std::min<int64_t>(64, (int64_t{1} << 20) / std::max<int64_t>(keys, 1)));
 }
 
+// The float whose bits are `bits`: std::bit_cast spelled for C++17, since torch's extension builder
+// passes -std=c++17 in torch 2.11 (the GPU machine's) and -std=c++20 in torch 2.13.
+inline float float_from_bits(int32_t bits) {
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
 // x = exp(x - shift), where x - shift <= 0 (scores minus their row max, or minus the row's lse),
 // written so that GCC vectorises the loop (std::exp is a library call per element: ~5 ns, 5 ms per forward at the
 // shape above). Cephes' single-precision polynomial, relative error ~2 ulp on [-87, 0]; below
@@ -105,7 +113,7 @@ inline void exp_shifted(float* x, int64_t n, float shift) {
     y = y * v + 1.6666665459e-1f;
     y = y * v + 5.0000001201e-1f;
     y = y * z + v + 1.0f;
-    const float pow2 = std::bit_cast<float>((static_cast<int32_t>(fx) + 127) << 23);
+    const float pow2 = float_from_bits((static_cast<int32_t>(fx) + 127) << 23);
     const float r = y * pow2;
     x[i] = in < -87.0f ? 0.0f : r;
   }

@@ -90,3 +90,20 @@ def test_disabled_kernel_takes_the_split_path(monkeypatch):
     inp = make_inputs(3, 4, 2, 5, 7, 6, 16, 2, FP32, padding="left")
     assert_close_to_reference(inp, backend="torch", return_lse=False)
     assert (len(one_pass), len(split)) == (0, 1)
+
+
+def test_source_is_cxx17():
+    """torch 2.11's extension builder (the GPU machine's) compiles with -std=c++17, torch 2.13's
+    with c++20: a C++20-only header or function in the CPU kernel builds here and fails there
+    (std::bit_cast did), leaving that machine on the split path. torch 2.13's own headers need
+    C++20, so the source cannot be compiled as C++17 here; it is read instead."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "csrc" / "prefix_attention_cpu.cpp").read_text()
+    source = re.sub(r"//[^\n]*|/\*.*?\*/", "", text, flags=re.S)  # comments may name them
+    cxx20_headers = ("bit", "span", "concepts", "ranges", "numbers", "format", "source_location", "compare")
+    found = [h for h in cxx20_headers if re.search(rf"#include\s*<{h}>", source)]
+    found += [f for f in ("std::bit_cast", "std::span", "std::ranges", "std::popcount", "std::countl_zero")
+              if f in source]
+    assert not found, f"C++20-only in csrc/prefix_attention_cpu.cpp: {found}"

@@ -54,9 +54,12 @@ def _warn_fallback_once(reason: str) -> None:
 
 
 def _mask_interface_fns():
-    from transformers import masking_utils
+    # From the submodule, not `from transformers import masking_utils`: this runs inside torch.compile's
+    # trace, and torch 2.11's dynamo rejects an import whose result is not exactly a ModuleType ("Bad
+    # import result"), as the top-level `transformers` (a _LazyModule) is not; torch 2.13's accepts it.
+    from transformers.masking_utils import causal_mask_function, sdpa_mask
 
-    return masking_utils.sdpa_mask, masking_utils.causal_mask_function
+    return sdpa_mask, causal_mask_function
 
 
 def mask_forward(*, batch_size, kv_length, mask_function=None, attention_mask=None, **kwargs):
