@@ -166,10 +166,10 @@ def forward(q, k, v, prefix_k, prefix_v, prefix_index, kv_mask, causal: bool, sc
         bstarts = _block_starts(starts, R, blk.prefix_m, G)
     else:
         order = starts = bstarts = q  # unused (HAS_PIDX=False, or no prefix key)
+    kvm, smb, smn = _mask_args(kv_mask, q)
     n_prefix = row_blocks * Hkv * p_splits
     n_own = B * Hkv * o_splits * own_row_blocks
     if fuse_parts and n_prefix > 0 and n_own > 0:
-        kvm, smb, smn = _mask_args(kv_mask, q)
         decode_parts_kernel[(n_prefix + n_own,)](
             q, k, v, kvm, prefix_k, prefix_v, order, starts, bstarts, part_out, part_lse,
             *q.stride(), *k.stride(), *v.stride(), smb, smn, *prefix_k.stride(), *prefix_v.stride(),
@@ -179,27 +179,24 @@ def forward(q, k, v, prefix_k, prefix_v, prefix_index, kv_mask, causal: bool, sc
             O_BLOCK_M=blk.own_m, O_BLOCK_N=blk.own_n, HAS_PIDX=has_pidx, HAS_KV_MASK=kv_mask is not None,
             CAUSAL=bool(causal), PRECISION=precision, num_warps=blk.warps, num_stages=blk.stages,
         )
-        p_splits_run = o_splits_run = 0  # both done
     else:
-        p_splits_run, o_splits_run = p_splits, o_splits
-    if p_splits_run > 0:
-        decode_prefix_kernel[(row_blocks, Hkv, p_splits)](
-            q, prefix_k, prefix_v, order, starts, bstarts, part_out, part_lse,
-            *q.stride(), *prefix_k.stride(), *prefix_v.stride(),
-            B, Hq, Lq, P, group, G, qk_scale, p_per, 0, S, G.bit_length(),
-            HEAD_DIM=D, BLOCK_D=BLOCK_D, BLOCK_M=blk.prefix_m, BLOCK_N=blk.prefix_n,
-            HAS_PIDX=has_pidx, PRECISION=precision, num_warps=blk.warps, num_stages=blk.stages,
-        )
-    if o_splits_run > 0:
-        kvm, smb, smn = _mask_args(kv_mask, q)
-        decode_own_kernel[(B * Hkv, o_splits, own_row_blocks)](
-            q, k, v, kvm, part_out, part_lse,
-            *q.stride(), *k.stride(), *v.stride(), smb, smn,
-            Hq, Hkv, Lq, T, group, qk_scale, o_per, p_splits, S,
-            HEAD_DIM=D, BLOCK_D=BLOCK_D, BLOCK_M=blk.own_m, BLOCK_N=blk.own_n,
-            HAS_KV_MASK=kv_mask is not None, CAUSAL=bool(causal), PRECISION=precision,
-            num_warps=blk.warps, num_stages=blk.stages,
-        )
+        if n_prefix > 0:
+            decode_prefix_kernel[(row_blocks, Hkv, p_splits)](
+                q, prefix_k, prefix_v, order, starts, bstarts, part_out, part_lse,
+                *q.stride(), *prefix_k.stride(), *prefix_v.stride(),
+                B, Hq, Lq, P, group, G, qk_scale, p_per, 0, S, G.bit_length(),
+                HEAD_DIM=D, BLOCK_D=BLOCK_D, BLOCK_M=blk.prefix_m, BLOCK_N=blk.prefix_n,
+                HAS_PIDX=has_pidx, PRECISION=precision, num_warps=blk.warps, num_stages=blk.stages,
+            )
+        if n_own > 0:
+            decode_own_kernel[(B * Hkv, o_splits, own_row_blocks)](
+                q, k, v, kvm, part_out, part_lse,
+                *q.stride(), *k.stride(), *v.stride(), smb, smn,
+                Hq, Hkv, Lq, T, group, qk_scale, o_per, p_splits, S,
+                HEAD_DIM=D, BLOCK_D=BLOCK_D, BLOCK_M=blk.own_m, BLOCK_N=blk.own_n,
+                HAS_KV_MASK=kv_mask is not None, CAUSAL=bool(causal), PRECISION=precision,
+                num_warps=blk.warps, num_stages=blk.stages,
+            )
     block_s = min(16, triton.next_power_of_2(S))
     decode_merge_kernel[(rows,)](
         part_out, part_lse, out, lse, Hq, Lq, S, *out.stride(),
