@@ -1,18 +1,16 @@
-"""One call on a lent GPU machine: the GPU tests and every benchmark, most valuable first, inside a
-time budget, with everything measured left under $OUT in at most 8 files.
+"""One call on a GPU machine: the GPU tests and every benchmark, most valuable first, inside a
+time budget, with everything measured left under --out in a few files.
 
-Why one call: a task that is lent a GPU gets 15 minutes of device time in all, the machine's start
-(a minute or two) and any second call included, and a command runs 10 minutes at most. So:
+Why one call: the whole session fits a fixed time budget (`--budget`, seconds), so a step that
+would overrun it is cut or skipped, and what was measured is kept. For example:
 
-    run(command="PREFIX_KERNELS_COMMIT=<HEAD's short hash> python3 benchmarks/gpu_session.py --budget 450",
-        timeout_s=510, carry=[".whl"])
+    PREFIX_KERNELS_COMMIT=<HEAD's short hash> python3 benchmarks/gpu_session.py --budget 450
 
-then copy the row files it brought back into benchmarks/results/ and decode_choice.json into
-prefix_kernels/data/. The working tree reaches that machine without .git, so the rows take their
-commit from PREFIX_KERNELS_COMMIT. Steps left undone (skipped for lack of budget, cut at their cap,
-or failed) are printed last with the command that runs only them (`--steps a,b --budget S`): a
-second call made at once finds the machine still warm (it waits 30 s), with the CUDA build and
-Triton's compiled kernels still in its caches.
+then copy the row files it wrote into benchmarks/results/ and decode_choice.json into
+prefix_kernels/data/. Where the checkout has no .git, the rows take their commit from
+PREFIX_KERNELS_COMMIT. Steps left undone (skipped for lack of budget, cut at their cap, or failed)
+are printed last with the command that runs only them (`--steps a,b --budget S`): run at once on
+the same machine, it finds the CUDA build and Triton's compiled kernels still in their caches.
 
 Steps, in this order. Each gets min(its cap, the budget left); one whose turn comes with less than
 its floor left is not started. Every benchmark writes its rows as it goes, so a step cut short
@@ -32,7 +30,9 @@ keeps what it measured.
   pytest_benchmark pytest benchmarks --benchmark-only, with short rounds
   headline         headline.py: the README's headline table from this session's rows, printed
 
-Files under --out (the device tool brings back 8 files at most, none deeper than 2 folders):
+Files under --out (at most --max-files of them, default 8, each at most --max-file-mib MiB,
+default 16, none deeper than 2 folders, names of letters, digits, '.', '_' and '-'; the session
+checks this at the end and reports what exceeds it):
   session.json          the GPU, versions, budget, and per step: status, seconds, exit code, the
                         last lines of its output; what is left to do and the command for it
   session.log           every step's whole output, in order
@@ -44,10 +44,11 @@ Files under --out (the device tool brings back 8 files at most, none deeper than
     python3 benchmarks/gpu_session.py --rehearse --out DIR    # the same steps on a CPU at smoke
                                                               # sizes (tests: collection only)
 
-Wheels in .whl/ at the repository root (git-ignored: run `bash benchmarks/gpu_wheels.sh --aot` here
-first, and name it in the call, `carry=[".whl"]`), when there are any, are installed first into a
---target folder on PYTHONPATH, the machine having no network: FlashInfer for bench_decode's
-flashinfer_cascade provider, with the modules its cascade wrapper needs compiled ahead of time.
+Wheels in .whl/ at the repository root (git-ignored: `bash benchmarks/gpu_wheels.sh --aot` fills it
+on a machine with network access; copy it along with the checkout), when there are any, are
+installed first into a --target folder on PYTHONPATH, for a GPU machine without network access:
+FlashInfer for bench_decode's flashinfer_cascade provider, with the modules its cascade wrapper
+needs compiled ahead of time.
 """
 
 from __future__ import annotations
@@ -70,14 +71,15 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
-# What the device tool brings back from $OUT (its README): 8 files, 16 MiB each, names of letters,
-# digits, '.', '_' and '-', at most 2 folders down.
+# Defaults of --max-files and --max-file-mib: the most files the session leaves under --out, and
+# the largest one; names of letters, digits, '.', '_' and '-', at most 2 folders down.
 MAX_FILES = 8
-MAX_FILE_BYTES = 16 << 20
+MAX_FILE_MIB = 16
+MAX_FILE_BYTES = MAX_FILE_MIB << 20
 MAX_DEPTH = 2
 NAME = re.compile(r"^[A-Za-z0-9._-]+$")
 # GPU fuzzing draws per test and backend in a session (the tests' own defaults, 200 and 150, need
-# about a thousand Triton compiles at 1.6 s each: more than a whole lease).
+# about a thousand Triton compiles at 1.6 s each: longer than a whole session's budget).
 GPU_EXAMPLES = 25
 WHEEL_SITE = Path("/tmp/prefix_kernels_site")
 COMPILED_TESTS = "(triton or decode or cuda) and not triton_gpu_compile and not emulated"
@@ -111,7 +113,7 @@ def _bench(script: str, rows: str, *args) -> tuple:
 
 
 # FlashInfer compiles a module it does not find prebuilt (gpu_wheels.sh --aot) with nvcc: 3.5-4 min
-# on 16 cores for the FA3 prefill module (measured 685 s on 2 cores here). Inside a step capped at
+# on 16 cores for the FA3 prefill module (measured 685 s on 2 cores). Inside a step capped at
 # 150 s that would leave no decode row at all; refused, its provider is skipped with the reason.
 NO_FLASHINFER_JIT = {"FLASHINFER_DISABLE_JIT": "1"}
 
@@ -183,21 +185,23 @@ def argv_for(step: Step, out: Path, rehearse: bool, xdist: list | None = None) -
     return argv
 
 
-def out_folder_problems(out: Path) -> list[str]:
-    """What the device tool would not bring back from `out`."""
+def out_folder_problems(out: Path, max_files: int = MAX_FILES, max_file_bytes: int = MAX_FILE_BYTES) -> list[str]:
+    """What under `out` exceeds the limits on the files a session leaves: more than `max_files`
+    files, a file larger than `max_file_bytes`, deeper than MAX_DEPTH folders, or a name with
+    other characters than NAME allows."""
     problems, files = [], []
     for path in sorted(out.rglob("*")):
         rel = path.relative_to(out)
         if not all(NAME.match(part) for part in rel.parts):
-            problems.append(f"{rel}: a name the tool does not carry")
+            problems.append(f"{rel}: a name with characters other than letters, digits, '.', '_' and '-'")
         if path.is_file():
             files.append(rel)
             if len(rel.parts) - 1 > MAX_DEPTH:
                 problems.append(f"{rel}: deeper than {MAX_DEPTH} folders")
-            if path.stat().st_size > MAX_FILE_BYTES:
-                problems.append(f"{rel}: larger than {MAX_FILE_BYTES >> 20} MiB")
-    if len(files) > MAX_FILES:
-        problems.append(f"{len(files)} files, more than {MAX_FILES}: " + ", ".join(map(str, files)))
+            if path.stat().st_size > max_file_bytes:
+                problems.append(f"{rel}: larger than {max_file_bytes / (1 << 20):g} MiB")
+    if len(files) > max_files:
+        problems.append(f"{len(files)} files, more than {max_files}: " + ", ".join(map(str, files)))
     return problems
 
 
@@ -366,7 +370,7 @@ def session(args) -> dict:
         summary["steps"].insert(1 if wheels else 0, build)
         echo(f"build: {build['status']} ({build['tail'][-1] if build['tail'] else 'no output'})")
     left = [r["step"] for r in summary["steps"] if r["status"] != "ok" and r["step"] in STEPS]
-    # A rerun writes into a fresh $OUT: a step left to do takes along the steps whose files it reads.
+    # A rerun may write into a fresh --out: a step left to do takes along the steps whose files it reads.
     needed = {f for step in PLAN if step.name in left for f in step.needs}
     left = [step.name for step in PLAN if step.name in left or needed & set(step.writes)]
     summary["left_to_do"] = left
@@ -374,7 +378,7 @@ def session(args) -> dict:
         steps = ",".join(dict.fromkeys(left))
         summary["rerun"] = (f"python3 benchmarks/gpu_session.py --steps {steps} --budget <seconds>"
                             + (" --rehearse" if args.rehearse else ""))
-    summary["out_problems"] = out_folder_problems(out)
+    summary["out_problems"] = out_folder_problems(out, args.max_files, int(args.max_file_mib * (1 << 20)))
     save()
     runner.log.close()
     _print_table(summary)
@@ -390,7 +394,7 @@ def _print_table(summary: dict) -> None:
     if summary["rerun"]:
         print(f"left to do: {', '.join(summary['left_to_do'])}\n  {summary['rerun']}")
     for problem in summary["out_problems"]:
-        print(f"WARNING: the device tool will not bring back: {problem}")
+        print(f"WARNING: over the limits on files under --out: {problem}")
 
 
 def print_plan(budget: int) -> None:
@@ -399,7 +403,7 @@ def print_plan(budget: int) -> None:
     for s in PLAN:
         total += s.cap_s
         print(f"{s.name:18s} cap {s.cap_s:4d} s  floor {s.floor_s:3d} s  (caps so far {total:4d} s)  "
-              + " ".join(argv_for(s, Path("$OUT"), False, ["-n", "<workers, with pytest-xdist>"])[1:]))
+              + " ".join(argv_for(s, Path("<out>"), False, ["-n", "<workers, with pytest-xdist>"])[1:]))
     print("files: " + " ".join(files_written()))
 
 
@@ -407,7 +411,11 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--budget", type=int, default=450, help="seconds for the whole session (default 450)")
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT") or ROOT / "benchmarks" / "results" / "gpu"),
-                    help="folder for the results (default $OUT)")
+                    help="folder for the results (default: the OUT environment variable, or benchmarks/results/gpu)")
+    ap.add_argument("--max-files", type=int, default=MAX_FILES,
+                    help=f"the most files the session may leave under --out (default {MAX_FILES}); more is reported")
+    ap.add_argument("--max-file-mib", type=float, default=MAX_FILE_MIB,
+                    help=f"the largest file it may leave there, in MiB (default {MAX_FILE_MIB}); larger is reported")
     ap.add_argument("--steps", default=",".join(STEPS),
                     help="comma-separated steps to run, in plan order (default: all): " + ",".join(STEPS))
     ap.add_argument("--rehearse", action="store_true", help="on a CPU: smoke sizes, tests collected only")
@@ -419,6 +427,10 @@ def main(argv=None) -> int:
         ap.error(f"--steps: unknown {', '.join(unknown)}; known: {', '.join(STEPS)}")
     if args.budget <= 0:
         ap.error("--budget must be a positive number of seconds")
+    if args.max_files < 1:
+        ap.error("--max-files must be at least 1")
+    if args.max_file_mib <= 0:
+        ap.error("--max-file-mib must be a positive number of MiB")
     if args.plan:
         print_plan(args.budget)
         return 0

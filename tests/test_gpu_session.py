@@ -1,7 +1,7 @@
-"""benchmarks/gpu_session.py: the one call a lent GPU machine gets. Its plan must fit what the device
-tool brings back, its budget must cut and skip steps rather than overrun the call, and every step
-must run: checked here on the CPU (a rehearsal at smoke sizes) so that the first GPU session does
-not spend its minutes on a typo."""
+"""benchmarks/gpu_session.py: one call on a GPU machine within a time budget. Its plan must fit its
+limits on the files it leaves under --out, its budget must cut and skip steps rather than overrun
+the call, and every step must run: checked here on the CPU (a rehearsal at smoke sizes) so that
+the first GPU session does not spend its minutes on a typo."""
 
 import json
 import subprocess
@@ -21,7 +21,7 @@ def gs():
     return benchmark_module("gpu_session")
 
 
-def test_plan_fits_what_the_device_tool_brings_back(gs):
+def test_plan_fits_the_limits_on_files_under_out(gs):
     files = gs.files_written()
     assert len(files) == len(set(files)) <= gs.MAX_FILES
     assert all(gs.NAME.match(f) for f in files)
@@ -39,7 +39,7 @@ def test_plan_fits_what_the_device_tool_brings_back(gs):
     assert gs.PLAN[0].env["PREFIX_KERNELS_GPU_EXAMPLES"] == str(gs.GPU_EXAMPLES)
 
 
-def test_out_folder_problems_name_what_would_not_come_back(gs, tmp_path):
+def test_out_folder_problems_name_what_exceeds_the_limits(gs, tmp_path):
     assert gs.out_folder_problems(tmp_path) == []
     for i in range(gs.MAX_FILES):
         (tmp_path / f"f{i}.jsonl").write_text("{}\n")
@@ -56,6 +56,29 @@ def test_out_folder_problems_name_what_would_not_come_back(gs, tmp_path):
     assert "big.bin: larger than 16 MiB" in problems
     assert f"11 files, more than {gs.MAX_FILES}" in problems
 
+
+
+def test_file_limits_are_arguments(gs, tmp_path, monkeypatch, capsys):
+    """--max-files and --max-file-mib set the limits out_folder_problems checks (defaults 8 and 16)."""
+    for i in range(3):
+        (tmp_path / f"f{i}.jsonl").write_bytes(b"x" * 3000)
+    assert gs.out_folder_problems(tmp_path) == []
+    problems = "\n".join(gs.out_folder_problems(tmp_path, max_files=2, max_file_bytes=2048))
+    assert "3 files, more than 2" in problems and "f0.jsonl: larger than" in problems
+    seen = {}
+    monkeypatch.setattr(gs, "session", lambda args: seen.setdefault("args", args) and dict(left_to_do=[], out_problems=[]))
+    assert gs.main(["--rehearse", "--out", str(tmp_path), "--max-files", "3", "--max-file-mib", "0.5"]) == 0
+    assert (seen["args"].max_files, seen["args"].max_file_mib) == (3, 0.5)
+    seen.clear()
+    gs.main(["--rehearse", "--out", str(tmp_path)])
+    assert (seen["args"].max_files, seen["args"].max_file_mib) == (gs.MAX_FILES, gs.MAX_FILE_MIB) == (8, 16)
+    for bad in (["--max-files", "0"], ["--max-file-mib", "-1"]):
+        with pytest.raises(SystemExit):
+            gs.main(["--rehearse", *bad])
+    assert "--max-file-mib must be" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        gs.main(["--help"])
+    assert "the OUT environment variable, or benchmarks/results/gpu" in " ".join(capsys.readouterr().out.split())
 
 def _fake(gs, name, code, cap, floor=0, writes=(), needs=()):
     argv = (sys.executable, "-c", code)
@@ -75,7 +98,8 @@ def test_budget_cuts_a_step_at_its_cap_and_skips_what_no_longer_fits(gs, tmp_pat
     )
     monkeypatch.setattr(gs, "PLAN", plan)
     monkeypatch.setattr(gs, "STEPS", {s.name: s for s in (gs.BUILD, *plan)})
-    args = Namespace(out=tmp_path, budget=40, steps=[s.name for s in plan], rehearse=True)
+    args = Namespace(out=tmp_path, budget=40, steps=[s.name for s in plan], rehearse=True,
+                     max_files=gs.MAX_FILES, max_file_mib=gs.MAX_FILE_MIB)
     summary = gs.session(args)
     status = {r["step"]: r["status"] for r in summary["steps"]}
     assert status == dict(first="ok", slow="cut", reads_rows="ok", reads_nothing_written="skipped",
@@ -97,7 +121,7 @@ def test_budget_cuts_a_step_at_its_cap_and_skips_what_no_longer_fits(gs, tmp_pat
 
 
 def test_rerun_takes_along_the_steps_whose_files_a_left_step_reads(gs, tmp_path, monkeypatch):
-    """A second call writes into a fresh $OUT: decode_choice left to do needs decode rerun with it
+    """A second call may write into a fresh --out: decode_choice left to do needs decode rerun with it
     (the printed command once named decode_choice alone, which could never run)."""
     write_rows = "import os; open(os.path.join({out!r}, 'rows.jsonl'), 'w').write('{{}}\\n')"
     plan = (_fake(gs, "first", write_rows.format(out=str(tmp_path)), cap=30, writes=("rows.jsonl",)),
@@ -105,7 +129,8 @@ def test_rerun_takes_along_the_steps_whose_files_a_left_step_reads(gs, tmp_path,
             _fake(gs, "reads_rows", "raise SystemExit(1)", cap=30, needs=("rows.jsonl",)))
     monkeypatch.setattr(gs, "PLAN", plan)
     monkeypatch.setattr(gs, "STEPS", {s.name: s for s in (gs.BUILD, *plan)})
-    summary = gs.session(Namespace(out=tmp_path, budget=60, steps=[s.name for s in plan], rehearse=True))
+    summary = gs.session(Namespace(out=tmp_path, budget=60, steps=[s.name for s in plan], rehearse=True,
+                                   max_files=gs.MAX_FILES, max_file_mib=gs.MAX_FILE_MIB))
     assert summary["left_to_do"] == ["first", "reads_rows"]
     assert "--steps first,reads_rows " in summary["rerun"]
 
