@@ -78,21 +78,19 @@ def setup_prefix_kernels(backend):
     return setup
 
 
-def setup_fused(backend, module_name):
-    """shared_prefix_decode(backend=...) with that backend's FUSE_PARTS on for the call: the
-    dispatch, checks and custom op exactly as a user gets them, only the launch differs."""
+def setup_fused(backend):
+    """shared_prefix_decode(backend=...) with FUSE_PARTS on for the call: the dispatch, checks
+    and custom op exactly as a user gets them, only the launch differs."""
 
     def setup(q, k, v, pk, pv):
-        import importlib
-
-        module = importlib.import_module(module_name)
+        from prefix_kernels._core import config as module
 
         def step():
-            before, module.FUSE_PARTS = module.FUSE_PARTS, True
+            before, module.FUSE_PARTS[backend] = module.FUSE_PARTS[backend], True
             try:
                 return shared_prefix_decode(q, k, v, pk, pv, backend=backend)
             finally:
-                module.FUSE_PARTS = before
+                module.FUSE_PARTS[backend] = before
 
         step()  # raises NoBackendError with reasons
         return step
@@ -155,9 +153,9 @@ def setup_flashinfer_cascade(q, k, v, pk, pv):
 
 PROVIDERS = {
     "prefix_kernels_triton": setup_prefix_kernels("triton"),
-    "prefix_kernels_triton_fused": setup_fused("triton", "prefix_kernels.triton.decode"),
+    "prefix_kernels_triton_fused": setup_fused("triton"),
     "prefix_kernels_cuda": setup_prefix_kernels("cuda"),
-    "prefix_kernels_cuda_fused": setup_fused("cuda", "prefix_kernels.cuda"),
+    "prefix_kernels_cuda_fused": setup_fused("cuda"),
     "sdpa_expanded": setup_sdpa_expanded,
     "flex": setup_flex,
     "flashinfer_cascade": setup_flashinfer_cascade,

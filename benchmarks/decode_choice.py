@@ -17,7 +17,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from prefix_kernels.decode_choice import TABLE  # noqa: E402
+from prefix_kernels.backends.decode_choice import TABLE  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from rows import read_rows  # noqa: E402

@@ -84,7 +84,7 @@ GPU_EXAMPLES = 25
 WHEEL_SITE = Path("/tmp/prefix_kernels_site")
 COMPILED_TESTS = "(triton or decode or cuda) and not triton_gpu_compile and not emulated"
 BUILD_SNIPPET = (
-    "from prefix_kernels.cuda.build import ensure_loaded\n"
+    "from prefix_kernels.backends.cuda.build import ensure_loaded\n"
     "why = ensure_loaded()\n"
     "print('CUDA extension:', why or 'built and loaded')\n"
     "raise SystemExit(1 if why else 0)\n"

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from prefix_kernels.cli import positive_int  # noqa: F401  (the scripts' argparse type)
+from prefix_kernels.cli.commands import positive_int  # noqa: F401  (the scripts' argparse type)
 
 # Fields that say *what* was measured; a rerun with the same values replaces the old row. "smoke"
 # (tiny shapes, run so that the scripts do not rot) keeps such rows from replacing measured ones;

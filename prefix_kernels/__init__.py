@@ -6,12 +6,11 @@ forward and backward (the prefix gradient is reduced across the batch inside the
 `shared_prefix_decode` is its inference-only decode step (1 to 16 new tokens per request).
 """
 
-from .dispatch import NoBackendError
-from .decode import shared_prefix_decode
-from .ops import shared_prefix_attention
+from .api import NoBackendError, shared_prefix_attention, shared_prefix_decode
 
 __version__ = "0.1.0"
 
+# The transformers integration needs transformers (the "hf" extra): imported when first used.
 
 
 def apply_prefix_kernels(model=None):

@@ -43,6 +43,11 @@ def pytest_runtest_setup(item):
 def seed():
     torch.manual_seed(0)
     yield
+    # A test may have changed what a backend can take (a monkeypatched probe, a fake backend):
+    # the registry's remembered choices must not outlive it.
+    registry = sys.modules.get("prefix_kernels.backends.registry")
+    if registry is not None:
+        registry.forget_plans()
 
 
 def triton_interpreting() -> bool:
@@ -58,7 +63,7 @@ def triton_device():
     same small lane runs on the GPU.
     """
     if triton_interpreting():
-        from prefix_kernels.dispatch import _installed_interpreter_clash
+        from prefix_kernels.backends.triton import installed_interpreter_clash as _installed_interpreter_clash
 
         clash = _installed_interpreter_clash()
         if clash is not None:

@@ -26,8 +26,9 @@ from typing import Any, Dict, Optional
 
 import torch
 
-from prefix_kernels import accuracy, shared_prefix_attention
-from prefix_kernels.reference import reference_attention
+from prefix_kernels import shared_prefix_attention
+from prefix_kernels._core import accuracy
+from prefix_kernels.backends.reference import reference_attention
 
 TENSOR_ARGS = ("q", "k", "v", "prefix_k", "prefix_v")
 GRAD_NAMES = {n: "d" + n for n in TENSOR_ARGS}

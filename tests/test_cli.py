@@ -2,13 +2,15 @@
 
 import pytest
 
-from prefix_kernels import cli, torch_backend
+from prefix_kernels.backends import cpu_kernel
+from prefix_kernels.backends import torch_split as torch_backend
+from prefix_kernels.cli import commands as cli
 
 
 def test_info_lists_versions_and_backends(capsys):
     assert cli.main(["info"]) == 0
     out = capsys.readouterr().out
-    for word in ("prefix_kernels", "torch", "triton", "CUDA build cache", "decode auto order", "train", "decode",
+    for word in ("prefix_kernels", "torch", "triton", "build cache", "decode auto order", "train", "decode",
                  "reference"):
         assert word in out
 
@@ -31,12 +33,13 @@ def test_verify_passes_on_the_torch_backend(capsys):
 
 
 def test_verify_fails_on_a_wrong_kernel(monkeypatch, capsys):
-    original = torch_backend.forward
+    original = torch_backend.forward  # the same results as the one-pass kernel's, within the bound
 
     def off_by_a_little(q, k, v, pk, pv, index, mask, causal, scale):
         return original(q, k, v, pk, pv, index, mask, causal, scale * 1.001)  # a 0.1% scale error
 
     monkeypatch.setattr(torch_backend, "forward", off_by_a_little)
+    monkeypatch.setattr(cpu_kernel, "forward", off_by_a_little)  # float32 CPU cases take the one-pass kernel
     assert cli.main(["verify", "--quick", "--backend", "torch"]) == 1
     assert "FAIL" in capsys.readouterr().out
 
@@ -65,7 +68,7 @@ def test_verify_refuses_a_backend_it_does_not_check(backend, capsys):
 
 
 def test_verify_backend_choices_are_the_ones_verify_checks():
-    from prefix_kernels import verify
+    from prefix_kernels.cli import verify
 
     assert cli.VERIFY_BACKENDS == verify.BACKENDS
     with pytest.raises(ValueError, match="reference"):
@@ -74,7 +77,7 @@ def test_verify_backend_choices_are_the_ones_verify_checks():
 
 def test_verify_fails_when_no_backend_can_run(monkeypatch):
     """Every backend turned away: each gets a line saying why, and the run fails."""
-    from prefix_kernels import verify
+    from prefix_kernels.cli import verify
 
     for table in (verify.REASONS, verify.DECODE_REASONS):
         for name in ("triton", "torch", "cuda"):
@@ -89,7 +92,7 @@ def test_verify_fails_when_no_backend_can_run(monkeypatch):
 
 
 def test_verify_reports_a_backend_that_ran_nothing(monkeypatch, capsys):
-    from prefix_kernels import verify
+    from prefix_kernels.cli import verify
 
     monkeypatch.setitem(verify.DECODE_REASONS, "cuda",
                         lambda p: ["CUDA kernels need CUDA tensors, got cpu"])

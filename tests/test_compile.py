@@ -25,8 +25,9 @@ def _inputs(dtype=torch.float32, Lk=7, G=2):
 # inductor stopped. (triton in bf16 does not run under the interpreter: tl.dot of bf16 blocks.)
 @pytest.mark.parametrize("Lk", [7, 0])
 @pytest.mark.parametrize("with_dlse", [True, False], ids=["dlse", "no_dlse"])
-@pytest.mark.parametrize("backend,dtype", [("torch", torch.float32), ("torch", torch.bfloat16),
-                                           ("triton", torch.float32)], ids=["torch", "torch-bf16", "triton"])
+@pytest.mark.parametrize("backend,dtype", [("cpu_kernel", torch.float32), ("torch_split", torch.float32),
+                                           ("torch_split", torch.bfloat16), ("triton", torch.float32)],
+                         ids=["cpu_kernel", "torch_split", "torch_split-bf16", "triton"])
 def test_opcheck_fwd_and_bwd(backend, dtype, with_dlse, Lk):
     q, k, v, pk, pv, index, mask = _inputs(dtype, Lk=Lk, G=2 if dtype == torch.float32 else 1)
     scale = 0.2

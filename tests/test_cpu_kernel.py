@@ -1,5 +1,5 @@
-"""The one-pass CPU kernel (csrc/prefix_attention_cpu.cpp): it is built and taken by the torch
-backend for float32 CPU tensors, it matches the float64 reference with BLAS and with its plain
+"""The one-pass CPU kernel (csrc/prefix_attention_cpu.cpp): it is built and taken by the public
+"torch" backend for float32 CPU tensors, it matches the float64 reference with BLAS and with its plain
 loop, and switching it off returns the split path (ATen's fused kernel twice + a merge)."""
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from helpers import assert_close_to_reference, make_inputs
-from prefix_kernels import cpu_kernel
-from prefix_kernels import torch_backend as tb
+from prefix_kernels.backends import cpu_kernel
+from prefix_kernels.backends.torch_split import aten_cpu
 
 FP32 = torch.float32
 
@@ -35,21 +35,21 @@ def kernel():
     return torch.ops.prefix_kernels_cpu
 
 
-def _count(monkeypatch, name):
+def _count(monkeypatch, module, name):
     calls = []
-    original = getattr(tb, name)
+    original = getattr(module, name)
 
     def counted(*args):
         calls.append(1)
         return original(*args)
 
-    monkeypatch.setattr(tb, name, counted)
+    monkeypatch.setattr(module, name, counted)
     return calls
 
 
 def test_float32_cpu_calls_take_the_kernel(kernel, monkeypatch):
-    fwd, bwd = _count(monkeypatch, "_forward_one_pass"), _count(monkeypatch, "_backward_one_pass")
-    split = _count(monkeypatch, "_forward_cpu")
+    fwd, bwd = _count(monkeypatch, cpu_kernel, "forward"), _count(monkeypatch, cpu_kernel, "backward")
+    split = _count(monkeypatch, aten_cpu, "forward")
     inp = make_inputs(3, 4, 2, 5, 7, 6, 16, 1, FP32, padding="left")
     assert_close_to_reference(inp, backend="torch", return_lse=False)
     assert (len(fwd), len(bwd), len(split)) == (1, 1, 0)
@@ -85,7 +85,7 @@ def test_kernel_matches_reference(kernel, case, lse, blas):
 
 def test_disabled_kernel_takes_the_split_path(monkeypatch):
     monkeypatch.setenv(cpu_kernel.ENV_DISABLE, "1")
-    one_pass, split = _count(monkeypatch, "_forward_one_pass"), _count(monkeypatch, "_forward_cpu")
+    one_pass, split = _count(monkeypatch, cpu_kernel, "forward"), _count(monkeypatch, aten_cpu, "forward")
     assert "disabled" in cpu_kernel.unavailable()
     inp = make_inputs(3, 4, 2, 5, 7, 6, 16, 2, FP32, padding="left")
     assert_close_to_reference(inp, backend="torch", return_lse=False)

@@ -173,7 +173,7 @@ def test_op_schema_parses():
 
 
 def test_python_and_cpp_agree_on_limits():
-    from prefix_kernels import cuda
+    from prefix_kernels.backends import cuda
 
     cu = (CSRC / "shared_prefix_decode.cu").read_text()
     dims = re.search(r"#define SPD_FOR_EACH_HEAD_DIM\(X\)\s*(.*)", cu).group(1)

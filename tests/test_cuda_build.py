@@ -16,9 +16,11 @@ import pytest
 import torch
 
 import prefix_kernels
-from prefix_kernels import cuda
-from prefix_kernels.checks import Problem
-from prefix_kernels.cuda import build
+from prefix_kernels.backends import cuda
+from prefix_kernels._core.problem import Problem
+from prefix_kernels import jit
+from prefix_kernels._core import env
+from prefix_kernels.backends.cuda import build
 
 
 def problem(device="cuda", dtype=torch.float16, D=128, Lq=1, **kw) -> Problem:
@@ -30,9 +32,9 @@ def problem(device="cuda", dtype=torch.float16, D=128, Lq=1, **kw) -> Problem:
 @pytest.fixture
 def fresh_build(monkeypatch, tmp_path):
     """A clean build state, the cache in a temporary directory, no arch list from the caller."""
-    monkeypatch.setenv(build.ENV_CACHE, str(tmp_path / "cache"))
-    monkeypatch.delenv(build.ENV_DISABLE, raising=False)
-    monkeypatch.delenv(build.ENV_ARCH_LIST, raising=False)
+    monkeypatch.setenv(env.CACHE, str(tmp_path / "cache"))
+    monkeypatch.delenv(env.DISABLE_CUDA, raising=False)
+    monkeypatch.delenv(env.TORCH_CUDA_ARCH_LIST, raising=False)
     build.reset_for_tests()
     yield tmp_path / "cache"
     build.reset_for_tests()
@@ -42,9 +44,9 @@ def test_import_builds_nothing_and_exposes_two_functions():
     assert cuda.__all__ == ["decode_reasons", "decode_forward"]
     code = textwrap.dedent("""
         import torch
-        import prefix_kernels.cuda as c
-        from prefix_kernels.cuda import build
-        assert not build._loaded and build._error is None, "built at import"
+        import prefix_kernels.backends.cuda as c
+        from prefix_kernels.backends.cuda import build
+        assert not build._BUILD.loaded and build._BUILD.error is None, "built at import"
         assert not torch.cuda.is_initialized(), "touched CUDA at import"
         assert hasattr(torch.ops.prefix_kernels, "decode_cuda")
         print("ok")
@@ -61,14 +63,14 @@ def test_cpu_tensors_are_declined():
 
 @pytest.mark.parametrize("value, off", [("1", True), ("yes", True), ("0", False), ("", False)])
 def test_disabled_by_env(monkeypatch, value, off):
-    monkeypatch.setenv(build.ENV_DISABLE, value)
+    monkeypatch.setenv(env.DISABLE_CUDA, value)
     assert build.disabled() is off
     reasons = cuda.decode_reasons(problem(device="cpu"))
     assert any("disabled by PREFIX_KERNELS_DISABLE_CUDA" in r for r in reasons) is off
 
 
 def test_disabled_cuda_case_needs_no_gpu(monkeypatch):
-    monkeypatch.setenv(build.ENV_DISABLE, "1")
+    monkeypatch.setenv(env.DISABLE_CUDA, "1")
     monkeypatch.setattr(build, "ensure_loaded", lambda: pytest.fail("must not build when disabled"))
     assert cuda.decode_reasons(problem()) == ["disabled by PREFIX_KERNELS_DISABLE_CUDA=1"]
 
@@ -123,10 +125,10 @@ BUILD_LOG = textwrap.dedent(
 
 
 def test_first_error_line():
-    assert build.first_error_line(BUILD_LOG) == '/work/csrc/shared_prefix_decode.cuh(120): error: identifier "foo" is undefined'
-    assert build.first_error_line("x.h:9:10: fatal error: y.h: No such file") == "x.h:9:10: fatal error: y.h: No such file"
-    assert build.first_error_line("\n  something odd\nmore") == "something odd"
-    assert build.first_error_line("") == ""
+    assert jit.first_error_line(BUILD_LOG) == '/work/csrc/shared_prefix_decode.cuh(120): error: identifier "foo" is undefined'
+    assert jit.first_error_line("x.h:9:10: fatal error: y.h: No such file") == "x.h:9:10: fatal error: y.h: No such file"
+    assert jit.first_error_line("\n  something odd\nmore") == "something odd"
+    assert jit.first_error_line("") == ""
 
 
 def test_build_failure_is_a_reason_and_one_warning(monkeypatch, fresh_build, caplog):
@@ -149,8 +151,12 @@ def test_build_failure_is_a_reason_and_one_warning(monkeypatch, fresh_build, cap
     assert first == second and len(first) == 1
     assert first[0].startswith('build failed: /work/csrc/shared_prefix_decode.cuh(120): error: identifier "foo"')
     assert len(calls) == 1, "a failed build is not retried in the same process"
-    warnings = [r for r in caplog.records if r.name == "prefix_kernels" and r.levelno == logging.WARNING]
-    assert len(warnings) == 1 and "identifier" in warnings[0].getMessage()
+    warnings = [r.getMessage() for r in caplog.records if r.name == "prefix_kernels" and r.levelno == logging.WARNING]
+    failures = [w for w in warnings if "unavailable" in w]
+    assert len(failures) == 1 and "identifier" in failures[0]
+    assert [w for w in warnings if "building" in w] == [  # the build was announced once, before it ran
+        f"prefix_kernels: building the CUDA decode kernels with nvcc (about a minute) (once; cached in "
+        f"{jit.cache_dir('sm_90')})"]
     # What load() was asked to do: our sources, the cache directory, the GPU's arch, no Python module.
     kw = calls[0]
     assert [Path(s).name for s in kw["sources"]] == ["shared_prefix_decode.cu", "torch_binding.cpp"]
@@ -172,7 +178,7 @@ def test_missing_nvcc_is_a_reason(monkeypatch, fresh_build):
 
 
 def test_arch_list_respects_torch_cuda_arch_list(monkeypatch, fresh_build):
-    monkeypatch.setenv(build.ENV_ARCH_LIST, "8.0;9.0a 8.6+PTX")
+    monkeypatch.setenv(env.TORCH_CUDA_ARCH_LIST, "8.0;9.0a 8.6+PTX")
     monkeypatch.setattr(torch.cuda, "device_count", lambda: pytest.fail("must not query devices"))
     archs = build.arch_list()
     assert archs == ["8.0", "9.0a", "8.6+PTX"]
@@ -193,19 +199,19 @@ def test_arch_list_from_visible_gpus(monkeypatch, fresh_build):
 
 
 def test_cache_path_has_version_arch_and_torch(monkeypatch, tmp_path):
-    monkeypatch.setenv(build.ENV_CACHE, str(tmp_path))
-    d = build.cache_dir(build.arch_tag(["9.0"]))
+    monkeypatch.setenv(env.CACHE, str(tmp_path))
+    d = jit.cache_dir(build.arch_tag(["9.0"]))
     assert d.parent == tmp_path / prefix_kernels.__version__ / "sm_90"
     assert d.name.startswith("torch" + torch.__version__.split("+")[0])
-    monkeypatch.delenv(build.ENV_CACHE)
+    monkeypatch.delenv(env.CACHE)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    assert build.cache_root() == tmp_path / "xdg" / "prefix_kernels"
+    assert jit.cache_root() == tmp_path / "xdg" / "prefix_kernels"
     monkeypatch.delenv("XDG_CACHE_HOME")
-    assert build.cache_root() == Path.home() / ".cache" / "prefix_kernels"
+    assert jit.cache_root() == Path.home() / ".cache" / "prefix_kernels"
 
 
 def test_sources_are_found_in_the_checkout():
-    src = build.csrc_dir()
+    src = jit.csrc_dir(build.SOURCES + build.HEADERS)
     assert src is not None
     assert {p.name for p in src.iterdir()} >= set(build.SOURCES + build.HEADERS)
 
@@ -217,7 +223,7 @@ def test_lock_excludes_threads(tmp_path):
 
     def worker(i):
         for _ in range(3):
-            with build.file_lock(lock):
+            with jit.file_lock(lock):
                 inside.append(i)
                 if len(inside) > 1:
                     overlaps.append(tuple(inside))
@@ -239,7 +245,7 @@ def test_lock_excludes_processes(tmp_path):
     holder = subprocess.Popen(
         [sys.executable, "-c", textwrap.dedent(f"""
             import sys, time
-            from prefix_kernels.cuda.build import file_lock
+            from prefix_kernels.jit import file_lock
             with file_lock(__import__("pathlib").Path({str(lock)!r})):
                 print("held", flush=True)
                 sys.stdin.readline()
@@ -280,7 +286,7 @@ def test_dispatch_traces_under_compile(monkeypatch, loaded):
     (prefix_kernels.generate, a compiled decode step): the GPU query and the build happen once,
     at trace time, as constants, never as traced code (a file lock and a compiler cannot be
     traced). Simulated here: a CUDA problem, a capability and a build result, all on a CPU."""
-    from prefix_kernels import dispatch
+    from prefix_kernels.backends import registry
 
     def ensure_loaded():  # like the real one, untraceable: it takes a file lock
         with open(os.devnull) as f:
@@ -290,11 +296,11 @@ def test_dispatch_traces_under_compile(monkeypatch, loaded):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: (9, 0))
     monkeypatch.setattr(build, "ensure_loaded", ensure_loaded)
     p = problem()
-    eager = dispatch.cuda_decode_reasons(p)
+    eager = registry.public_reasons("cuda", p, decode=True)
     assert eager == ([] if loaded is None else [loaded])
 
     def step(x):
-        return x + len(dispatch.cuda_decode_reasons(p))
+        return x + len(registry.public_reasons("cuda", p, decode=True))
 
     torch._dynamo.reset()
     compiled = torch.compile(step, fullgraph=True, backend="eager")
@@ -305,7 +311,7 @@ def test_a_damaged_cached_library_is_found(tmp_path):
     """dlopen maps a truncated .so and dies of SIGBUS when it touches the missing pages (a cached
     library cut to 64 KiB killed every later process): such a file must be recognised first."""
     whole = Path(torch.__file__).parent / "lib" / "libc10.so"
-    assert build.damaged_library(whole) is None
+    assert jit.damaged_library(whole) is None
     data = whole.read_bytes()
     # Cut inside the last segment that dlopen maps: the file's end need not be in it (torch 2.11's
     # libc10.so has one unmapped byte after its last PT_LOAD segment; torch 2.13's, section headers).
@@ -316,9 +322,9 @@ def test_a_damaged_cached_library_is_found(tmp_path):
     for size in (100, 65536, mapped_end - 1):
         cut = tmp_path / f"cut{size}.so"
         cut.write_bytes(data[:size])
-        assert "truncated" in build.damaged_library(cut)
+        assert "truncated" in jit.damaged_library(cut)
     (tmp_path / "empty.so").write_bytes(b"")
-    assert "not an ELF library" in build.damaged_library(tmp_path / "empty.so")
+    assert "not an ELF library" in jit.damaged_library(tmp_path / "empty.so")
 
 
 def test_a_damaged_cached_library_is_built_again(tmp_path, monkeypatch, caplog):
@@ -328,7 +334,7 @@ def test_a_damaged_cached_library_is_built_again(tmp_path, monkeypatch, caplog):
     seen = []
     monkeypatch.setattr(cpp_extension, "load", lambda **kw: seen.append((tmp_path / "ext.so").exists()))
     with caplog.at_level(logging.WARNING, logger="prefix_kernels"):
-        build.load_locked(tmp_path, name="ext", sources=[])
+        jit.load_locked(tmp_path, name="ext", sources=[])
     assert seen == [False]  # removed before the build, so that ninja links it again
     assert any("damaged" in r.getMessage() for r in caplog.records)
 
@@ -343,11 +349,11 @@ def test_load_errors_keep_the_loader_reason_and_a_read_only_cache_is_named(tmp_p
             raise RuntimeError("Could not load this library: ext.so") from inner
 
     monkeypatch.setattr(cpp_extension, "load", load)
-    with pytest.raises(build.BuildError, match="Could not load this library.*cannot read file data"):
-        build.load_locked(tmp_path, name="ext", sources=[])
+    with pytest.raises(jit.BuildError, match="Could not load this library.*cannot read file data"):
+        jit.load_locked(tmp_path, name="ext", sources=[])
     (tmp_path / "file").write_text("")
-    with pytest.raises(build.BuildError, match="cannot lock the build cache .* must be writable"):
-        build.load_locked(tmp_path / "file" / "cache", name="ext", sources=[])
+    with pytest.raises(jit.BuildError, match="cannot lock the build cache .* must be writable"):
+        jit.load_locked(tmp_path / "file" / "cache", name="ext", sources=[])
 
 
 def test_a_wait_for_the_build_lock_is_announced(tmp_path, caplog):
@@ -355,7 +361,7 @@ def test_a_wait_for_the_build_lock_is_announced(tmp_path, caplog):
     entered, release = threading.Event(), threading.Event()
 
     def holder():
-        with build.file_lock(lock):
+        with jit.file_lock(lock):
             entered.set()
             release.wait(30)
 
@@ -363,7 +369,7 @@ def test_a_wait_for_the_build_lock_is_announced(tmp_path, caplog):
     t.start()
     entered.wait(30)
     threading.Timer(0.5, release.set).start()
-    with caplog.at_level(logging.WARNING, logger="prefix_kernels"), build.file_lock(lock):
+    with caplog.at_level(logging.WARNING, logger="prefix_kernels"), jit.file_lock(lock):
         pass
     t.join()
     assert any("waiting for the build lock" in r.getMessage() for r in caplog.records)
@@ -372,9 +378,9 @@ def test_a_wait_for_the_build_lock_is_announced(tmp_path, caplog):
 def test_a_missing_compiler_is_named(monkeypatch):
     from torch.utils import cpp_extension
 
-    from prefix_kernels import cpu_kernel
+    from prefix_kernels.backends import cpu_kernel
 
     monkeypatch.setattr(cpp_extension, "is_ninja_available", lambda: True)  # checked first
     monkeypatch.setenv("CXX", "/nonexistent/c++")
-    with pytest.raises(build.BuildError, match="no C\\+\\+ compiler: '/nonexistent/c\\+\\+' not found"):
+    with pytest.raises(jit.BuildError, match="no C\\+\\+ compiler: '/nonexistent/c\\+\\+' not found"):
         cpu_kernel._build_and_load()

@@ -32,7 +32,7 @@ import pytest
 import torch
 
 from helpers import DTYPE_NAMES, check_quantity, make_inputs, run_same_dtype, run_truth
-from prefix_kernels.reference import reference_attention
+from prefix_kernels.backends.reference import reference_attention
 
 FP16, BF16, FP32 = torch.float16, torch.bfloat16, torch.float32
 TENSORS = ("q", "k", "v", "prefix_k", "prefix_v")
@@ -40,8 +40,8 @@ TENSORS = ("q", "k", "v", "prefix_k", "prefix_v")
 
 def _cuda_backend():
     """prefix_kernels.cuda.decode_forward, after the build (skips when it cannot build here)."""
-    from prefix_kernels.checks import Problem
-    from prefix_kernels.cuda import build, decode_reasons
+    from prefix_kernels._core.problem import Problem
+    from prefix_kernels.backends.cuda import build, decode_reasons
 
     probe = Problem(B=1, Hq=1, Hkv=1, Lq=1, Lk=1, D=64, G=1, P=1, dtype=FP16, device=torch.device("cuda"))
     reasons = decode_reasons(probe)
@@ -50,7 +50,7 @@ def _cuda_backend():
     if any("nvcc not found" in r for r in reasons):
         pytest.skip(f"cannot build the CUDA kernels here: {reasons}")
     assert reasons == [], f"the CUDA decode backend declines a plain case: {reasons}"
-    from prefix_kernels.cuda import decode_forward
+    from prefix_kernels.backends.cuda import decode_forward
 
     return decode_forward
 
@@ -254,7 +254,7 @@ def test_small_index_dtypes_reach_the_binding_as_int32(monkeypatch):
     """The public op takes int8/int16/uint8 prefix_index; the binding takes int32/int64 only."""
     from types import SimpleNamespace
 
-    import prefix_kernels.cuda as cuda
+    import prefix_kernels.backends.cuda as cuda
 
     seen = []
     binding = SimpleNamespace(decode_cuda=lambda *args: seen.append(args[5].dtype))

@@ -16,8 +16,6 @@ split-and-merge path (and splits that see only padding) is exercised.
 
 from __future__ import annotations
 
-import sys
-import types
 
 import pytest
 import torch
@@ -38,9 +36,11 @@ from test_no_copy import AllocationRecorder, per_request_prefix_copies, prefix_r
 from test_op import covering_set, uncovered_pairs
 
 import prefix_kernels
-from prefix_kernels import NoBackendError, dispatch, shared_prefix_attention, shared_prefix_decode
-from prefix_kernels.checks import Problem
-from prefix_kernels.ops import routes_to_decode
+from prefix_kernels import NoBackendError, shared_prefix_attention, shared_prefix_decode
+from prefix_kernels._core import config
+from prefix_kernels.backends import registry
+from prefix_kernels._core.problem import Problem
+from prefix_kernels.api import routes_to_decode
 
 FP16, BF16, FP32 = torch.float16, torch.bfloat16, torch.float32
 
@@ -229,9 +229,9 @@ def test_lq_16_several_row_blocks(triton_device):
 
 def test_many_splits_merge_in_chunks(triton_device, monkeypatch):
     """More partials per row (19) than the merge kernel's 16-wide chunk."""
-    from prefix_kernels.triton import decode as launcher
+    from prefix_kernels.backends.triton import tiles
 
-    monkeypatch.setattr(launcher, "CPU_SPLITS", 12)
+    monkeypatch.setattr(tiles, "CPU_SPLITS", 12)
     inp = make_inputs(2, 4, 2, 1, 300, 257, 16, 1, FP32, triton_device, padding="left", requires_grad=False)
     assert_decode_close(inp, backend="triton")
 
@@ -252,7 +252,7 @@ def test_triton_fused_parts(triton_device, monkeypatch, B, Hq, Hkv, Lq, T, P, G,
     """fuse_parts runs the prefix and own programs in one interleaved grid: right against the
     reference, bit-identical to the three-launch path under the interpreter (same splits, same
     partials, same merge), and the fused kernel is the one launched when both parts have keys."""
-    from prefix_kernels.triton import decode as launcher
+    from prefix_kernels.backends.triton import decode as launcher
 
     inp = make_inputs(B, Hq, Hkv, Lq, T, P, 16, G, FP16, triton_device, padding=padding, requires_grad=False)
     launched = []
@@ -264,11 +264,11 @@ def test_triton_fused_parts(triton_device, monkeypatch, B, Hq, Hkv, Lq, T, P, G,
             return fused[grid]
 
     monkeypatch.setattr(launcher, "decode_parts_kernel", Spy())
-    monkeypatch.setattr(launcher, "FUSE_PARTS", True)
+    monkeypatch.setitem(config.FUSE_PARTS, "triton", True)
     out, lse, _ = assert_decode_close(inp, backend="triton", causal=causal)
     assert len(launched) == (1 if P and T else 0)
     if triton_interpreting():
-        monkeypatch.setattr(launcher, "FUSE_PARTS", False)
+        monkeypatch.setitem(config.FUSE_PARTS, "triton", False)
         out3, lse3 = run_decode(inp, causal=causal, return_lse=True, backend="triton")
         assert torch.equal(out, out3) and torch.equal(lse, lse3)
         assert len(launched) == (1 if P and T else 0)
@@ -361,68 +361,80 @@ def test_shared_prefix_attention_auto_on_cpu_is_unchanged():
 
 
 @pytest.fixture
-def fresh_cuda_module():
-    dispatch.cuda_decode_module.cache_clear()
-    yield
-    dispatch.cuda_decode_module.cache_clear()
-
-
-def test_cuda_backend_declines_without_extension(fresh_cuda_module, monkeypatch):
-    monkeypatch.setitem(sys.modules, "prefix_kernels.cuda", None)  # as if the module did not exist
-    inp = make_inputs(2, 4, 2, 1, 6, 5, 16, 1, FP32, "cpu", requires_grad=False)
-    with pytest.raises(NoBackendError, match="CUDA decode extension not built in this version"):
-        run_decode(inp, backend="cuda")
-    assert dispatch.cuda_decode_reasons(_problem("cuda")) == ["CUDA decode extension not built in this version"]
-
-
-def test_cuda_backend_uses_the_extension_hooks(fresh_cuda_module, monkeypatch):
-    from prefix_kernels import torch_backend
+def fake_cuda(monkeypatch):
+    """The registry's "cuda" entry replaced by a fake that declines D > 128 and computes with the
+    torch split path, counting its calls; plans are forgotten before and after."""
+    from prefix_kernels.backends import torch_split
+    from prefix_kernels.backends.base import Backend
 
     calls = []
 
     def decode_reasons(p):
+        if p.device.type != "cuda":
+            return [f"CUDA kernels need CUDA tensors, got {p.device.type}"]
         return [] if p.D <= 128 else ["D > 128 not compiled"]
 
     def decode_forward(q, k, v, prefix_k, prefix_v, prefix_index, kv_mask, causal, scale):
         calls.append((q.shape, causal, scale))
-        out, lse = torch_backend.forward(q, k, v, prefix_k, prefix_v, prefix_index, kv_mask, causal, scale)
+        out, lse = torch_split.forward(q, k, v, prefix_k, prefix_v, prefix_index, kv_mask, causal, scale)
         return out.contiguous(), lse  # (B, Hq, Lq, D) memory: the custom op re-lays it out
 
-    fake = types.ModuleType("prefix_kernels.cuda")
-    fake.decode_reasons, fake.decode_forward = decode_reasons, decode_forward
-    monkeypatch.setitem(sys.modules, "prefix_kernels.cuda", fake)
+    fake = Backend("cuda", "cuda", function=lambda kind: decode_forward, decode_reasons=decode_reasons)
+    monkeypatch.setitem(registry.IMPLEMENTATIONS, "cuda", fake)
+    registry.forget_plans()
+    yield calls
+    registry.forget_plans()
 
-    assert dispatch.cuda_decode_reasons(_problem("cuda")) == []
+
+def test_cuda_backend_declines_with_its_reason(monkeypatch):
+    monkeypatch.setenv("PREFIX_KERNELS_DISABLE_CUDA", "1")
+    inp = make_inputs(2, 4, 2, 1, 6, 5, 16, 1, FP32, "cpu", requires_grad=False)
+    with pytest.raises(NoBackendError, match="cuda: not CUDA tensors"):
+        run_decode(inp, backend="cuda")
+    assert any("disabled by PREFIX_KERNELS_DISABLE_CUDA" in r for r in
+               registry.public_reasons("cuda", _problem("cuda"), decode=True))
+
+
+def test_registry_runs_the_backend_it_planned(fake_cuda):
+    from prefix_kernels.backends import torch_split as torch_backend
+
+    assert registry.public_reasons("cuda", _problem("cuda"), decode=True) == []
     big = Problem(B=2, Hq=4, Hkv=2, Lq=1, Lk=6, D=256, G=1, P=5, dtype=FP16, device=torch.device("cuda"))
-    assert dispatch.cuda_decode_reasons(big) == ["D > 128 not compiled"]
-    assert dispatch.cuda_decode_reasons(_problem("cpu")) == ["CUDA kernels need CUDA tensors, got cpu"]
-    assert dispatch.select_backend("auto", _problem("cuda"), decode=True) == "cuda"
+    assert registry.public_reasons("cuda", big, decode=True) == ["D > 128 not compiled"]
+    assert registry.public_reasons("cuda", _problem("cpu"), decode=True) == ["CUDA kernels need CUDA tensors, got cpu"]
+    assert registry.plan("auto", _problem("cuda"), decode=True) == "cuda"
 
-    # The custom op runs the extension's decode_forward (called directly: CPU tensors here).
+    # The custom op runs the planned backend's decode function (called directly: CPU tensors here).
     inp = make_inputs(2, 4, 2, 3, 6, 5, 16, 1, FP32, "cpu", requires_grad=False)
     args = [inp[n] for n in TENSOR_ARGS]
     out, lse = torch.ops.prefix_kernels.decode(*args, None, None, True, 0.25, "cuda")
-    assert calls == [((2, 4, 3, 16), True, 0.25)]
+    assert fake_cuda == [((2, 4, 3, 16), True, 0.25)]
     want, want_lse = torch_backend.forward(*args, None, None, True, 0.25)
     assert torch.equal(out, want) and torch.equal(lse, want_lse)
     assert out.stride() == want.stride()
 
     # The choice is traceable: torch.compile bakes it into the graph with no break.
-    monkeypatch.setattr(prefix_kernels, "cuda", fake, raising=False)  # as a real import would
-
     def choose(x):
         p = Problem(B=2, Hq=4, Hkv=2, Lq=1, Lk=6, D=x.shape[-1], G=1, P=5, dtype=x.dtype, device=torch.device("cuda"))
-        return x * (2.0 if dispatch.select_backend("auto", p, decode=True) == "cuda" else 3.0)
+        return x * (2.0 if registry.plan("auto", p, decode=True) == "cuda" else 3.0)
 
     compiled = torch.compile(choose, fullgraph=True, backend="aot_eager")
     assert torch.all(compiled(torch.ones(2, 16)) == 2)
     assert torch.all(compiled(torch.ones(2, 256)) == 3)  # "cuda" declines D = 256: "triton" is next
 
-    missing = types.ModuleType("prefix_kernels.cuda")
-    monkeypatch.setitem(sys.modules, "prefix_kernels.cuda", missing)
-    dispatch.cuda_decode_module.cache_clear()
-    (reason,) = dispatch.cuda_decode_reasons(_problem("cuda"))
-    assert "not built" in reason and "decode_reasons" in reason
+
+def test_plan_is_made_once_per_kind_of_call(fake_cuda, monkeypatch):
+    asked = []
+    fake = registry.IMPLEMENTATIONS["cuda"]
+    counting = type(fake)("cuda", "cuda", function=fake.function,
+                          decode_reasons=lambda p: asked.append(p) or fake.decode_reasons(p))
+    monkeypatch.setitem(registry.IMPLEMENTATIONS, "cuda", counting)
+    for _ in range(5):
+        assert registry.plan("auto", _problem("cuda"), decode=True) == "cuda"
+    assert len(asked) == 1
+    monkeypatch.setenv("PREFIX_KERNELS_DISABLE_CUDA", "1")  # a variable that changes choices: planned anew
+    registry.plan("auto", _problem("cuda"), decode=True)
+    assert len(asked) == 2
 
 
 def test_exported():
@@ -431,10 +443,10 @@ def test_exported():
 
 
 def test_prefix_tables_without_host_sync():
-    from prefix_kernels.triton.decode import _block_starts, _requests_by_prefix
+    from prefix_kernels._core.grouping import row_block_starts as _block_starts, sorted_by_prefix
 
     index = torch.tensor([4, 4, 1, 3, 4, 1, 3])
-    order, starts = _requests_by_prefix(index, 5)
+    order, starts = sorted_by_prefix(index, 7, 5, index.device)
     assert order.tolist() == [2, 5, 3, 6, 0, 1, 4]
     assert starts.tolist() == [0, 0, 2, 2, 4, 7]
     # R = 3 rows per request, 4-row blocks: prefix 1 -> 6 rows (2 blocks), 3 -> 2, 4 -> 9 rows (3)
@@ -442,7 +454,7 @@ def test_prefix_tables_without_host_sync():
 
 
 def test_choose_splits():
-    from prefix_kernels.triton.decode import MAX_SPLITS, choose_splits
+    from prefix_kernels.backends.triton.tiles import MAX_SPLITS, choose_splits
 
     big = 1 << 20
     assert choose_splits(10, 0, 64, 132, big) == 0

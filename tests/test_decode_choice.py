@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from prefix_kernels import decode_choice, dispatch
-from prefix_kernels.checks import Problem
+from prefix_kernels.backends import decode_choice, registry
+from prefix_kernels._core.problem import Problem
 
 ROOT = Path(__file__).resolve().parent.parent
 GPU = "NVIDIA Simulated 80GB"
@@ -87,13 +87,13 @@ def test_nearest_shape_in_log_space_prefers_same_dtype_and_head_dim():
 
 
 def test_auto_order_follows_the_measurement(simulated_gpu):
-    assert dispatch._decode_auto_order(_problem()) == ("cuda", "triton", "torch")  # nothing measured
+    assert registry._auto_order(_problem(), True) == ("cuda", "triton", "torch")  # nothing measured
     simulated_gpu({GPU: [dict(dtype="bfloat16", D=128, B=64, P=4096, T=256, Lq=1, faster="triton")]})
-    assert dispatch._decode_auto_order(_problem()) == ("triton", "cuda", "torch")
+    assert registry._auto_order(_problem(), True) == ("triton", "cuda", "torch")
     simulated_gpu({"Another GPU": [dict(dtype="bfloat16", D=128, B=64, P=4096, T=256, Lq=1, faster="triton")]})
-    assert dispatch._decode_auto_order(_problem()) == ("cuda", "triton", "torch")  # not this GPU's
-    assert dispatch._decode_auto_order(
-        Problem(B=2, Hq=4, Hkv=2, Lq=1, Lk=3, D=16, G=1, P=2, dtype=torch.float32, device=torch.device("cpu"))
+    assert registry._auto_order(_problem(), True) == ("cuda", "triton", "torch")  # not this GPU's
+    assert registry._auto_order(
+        Problem(B=2, Hq=4, Hkv=2, Lq=1, Lk=3, D=16, G=1, P=2, dtype=torch.float32, device=torch.device("cpu")), True
     ) == ("torch",)
 
 
@@ -102,7 +102,7 @@ def test_auto_order_is_a_constant_under_compile(simulated_gpu):
     p = _problem()
 
     def first_is_triton(x):
-        return x + (dispatch._decode_auto_order(p)[0] == "triton")
+        return x + (registry._auto_order(p, True)[0] == "triton")
 
     torch._dynamo.reset()
     assert float(torch.compile(first_is_triton, fullgraph=True, backend="eager")(torch.zeros(()))) == 1.0

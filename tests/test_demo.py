@@ -7,9 +7,9 @@ import pytest
 
 pytest.importorskip("peft")
 
-from prefix_kernels import cli  # noqa: E402
+from prefix_kernels.cli import commands as cli  # noqa: E402
 from prefix_kernels.data import FILE, load_e2e, make_e2e  # noqa: E402
-from prefix_kernels.demo import DemoConfig, format_report, summarise, train  # noqa: E402
+from prefix_kernels.cli.demo import DemoConfig, format_report, summarise, train  # noqa: E402
 
 
 def test_shipped_data_is_the_generator_output():
@@ -53,7 +53,7 @@ def test_steps_must_be_a_positive_int(steps, capsys):
 
 
 def test_steps_none_is_the_default_and_a_number_is_kept(monkeypatch):
-    from prefix_kernels import demo
+    from prefix_kernels.cli import demo
 
     assert DemoConfig.for_device("cpu").steps == 30 and DemoConfig.for_device("cuda").steps == 40
     assert DemoConfig.for_device("cpu", 1).steps == 1
@@ -68,7 +68,7 @@ def test_steps_none_is_the_default_and_a_number_is_kept(monkeypatch):
 def test_run_demo_refuses_cuda_without_a_device(monkeypatch):
     import torch
 
-    from prefix_kernels import demo
+    from prefix_kernels.cli import demo
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(ValueError, match="no CUDA device"):
@@ -78,7 +78,7 @@ def test_run_demo_refuses_cuda_without_a_device(monkeypatch):
 def test_a_child_that_dies_is_reported_not_waited_for(capsys):
     """The child crashes (an unknown device) before sending anything: an error within seconds
     (it hung on a blocking queue.get), then a child that succeeds still hands back its result."""
-    from prefix_kernels.demo import ChildRunError, _in_child
+    from prefix_kernels.cli.demo import ChildRunError, _in_child
 
     small = dict(dtype="float32", hidden=64, layers=2, heads=4, kv_heads=2, intermediate=96, batch_size=4,
                  prefix=6, steps=2)
@@ -101,7 +101,7 @@ def test_a_child_that_dies_is_reported_not_waited_for(capsys):
 
 
 def test_cli_demo_reports_a_failed_child(monkeypatch, capsys):
-    from prefix_kernels import demo
+    from prefix_kernels.cli import demo
 
     def failing(device, steps):
         raise demo.ChildRunError("the stock run failed in its child process (exit code 1)")

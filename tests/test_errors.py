@@ -115,6 +115,12 @@ CASES = [
     ("backend_not_str", lambda c: {"backend": 1}, EITHER, word("backend")),
     ("causal_str", lambda c: {"causal": "false"}, TE, word("causal")),  # bool("false") is True
     ("causal_none", lambda c: {"causal": None}, TE, word("causal")),
+    # --- likely mistakes named with their fix
+    ("several_prefixes_without_index", lambda c: {"prefix_index": None}, VE,
+     r"G=3 prefixes but prefix_index is None: pass prefix_index"),
+    ("qkv_in_transformers_layout", lambda c: {"q": c["q"].transpose(1, 2), "k": c["k"].transpose(1, 2),
+                                              "v": c["v"].transpose(1, 2)}, VE,
+     r"\(B, L, H, D\) layout.*q\.transpose\(1, 2\), k\.transpose\(1, 2\), v\.transpose\(1, 2\)"),
 ]
 
 
@@ -128,6 +134,21 @@ def test_malformed_call(change, exc, pattern):
 
 def test_enough_cases():
     assert len(CASES) >= 20
+
+
+def test_layout_hint_only_where_the_transposed_reading_fits():
+    """A shape error that the (B, L, H, D) reading does not explain keeps blaming the shape."""
+    call = base()
+    call.update(q=call["q"].transpose(1, 2))  # q alone transposed: k, v as given, so no layout story
+    with pytest.raises(ValueError) as info:
+        invoke(call)
+    assert "transpose" not in str(info.value)
+
+
+def test_one_prefix_needs_no_index():
+    call = base()
+    call.update(prefix_k=call["prefix_k"][:1], prefix_v=call["prefix_v"][:1], prefix_index=None)
+    assert invoke(call).shape == (B, HQ, LQ, D)
 
 
 @pytest.mark.parametrize("backend", ["auto", "torch", "reference"])
@@ -164,7 +185,7 @@ def test_no_backend_error_triton_bf16_on_cpu():
     ("3.10.0+git1234", "3.0.0rc1", False),
 ])
 def test_interpreter_numpy_clash(triton_version, numpy_version, clash):
-    from prefix_kernels.dispatch import interpreter_numpy_clash
+    from prefix_kernels.backends.triton import interpreter_numpy_clash
 
     reason = interpreter_numpy_clash(triton_version, numpy_version)
     assert (reason is not None) == clash
@@ -173,10 +194,11 @@ def test_interpreter_numpy_clash(triton_version, numpy_version, clash):
 
 
 def test_interpreter_numpy_clash_declines_triton_on_cpu(monkeypatch):
-    from prefix_kernels import dispatch
+    from prefix_kernels.backends import registry, triton
 
-    monkeypatch.setattr(dispatch, "triton_interpreted", lambda: True)
-    monkeypatch.setattr(dispatch, "_installed_interpreter_clash", lambda: "the interpreter clashes")
+    monkeypatch.setattr(triton, "interpreted", lambda: True)
+    monkeypatch.setattr(triton, "installed_interpreter_clash", lambda: "the interpreter clashes")
+    registry.forget_plans()
     call = base()
     call["backend"] = "triton"
     with pytest.raises(NoBackendError, match="the interpreter clashes"):
@@ -238,7 +260,7 @@ def test_backend_override_from_the_environment(monkeypatch):
     monkeypatch.setenv("PREFIX_KERNELS_BACKEND", "cuda")
     invoke(call)
     monkeypatch.setenv("PREFIX_KERNELS_BACKEND", "reference")
-    monkeypatch.setattr("prefix_kernels.ops.reference_attention",
+    monkeypatch.setattr("prefix_kernels.backends.reference.forward",
                         lambda *a, **k: (_ for _ in ()).throw(RuntimeError("reference ran")))
     with pytest.raises(RuntimeError, match="reference ran"):
         invoke(call)

@@ -4,7 +4,7 @@ The CPU lane runs the Triton kernels with 16x16 tiles and two splits, which make
 cross many blocks. On a GPU the launchers pick other tiles: 16 to 128 rows and 16 to 64 keys,
 by dtype and head dim, 4 or 8 warps. They also split the prefix gradient's batch and the decode
 keys by the SM count and traffic caps. None of those choices had run. Here the launchers'
-`_on_gpu` and `_sm_count` are patched to an H100 (132 SMs), so the interpreter runs the same
+`tiles.on_gpu` and `tiles.sm_count` are patched to an H100 (132 SMs), so the interpreter runs the same
 tiles, splits and grids on CPU tensors. (Warps and stages do not exist in the interpreter; the
 offline compile checks those, tests/test_triton_gpu_compile.py.)
 """
@@ -25,15 +25,14 @@ H100_SMS = 132
 def gpu_launches(monkeypatch, triton_device):
     if not triton_interpreting():
         pytest.skip("on a GPU these launches run for real in the other tests")
-    from prefix_kernels.triton import attention, decode
+    from prefix_kernels.backends.triton import tiles
 
-    for module in (attention, decode):
-        monkeypatch.setattr(module, "_on_gpu", lambda device: True)
-        monkeypatch.setattr(module, "_sm_count", lambda device: H100_SMS)
+    monkeypatch.setattr(tiles, "on_gpu", lambda device: True)
+    monkeypatch.setattr(tiles, "sm_count", lambda device: H100_SMS)
     return triton_device
 
 
-# (dtype, D, L, P, G): every tile branch of attention._blocks, with L and P crossing several
+# (dtype, D, L, P, G): every tile branch of tiles.blocks, with L and P crossing several
 # row blocks and key tiles of that branch (kept small: the interpreter runs each program in
 # Python). B = 8 with G = 1 or 2 makes the prefix-gradient kernel split the batch 4 or 2 ways,
 # as it would on a GPU at these sizes.
@@ -49,9 +48,9 @@ B = 8
 
 @pytest.mark.parametrize("dtype,D,L,P,G", TRAINING, ids=lambda v: str(v).replace("torch.", ""))
 def test_training_launches(gpu_launches, dtype, D, L, P, G):
-    from prefix_kernels.triton import attention
+    from prefix_kernels.backends.triton import tiles
 
-    assert attention._prefix_splits(B, G, 2 * 2 * G, torch.device(gpu_launches)) == 4 // G
+    assert tiles.prefix_splits(B, G, 2 * 2 * G, torch.device(gpu_launches)) == 4 // G
     inp = make_inputs(B, 4, 2, L, L, P, D, G, dtype, gpu_launches, padding="left", transposed=True)
     assert_close_to_reference(inp, backend="triton", causal=True)
 
@@ -69,8 +68,8 @@ DECODE = [
 @pytest.mark.parametrize("fuse_parts", [False, True], ids=["3launches", "fused"])
 @pytest.mark.parametrize("dtype,D,Lq,T,P,G", DECODE, ids=lambda v: str(v).replace("torch.", ""))
 def test_decode_launches(gpu_launches, monkeypatch, dtype, D, Lq, T, P, G, fuse_parts):
-    from prefix_kernels.triton import decode
+    from prefix_kernels._core import config
 
-    monkeypatch.setattr(decode, "FUSE_PARTS", fuse_parts)
+    monkeypatch.setitem(config.FUSE_PARTS, "triton", fuse_parts)
     inp = make_inputs(6, 4, 2, Lq, T, P, D, G, dtype, gpu_launches, padding="left", requires_grad=False)
     assert_decode_close(inp, backend="triton", causal=True)

@@ -20,6 +20,7 @@ peft = pytest.importorskip("peft")
 import prefix_kernels  # noqa: E402
 from hf_models import assert_matches, batch, build_model, build_peft, loss_and_grads, peft_version  # noqa: E402
 from hf_models import peft_config as hf_peft_config  # noqa: E402
+from prefix_kernels._core.log import forget_logged  # noqa: E402
 from prefix_kernels.hf import PrefixCache  # noqa: E402
 from prefix_kernels.hf import attention as hf_attention  # noqa: E402
 
@@ -276,7 +277,7 @@ def _fallback_warnings(caplog):
 def test_softcapping_falls_back_with_a_warning(method, caplog):
     if method == "prefix":
         skip_gemma2_prefix_on_old_peft("gemma2")
-    hf_attention._warned.clear()
+    forget_logged()
     with caplog.at_level(logging.WARNING, logger="prefix_kernels"):
         compare("gemma2", method)
     assert any("soft-capping" in m for m in _fallback_warnings(caplog))
@@ -284,14 +285,14 @@ def test_softcapping_falls_back_with_a_warning(method, caplog):
 
 def test_short_sliding_window_falls_back_and_matches(caplog):
     """Mistral with a 6-token window over 5 + 9 keys: the kernel cannot do it; eager does."""
-    hf_attention._warned.clear()
+    forget_logged()
     with caplog.at_level(logging.WARNING, logger="prefix_kernels"):
         compare("mistral", "prefix", sliding_window=6)
     assert any("sliding window" in m for m in _fallback_warnings(caplog))
 
 
 def test_long_sliding_window_uses_the_kernel(caplog, monkeypatch):
-    hf_attention._warned.clear()
+    forget_logged()
     calls = []
     original = hf_attention.shared_prefix_attention
     monkeypatch.setattr(hf_attention, "shared_prefix_attention", lambda *a, **k: calls.append(1) or original(*a, **k))
@@ -304,7 +305,7 @@ def test_long_sliding_window_uses_the_kernel(caplog, monkeypatch):
 def test_opt_uses_the_kernel(method, caplog, monkeypatch):
     """OPT's mask is causal + padding: the kernel takes it (transformers 4.57 hands OPT a 4-D additive
     mask of its own making, recognised exactly; 5.x hands it our 2-D mask)."""
-    hf_attention._warned.clear()
+    forget_logged()
     calls = []
     original = hf_attention.shared_prefix_attention
     monkeypatch.setattr(hf_attention, "shared_prefix_attention", lambda *a, **k: calls.append(1) or original(*a, **k))
@@ -315,7 +316,7 @@ def test_opt_uses_the_kernel(method, caplog, monkeypatch):
 
 
 def test_attention_dropout_falls_back(caplog):
-    hf_attention._warned.clear()
+    forget_logged()
     pm = build_peft("gpt2", "prefix_kernels", "prefix", attn_pdrop=0.1)
     ids, mask, labels = batch()
     with caplog.at_level(logging.WARNING, logger="prefix_kernels"):
@@ -349,13 +350,27 @@ def test_apply_to_existing_peft_model_and_revert_restores_it():
     assert pm.get_base_model().config._attn_implementation == "sdpa"
 
 
-def test_models_not_patched_are_left_alone():
-    """With the patch applied, a PEFT model on sdpa attention runs stock PEFT exactly."""
+@pytest.mark.parametrize("method", ["prefix", "prompt"])
+def test_models_not_patched_are_left_alone_with_one_warning(method, caplog):
+    """With the patch applied, a PEFT model on sdpa attention runs stock PEFT exactly, and says
+    once that the patch does nothing for it (a model built without attn_implementation=
+    "prefix_kernels", or wrapped by PEFT before the patch, would otherwise run stock in silence)."""
+    forget_logged()
     ids, mask, labels = batch()
-    pm = build_peft("llama", "sdpa", "prefix")
-    out = pm(input_ids=ids, attention_mask=mask, labels=labels)
+    pm = build_peft("llama", "sdpa", method)
+    with caplog.at_level(logging.WARNING, logger="prefix_kernels"):
+        for _ in range(2):
+            out = pm(input_ids=ids, attention_mask=mask, labels=labels)
     assert not isinstance(out.past_key_values, PrefixCache)
     assert pm.get_base_model().config._attn_implementation == "sdpa"
+    said = [r.getMessage() for r in caplog.records if "has no effect on this model" in r.getMessage()]
+    assert len(said) == 1 and "'sdpa' attention" in said[0] and "apply_prefix_kernels(model)" in said[0]
+    prefix_kernels.apply_prefix_kernels(pm)  # the fix it names
+    forget_logged()
+    with caplog.at_level(logging.WARNING, logger="prefix_kernels"):
+        caplog.clear()
+        pm(input_ids=ids, attention_mask=mask, labels=labels)
+    assert not [r for r in caplog.records if "has no effect" in r.getMessage()]
 
 
 def test_apply_refuses_what_it_cannot_serve():
@@ -487,7 +502,7 @@ def test_prompt_tuning_with_dropout_runs_stock_forward(caplog):
     """OPT keeps hidden dropout 0.1 (functional, read from its layers): at batch 1 the prompt
     positions would share one dropout mask across the batch. Stock PEFT's forward runs instead,
     with a warning, and gives stock's loss for the same seed."""
-    hf_attention._warned.clear()
+    forget_logged()
     ids, mask, labels = batch()
     losses = []
     for attn in ("eager", "prefix_kernels"):
@@ -520,7 +535,7 @@ def test_autocast_with_rope(caplog):
 def test_output_attentions_falls_back_to_eager(method, caplog):
     """The kernels compute no attention weights: output_attentions=True takes the eager fallback
     (with the warning) and returns stock eager's weights over prefix + own keys."""
-    hf_attention._warned.clear()
+    forget_logged()
     ids, mask, labels = batch()
     stock = build_peft("llama", "eager", method)(input_ids=ids, attention_mask=mask, output_attentions=True)
     with caplog.at_level(logging.WARNING, logger="prefix_kernels"):

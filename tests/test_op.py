@@ -195,9 +195,10 @@ def test_torch_backend_matrix(case):
 @pytest.mark.parametrize("case", TORCH_CASES[::6], ids=case_id)
 def test_torch_backend_explicit_path(case, monkeypatch):
     """The torch backend's explicit path (what CUDA tensors take when triton declines), on a CPU."""
-    from prefix_kernels import torch_backend
+    from prefix_kernels.backends import torch_split as torch_backend
 
     monkeypatch.setattr(torch_backend, "FUSED_CPU", False)
+    monkeypatch.setenv("PREFIX_KERNELS_DISABLE_CPU_KERNEL", "1")  # float32 would take the one-pass kernel
     run_case(case, "torch", "cpu")
 
 
@@ -206,9 +207,10 @@ def test_torch_backend_prefix_backward_in_chunks(case, monkeypatch):
     """The CPU path's prefix backward bounds its scores' memory by taking query rows in chunks;
     a budget of 2 * Hq * P score elements leaves two query rows to a chunk. (Cases without lse:
     a gradient through lse takes the explicit path.)"""
-    from prefix_kernels import torch_backend
+    from prefix_kernels.backends.torch_split import aten_cpu
 
-    monkeypatch.setattr(torch_backend, "_PREFIX_BWD_SCORES", 2 * case["Hkv"] * case["ratio"] * case["P"])
+    monkeypatch.setattr(aten_cpu, "_PREFIX_BWD_SCORES", 2 * case["Hkv"] * case["ratio"] * case["P"])
+    monkeypatch.setenv("PREFIX_KERNELS_DISABLE_CPU_KERNEL", "1")  # float32 would take the one-pass kernel
     run_case(case, "torch", "cpu")
 
 
@@ -577,29 +579,32 @@ def test_cpu_fused_path_takes_finite_inputs(monkeypatch, padding, P, G):
     """Finite inputs never fall back to the explicit path, which would only show as a slowdown:
     rows that see no own key (left padding) included. (A finiteness check placed after those
     rows' lse was set to -inf once sent every left-padded batch down the explicit path.)"""
-    from prefix_kernels import torch_backend
+    from prefix_kernels.backends.torch_split import aten_cpu
 
-    declined = []
-    for name in ("_forward_cpu", "_backward_cpu"):
-        original = getattr(torch_backend, name)
+    monkeypatch.setenv("PREFIX_KERNELS_DISABLE_CPU_KERNEL", "1")  # float32 would take the one-pass kernel
+    declined, ran = [], []
+    for name in ("forward", "backward"):
+        original = getattr(aten_cpu, name)
 
         def watched(*args, _original=original, _name=name):
             result = _original(*args)
+            ran.append(_name)
             if result is None:
                 declined.append(_name)
             return result
 
-        monkeypatch.setattr(torch_backend, name, watched)
+        monkeypatch.setattr(aten_cpu, name, watched)
     inp = make_inputs(3, 4, 2, 6, 6, P, 16, G, FP32, "cpu", padding=padding)
     out = run_op(inp, causal=True, backend="torch")
     out.backward(torch.randn_like(out))
-    assert not declined
+    assert ran == ["forward", "backward"] and not declined
 
 
-def test_cpu_mask_bias_cache_never_serves_a_stale_mask():
-    """The torch backend caches the bias of the last kv_mask (every layer passes the same one):
-    an in-place change, a different slice of the same memory, and a new mask that may reuse a
-    freed address must each be seen."""
+def test_cpu_mask_bias_cache_never_serves_a_stale_mask(monkeypatch):
+    """The split path's ATen CPU half caches the bias of the last kv_mask (every layer passes
+    the same one): an in-place change, a different slice of the same memory, and a new mask that
+    may reuse a freed address must each be seen."""
+    monkeypatch.setenv("PREFIX_KERNELS_DISABLE_CPU_KERNEL", "1")  # float32 would take the one-pass kernel
     inp = make_inputs(3, 4, 2, 6, 6, 5, 16, 1, FP32, "cpu", padding="right", requires_grad=False)
     mask = inp["kv_mask"]
     first = run_op(inp, backend="torch")

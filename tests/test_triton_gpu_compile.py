@@ -36,7 +36,7 @@ def _launched_kernel_names() -> set[str]:
     from triton.runtime.interpreter import InterpretedFunction
     from triton.runtime.jit import JITFunction
 
-    from prefix_kernels.triton.kernels import backward, decode, forward
+    from prefix_kernels.backends.triton.kernels import backward, decode, forward
 
     return {name for module in (forward, backward, decode) for name, obj in vars(module).items()
             if isinstance(obj, (JITFunction, InterpretedFunction)) and not name.startswith("_")}

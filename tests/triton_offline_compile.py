@@ -4,7 +4,7 @@ The interpreter (the CPU test lane) runs the kernels' arithmetic but not Triton'
 kernel can pass every interpreted test and still fail to compile for a GPU (a layout the
 backend rejects, a dtype mix tl.dot refuses), or compile to more shared memory than the card
 has, so that its first launch fails. This script runs the real launchers (the same block sizes,
-splits and constexprs a GPU run would pick: their `_on_gpu` is made to say yes) on small CPU
+splits and constexprs a GPU run would pick: `tiles.on_gpu` is made to say yes) on small CPU
 tensors, with a stand-in Triton driver that reports the target architecture, and compiles each
 launch to a cubin with the wheel's own ptxas instead of launching it. Nothing here needs or
 touches a GPU.
@@ -95,7 +95,7 @@ def _cubin_usage(kernel) -> dict:
 
 
 def _training_cases():
-    """(dtype, D, flags): every block-size branch of attention._blocks (D = 80 is padded to a
+    """(dtype, D, flags): every block-size branch of tiles.blocks (D = 80 is padded to a
     128-wide block), each with every constexpr flag on, and one case with them all off."""
     for dtype, D in itertools.product((torch.float16, torch.bfloat16, torch.float32), (16, 64, 80, 128, 256)):
         yield dtype, D, dict(pidx=True, mask=True, causal=True)
@@ -130,13 +130,13 @@ def _inputs(dtype, D, Lq, Lk, flags, *, B=4, Hq=8, Hkv=2, P=300, G=2):
 
 
 def run(capability: int) -> dict:
-    from prefix_kernels.triton import attention, decode
+    from prefix_kernels.backends.triton import decode, tiles
+    from prefix_kernels.backends.triton import train as attention
 
     compiled: list = []
     _install(capability, compiled)
-    for module in (attention, decode):
-        module._on_gpu = lambda device: True
-        module._sm_count = lambda device: SM_COUNT[capability]
+    tiles.on_gpu = lambda device: True
+    tiles.sm_count = lambda device: SM_COUNT[capability]
     for dtype, D, flags in _training_cases():
         q, k, v, pk, pv, pidx, mask = _inputs(dtype, D, 200, 200, flags)
         out, lse = attention.forward(q, k, v, pk, pv, pidx, mask, flags["causal"], D ** -0.5)

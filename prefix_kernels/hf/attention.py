@@ -15,18 +15,16 @@ a slower path, never a different answer.
 
 from __future__ import annotations
 
-import logging
 import math
 import sys
 
 import torch
 
-from ..checks import check_prefix_index
-from ..ops import shared_prefix_attention
-from ..reference import visible_keys
+from .. import api
+from .._core.log import log_once
+from .._core.masks import visible_keys
+from .._core.problem import check_prefix_index
 from . import compat
-
-logger = logging.getLogger("prefix_kernels")
 
 NAME = "prefix_kernels"  # no "flash" in it: transformers treats any such name as flash attention
 
@@ -40,17 +38,8 @@ _UNSUPPORTED_KWARGS = {
     "position_bias": "a position bias",
 }
 
-_warned: set = set()
-
-
-def warn_once(message: str) -> None:
-    if message not in _warned:
-        _warned.add(message)
-        logger.warning(message)
-
-
 def _warn_fallback_once(reason: str) -> None:
-    warn_once(f"prefix_kernels: falling back to the model's eager attention: {reason}")
+    log_once(f"prefix_kernels: falling back to the model's eager attention: {reason}")
 
 
 def _mask_interface_fns():
@@ -131,7 +120,7 @@ def _check_prefix_shape(module, prefix_k, key) -> None:
         )
 
 
-def _check_cache_index(prefix_index, B: int, prefix_k) -> None:
+def _check_cache_index(prefix_index, B: int, prefix_k, values: bool) -> None:
     """The PrefixCache's prefix_index against this call, on every path (the eager fallback indexes
     with it too: a uint8 index would select as a mask there, a -1 wrap around)."""
     if isinstance(prefix_index, torch.Tensor) and prefix_index.dim() == 1 and prefix_index.shape[0] not in (B, 0) \
@@ -140,7 +129,7 @@ def _check_cache_index(prefix_index, B: int, prefix_k) -> None:
             f"prefix_index of the PrefixCache has {prefix_index.shape[0]} entries for a batch of {B}: with "
             f"num_beams or num_return_sequences, pass prefix_index.repeat_interleave({B // prefix_index.shape[0]}) "
             "(generate does not expand a cache that is passed in)")
-    check_prefix_index(prefix_index, B, prefix_k.shape[0], prefix_k.device)
+    check_prefix_index(prefix_index, B, prefix_k.shape[0], prefix_k.device, values=values)
 
 
 def attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
@@ -150,7 +139,7 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
     # a layer without prefix (None in the PrefixCache) has no prefixes to choose from
     prefix_index = shared.prefix_index if layer_prefix is not None else None
     if prefix_index is not None:
-        _check_cache_index(prefix_index, query.shape[0], layer_prefix[0])
+        _check_cache_index(prefix_index, query.shape[0], layer_prefix[0], values=not shared.index_checked)
     scale = _scale(module, query, scaling)
     causal = bool(getattr(module, "is_causal", True))
     if layer_prefix is not None:
@@ -183,9 +172,9 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
     kv_mask = None
     if attention_mask is not None:
         kv_mask = attention_mask[:, attention_mask.shape[-1] - Lk:]  # not [-Lk:]: Lk may be 0
-    out = shared_prefix_attention(
+    out = api.attention(
         query, key, value, prefix_k, prefix_v, prefix_index=prefix_index, kv_mask=kv_mask,
-        causal=causal, scale=scale,
+        causal=causal, scale=scale, index_checked=prefix_index is not None and shared.index_checked,
     )
     return out.transpose(1, 2), None
 

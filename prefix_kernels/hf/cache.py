@@ -19,6 +19,8 @@ from typing import Optional, Sequence
 import torch
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
+from .._core.problem import check_index_range
+
 
 @dataclass(frozen=True)
 class SharedPrefix:
@@ -30,6 +32,7 @@ class SharedPrefix:
 
     layers: tuple
     prefix_index: Optional[torch.Tensor]
+    index_checked: bool = False  # prefix_index's values checked once for this forward (every layer)
 
     def for_layer(self, layer_idx):
         if layer_idx is None or layer_idx >= len(self.layers):
@@ -113,8 +116,8 @@ class PrefixCache(DynamicCache):
     """A DynamicCache whose every layer holds a shared prefix once for the whole batch.
 
     Build it from per-layer (prefix_k, prefix_v) pairs of shape (G, Hkv, P, D) (or None for a layer
-    without prefix) and an optional prefix_index (B,) choosing each request's prefix (None: prefix 0
-    for everyone). Pass it as the model's cache (``past_key_values=`` / ``cache=``) on a model
+    without prefix) and an optional prefix_index (B,) choosing each request's prefix (None only with
+    G = 1: one prefix for everyone; with several, the attention raises, naming prefix_index). Pass it as the model's cache (``past_key_values=`` / ``cache=``) on a model
     prepared by `prefix_kernels.apply_prefix_kernels`.
     """
 
@@ -167,10 +170,18 @@ class PrefixCache(DynamicCache):
         return cls(prefixes, prefix_index)
 
     def shared_prefix(self) -> SharedPrefix:
-        return SharedPrefix(
-            tuple(None if l.prefix_keys is None else (l.prefix_keys, l.prefix_values) for l in self.layers),
-            self.prefix_index,
-        )
+        """The prefix for one forward. prefix_index's values are checked here, once for every
+        layer (one device sync per forward, not per layer); its type and shape are checked by
+        each layer's call, which knows the batch."""
+        layers = tuple(None if l.prefix_keys is None else (l.prefix_keys, l.prefix_values) for l in self.layers)
+        index = self.prefix_index
+        checked = False
+        counts = [pair[0].shape[0] for pair in layers if pair is not None]
+        if (counts and isinstance(index, torch.Tensor) and index.dim() == 1 and index.numel()
+                and not index.is_floating_point() and not index.is_complex() and index.dtype != torch.bool):
+            check_index_range(index, min(counts))
+            checked = True
+        return SharedPrefix(layers, index, checked)
 
     @property
     def prefix_length(self) -> int:

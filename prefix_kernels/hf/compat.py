@@ -33,7 +33,8 @@ import weakref
 
 import torch
 
-logger = logging.getLogger("prefix_kernels")
+from .._core.log import log_once
+from .._core.masks import visible_keys
 
 
 def _version(module_name: str) -> tuple:
@@ -78,8 +79,8 @@ def force_non_reentrant_checkpointing(stack) -> None:
         replacement = functools.partial(func.func, *func.args, **{**func.keywords, "use_reentrant": False})
         module._gradient_checkpointing_func = replacement
         module._prefix_kernels_replaced_checkpointing = (func, replacement)
-        _log_once("gradient checkpointing switched to use_reentrant=False (reentrant checkpointing would "
-                  "backpropagate through the shared prefix once per layer)")
+        log_once("prefix_kernels: gradient checkpointing switched to use_reentrant=False (reentrant checkpointing would "
+                  "backpropagate through the shared prefix once per layer)", logging.INFO)
 
 
 def restore_checkpointing(model) -> None:
@@ -89,15 +90,6 @@ def restore_checkpointing(model) -> None:
         replaced = vars(module).pop("_prefix_kernels_replaced_checkpointing", None)
         if replaced is not None and getattr(module, "_gradient_checkpointing_func", None) is replaced[1]:
             module._gradient_checkpointing_func = replaced[0]
-
-
-_logged: set = set()
-
-
-def _log_once(message: str) -> None:
-    if message not in _logged:
-        _logged.add(message)
-        logger.info("prefix_kernels: %s", message)
 
 
 # ------------------------------------------------------------------ OPT's 4-D additive mask (4.57)
@@ -125,8 +117,6 @@ def padding_from_additive_mask(mask: torch.Tensor, P: int, Lq: int, Lk: int, cau
     result = None
     B = mask.shape[0]
     if mask.shape[1] == 1 and mask.shape[2] == Lq and mask.shape[3] == P + Lk:
-        from ..reference import visible_keys
-
         row = mask[:, 0, -1, :] == 0  # (B, P + Lk)
         allowed = torch.cat([row.new_ones(B, 1, Lq, P), visible_keys(B, Lq, Lk, row[:, P:], causal, mask.device)], -1)
         expected = torch.zeros_like(mask).masked_fill(~allowed, torch.finfo(mask.dtype).min)

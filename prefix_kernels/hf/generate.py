@@ -20,7 +20,7 @@ from transformers.cache_utils import DynamicCache
 
 from . import compat
 from .cache import PrefixCache
-from .patch import _cache_key, _peft_type, _transformers_model, apply_prefix_kernels
+from .patch import cache_key, peft_type, transformers_model, apply_prefix_kernels
 
 
 def _returned_cache(output):
@@ -44,7 +44,7 @@ def _refuse(model, generate_kwargs: dict) -> None:
     peft_config = getattr(model, "active_peft_config", None)
     if peft_config is not None and getattr(peft_config, "is_prompt_learning", False):
         raise ValueError(
-            f"model: a PEFT {_peft_type(peft_config)} model; its virtual tokens would be lost behind the shared "
+            f"model: a PEFT {peft_type(peft_config)} model; its virtual tokens would be lost behind the shared "
             "prompt's cache. Call its own generate() (patched by apply_prefix_kernels) on the full inputs")
     if "past_key_values" in generate_kwargs or "cache" in generate_kwargs:
         raise ValueError("generate_kwargs: a cache cannot be passed; the shared prefix's cache is built here")
@@ -135,12 +135,12 @@ def generate(model, input_ids: torch.Tensor, attention_mask: Optional[torch.Tens
     with torch.no_grad():
         # A cache of full layers: a sliding-window layer would keep only the window's last tokens
         # of the prompt, and the requests' keys would then sit at the wrong distance from it.
-        prompt_cache = {compat.cache_kwarg(_transformers_model(model)): DynamicCache()}
+        prompt_cache = {compat.cache_kwarg(transformers_model(model)): DynamicCache()}
         prompt_out = model(input_ids=shared_prefix, use_cache=True, output_hidden_states=hidden, **prompt_cache)
     cache = PrefixCache.from_cache(_returned_cache(prompt_out))
     # generate() continues from a cache holding the first S tokens of `full`: it feeds only the
     # rest at the first step, with positions counted from S (the cache's length).
-    cache_kwarg = {_cache_key(model, {}): cache}  # "cache" from transformers 5.24, "past_key_values" before
+    cache_kwarg = {cache_key(model, {}): cache}  # "cache" from transformers 5.24, "past_key_values" before
     result = model.generate(input_ids=full, attention_mask=mask, **cache_kwarg, **generate_kwargs)
     if hidden:
         _prepend_shared_hidden_states(result, prompt_out.hidden_states)

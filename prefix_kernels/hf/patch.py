@@ -24,6 +24,7 @@ import functools
 import torch
 from torch import nn
 
+from .._core.log import log_once
 from . import attention, compat, delivery
 from .cache import PrefixCache
 from .prompt import checkpointing_off, dropout_in_training, shared_prompt_forward
@@ -37,15 +38,34 @@ def uses_prefix_kernels(model) -> bool:
     return getattr(getattr(base, "config", None), "_attn_implementation", None) == attention.NAME
 
 
-def _peft_type(config):
+def peft_type(config):
     return getattr(config.peft_type, "value", config.peft_type)
+
+
+PROMPT_LEARNING = ("PREFIX_TUNING", "PROMPT_TUNING", "P_TUNING")
+
+
+def warn_if_not_served(peft_model, config) -> None:
+    """Once per process: PEFT prompt learning is running on a model whose attention is not
+    "prefix_kernels", so the patch, although applied, does nothing for it (the prefix or prompt
+    is copied per request, as in stock PEFT). The usual cause: the model was built without
+    attn_implementation="prefix_kernels", or wrapped by PEFT before the patch was applied."""
+    if peft_type(config) not in PROMPT_LEARNING or uses_prefix_kernels(peft_model):
+        return
+    base = peft_model.get_base_model() if hasattr(peft_model, "get_base_model") else peft_model
+    impl = getattr(getattr(base, "config", None), "_attn_implementation", None)
+    log_once(f"prefix_kernels: PEFT {peft_type(config).lower()} runs on {impl!r} attention, not 'prefix_kernels': "
+             "apply_prefix_kernels() has no effect on this model and its prompt is copied per request as in stock "
+             "PEFT. Build the model with attn_implementation='prefix_kernels' after apply_prefix_kernels(), or "
+             "switch this one over with prefix_kernels.apply_prefix_kernels(model)")
 
 
 def _wrap_get_prompt(original):
     @functools.wraps(original)
     def get_prompt(self, batch_size, task_ids=None, max_cache_len=None, **kwargs):
         config = self.active_peft_config
-        if (_peft_type(config) == "PREFIX_TUNING" and uses_prefix_kernels(self)
+        warn_if_not_served(self, config)
+        if (peft_type(config) == "PREFIX_TUNING" and uses_prefix_kernels(self)
                 and getattr(config, "num_transformer_submodules", 1) == 1):
             from transformers.cache_utils import Cache
 
@@ -67,7 +87,7 @@ def _wrap_setup_prompt_encoder(original):
             return original(self, adapter_name)
         # Hook the decoder stacks now, outside any compiled forward (see delivery.py).
         delivery.install(self.get_base_model())
-        if _peft_type(config) == "PREFIX_TUNING":
+        if peft_type(config) == "PREFIX_TUNING":
             compat.check_peft_prefix_layout(self)  # fail at get_peft_model, not at the first step
             with checkpointing_off(self.get_base_model()):
                 return original(self, adapter_name)
@@ -80,11 +100,11 @@ def _wrap_causal_lm_forward(original):
     @functools.wraps(original)
     def forward(self, *args, **kwargs):
         config = self.active_peft_config
-        if _peft_type(config) in ("PROMPT_TUNING", "P_TUNING") and uses_prefix_kernels(self) and not args:
+        if peft_type(config) in ("PROMPT_TUNING", "P_TUNING") and uses_prefix_kernels(self) and not args:
             dropout = dropout_in_training(self.base_model)
             if dropout is None:
                 return shared_prompt_forward(self, **kwargs)
-            attention.warn_once(f"prefix_kernels: prompt tuning runs stock PEFT's forward (the soft prompt per "
+            log_once(f"prefix_kernels: prompt tuning runs stock PEFT's forward (the soft prompt per "
                               f"request) while dropout acts in training ({dropout}): at batch 1 every request "
                               "would share one dropout mask on the prompt")
         return original(self, *args, **kwargs)
@@ -92,7 +112,7 @@ def _wrap_causal_lm_forward(original):
     return forward
 
 
-def _cache_key(base, inputs) -> str:
+def cache_key(base, inputs) -> str:
     """Where this transformers version puts the cache among a model's inputs ("cache" from 5.24)."""
     for key in ("cache", "past_key_values"):
         if key in inputs:
@@ -104,14 +124,14 @@ def _wrap_prepare_inputs_for_generation(original):
     @functools.wraps(original)
     def prepare_inputs_for_generation(self, *args, task_ids=None, **kwargs):
         config = self.active_peft_config
-        if _peft_type(config) != "PREFIX_TUNING" or not uses_prefix_kernels(self):
+        if peft_type(config) != "PREFIX_TUNING" or not uses_prefix_kernels(self):
             return original(self, *args, task_ids=task_ids, **kwargs)
         # PEFT <= 0.21 reads and injects `past_key_values`; transformers 5.24 calls it `cache`, so
         # stock PEFT re-injects a fresh prompt every step there. Here the PrefixCache is injected
         # once, under the key this transformers version uses, and then carried by generate
         # (with use_cache=False: injected again every step, and cache_position shifted only once).
         inputs = self.base_model_prepare_inputs_for_generation(*args, **kwargs)
-        key = _cache_key(self.get_base_model(), inputs)
+        key = cache_key(self.get_base_model(), inputs)
         cache = inputs.get(key)
         first = inputs.get("input_ids") if inputs.get("input_ids") is not None else inputs["inputs_embeds"]
         batch_size = first.shape[0]
@@ -157,7 +177,7 @@ def _unpatch_peft() -> None:
     _originals.clear()
 
 
-def _transformers_model(model) -> nn.Module:
+def transformers_model(model) -> nn.Module:
     from transformers import PreTrainedModel
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -181,7 +201,7 @@ def apply_prefix_kernels(model=None):
     _patch_peft()
     if model is None:
         return None
-    base = _transformers_model(model)
+    base = transformers_model(model)
     previous = getattr(base.config, "_attn_implementation", None)
     if previous != attention.NAME:
         base.set_attn_implementation(attention.NAME)

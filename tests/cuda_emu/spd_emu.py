@@ -84,7 +84,7 @@ def build() -> ctypes.CDLL:
 def decode(dll, q, k, v, pk, pv, prefix_index, kv_mask, causal: bool, scale: float, sms: int = H100_SMS,
            fuse_parts: bool = False):
     """(out (B, Hq, Lq, D) in q's dtype, memory (B, Lq, Hq, D); lse (B, Hq, Lq) float32, natural log)."""
-    from prefix_kernels.triton.decode import _block_starts, _requests_by_prefix
+    from prefix_kernels._core.grouping import row_block_starts as _block_starts, sorted_by_prefix
 
     B, Hq, Lq, D = q.shape
     G, Hkv, P, _ = pk.shape
@@ -98,7 +98,7 @@ def decode(dll, q, k, v, pk, pv, prefix_index, kv_mask, causal: bool, scale: flo
     lse = torch.full((B, Hq, Lq), float("nan"), dtype=torch.float32)
     if prefix_index is None:
         prefix_index = torch.zeros(B, dtype=torch.long)
-    order, starts = _requests_by_prefix(prefix_index, G)
+    order, starts = sorted_by_prefix(prefix_index, prefix_index.shape[0], G, prefix_index.device)
     block_starts = _block_starts(starts, plan.group_rows, plan.rows_per_block, G)
     ws_out = torch.full((max(1, plan.ws_out_elems),), float("nan"))
     ws_lse = torch.full((max(1, plan.ws_lse_elems),), float("nan"))

@@ -13,16 +13,18 @@ On a CPU: a small model (one to two minutes on 2 cores). On a GPU: a ~1B-paramet
 
 from __future__ import annotations
 
+import logging
 import multiprocessing as mp
 import queue as queue_module
 import re
 import statistics
 import time
+import warnings
 from dataclasses import asdict, dataclass
 
 import torch
 
-from .data import load_e2e
+from ..data import load_e2e
 
 PAD, BOS, EOS, SEP = 0, 1, 2, 3
 
@@ -90,6 +92,39 @@ def make_batches(cfg: DemoConfig, rows, tok: WordTokenizer) -> list:
     return batches
 
 
+class _StockOnPurpose(logging.Filter):
+    """The demo's stock model runs stock PEFT on SDPA on purpose: the package's warning that the
+    patch does nothing for such a model is no news here."""
+
+    def filter(self, record):
+        return "has no effect on this model" not in record.getMessage()
+
+
+def quiet() -> None:
+    """A clean report: no deprecation warnings or progress bars from transformers' internals (the
+    demo's own progress bars stay, and vanish when done)."""
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
+    logger = logging.getLogger("prefix_kernels")
+    if not any(isinstance(f, _StockOnPurpose) for f in logger.filters):
+        logger.addFilter(_StockOnPurpose())
+
+
+def _progress(items, desc: str, show: bool):
+    if not show:
+        return items
+    from tqdm.auto import tqdm
+
+    return tqdm(items, desc=desc, leave=False)
+
+
 def _build(cfg: DemoConfig, patched: bool, vocab: int):
     from peft import PrefixTuningConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -121,6 +156,7 @@ def _peak_mib(device: str) -> float:
 
 def train(cfg: DemoConfig, patched: bool, queue=None, progress: bool = True) -> dict:
     """One run; returns losses, per-step seconds, tokens per step and peak memory."""
+    quiet()
     rows = load_e2e()
     tok = WordTokenizer(rows)
     batches = make_batches(cfg, rows, tok)
@@ -132,12 +168,7 @@ def train(cfg: DemoConfig, patched: bool, queue=None, progress: bool = True) -> 
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     losses, seconds, tokens = [], [], []
-    steps = batches
-    if progress:
-        from tqdm.auto import tqdm
-
-        steps = tqdm(batches, desc="patched" if patched else "stock  ", leave=True)
-    for batch in steps:
+    for batch in _progress(batches, "patched" if patched else "stock  ", progress):
         batch = {k: v.to(cfg.device) for k, v in batch.items()}
         if cuda:
             torch.cuda.synchronize()
@@ -208,13 +239,14 @@ def _exit_reason(code) -> str:
     return f"killed by signal {-code}" if code is not None and code < 0 else f"exit code {code}"
 
 
-def interleaved_seconds(cfg: DemoConfig, rounds: int | None = None) -> dict:
+def interleaved_seconds(cfg: DemoConfig, rounds: int | None = None, progress: bool = True) -> dict:
     """Step times of both models measured in alternation, in this process, on the same batches.
 
     Timing the two runs one after the other lets any drift of a shared machine (on the 2-core CPU
     this was written on: +-10% from run to run) land on one side; alternating steps, with the
     order switched every round, puts both under the same conditions. The stock model keeps SDPA:
     every patch acts only on models whose attention is "prefix_kernels"."""
+    quiet()
     rows = load_e2e()
     tok = WordTokenizer(rows)
     batches = make_batches(cfg, rows, tok)
@@ -223,7 +255,7 @@ def interleaved_seconds(cfg: DemoConfig, rounds: int | None = None) -> dict:
     cuda = cfg.device.startswith("cuda")
     seconds = {"stock": [], "patched": []}
     rounds = rounds or len(batches)
-    for i in range(rounds):
+    for i in _progress(range(rounds), "timing both, alternated", progress):
         batch = {k: v.to(cfg.device) for k, v in batches[i % len(batches)].items()}
         for name in (("stock", "patched") if i % 2 == 0 else ("patched", "stock")):
             model = models[name]

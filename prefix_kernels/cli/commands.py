@@ -7,8 +7,20 @@ import os
 import sys
 from pathlib import Path
 
-# The backends `verify` checks (verify.BACKENDS; a test keeps the two equal). Spelled out here so
-# that building the parser (and --help) does not import torch.
+import prefix_kernels
+
+from .. import jit
+from .._core import env
+from .._core.problem import Problem
+from ..backends import decode_choice, registry
+from ..backends import cpu_kernel
+from ..backends.cuda import build as cuda_build
+from . import verify
+from .demo import ChildRunError, run_demo
+
+PACKAGE_ROOT = Path(prefix_kernels.__file__).resolve().parent
+
+# The backends `verify` checks (verify.BACKENDS; a test keeps the two equal).
 VERIFY_BACKENDS = ("cuda", "triton", "torch")
 
 
@@ -66,7 +78,6 @@ def _make_out(args, smoke: bool) -> Path:
 
 
 def _demo(args) -> int:
-    from .demo import ChildRunError, run_demo
 
     try:
         run_demo(args.device, args.steps)
@@ -76,27 +87,13 @@ def _demo(args) -> int:
     return 0
 
 
-# what each PREFIX_KERNELS_* variable the package reads does (benchmarks and tests read two more)
-ENVIRONMENT = {
-    "PREFIX_KERNELS_BACKEND": "overrides backend='auto'",
-    "PREFIX_KERNELS_DISABLE_CUDA": "CUDA decode backend off when not '' or '0'",
-    "PREFIX_KERNELS_DISABLE_CPU_KERNEL": "float32 CPU kernel off when not '' or '0'",
-    "PREFIX_KERNELS_CACHE": "build cache folder",
-    "PREFIX_KERNELS_VERBOSE_BUILD": "compiler commands shown",
-    "PREFIX_KERNELS_COMMIT": "benchmarks: commit written into rows",
-    "PREFIX_KERNELS_GPU_EXAMPLES": "tests: draws per GPU fuzz test",
-}
-
-
 def _environment_rows(environ=None) -> list:
     """One row per PREFIX_KERNELS_* variable that is set: its value and effect, or that nothing
     reads it (a misspelt name is otherwise silently without effect)."""
-    import os
-
     environ = os.environ if environ is None else environ
     rows = []
     for name in sorted(n for n in environ if n.startswith("PREFIX_KERNEL")):
-        effect = ENVIRONMENT.get(name, "not read by prefix_kernels: misspelt? known: " + ", ".join(ENVIRONMENT))
+        effect = env.DESCRIPTIONS.get(name, "not read by prefix_kernels: misspelt? known: " + ", ".join(env.DESCRIPTIONS))
         rows.append((name, f"{environ[name]!r} ({effect})"))
     return rows
 
@@ -106,9 +103,6 @@ def _info(args) -> int:
 
     import torch
 
-    from . import __version__
-    from .checks import Problem
-    from .dispatch import DECODE_REASONS, REASONS
 
     def version(name):
         try:
@@ -116,28 +110,19 @@ def _info(args) -> int:
         except Exception as exc:  # not installed, or broken
             return f"not available ({type(exc).__name__})"
 
-    rows = [("prefix_kernels", __version__), ("python", platform.python_version()), ("torch", torch.__version__)]
+    rows = [("prefix_kernels", prefix_kernels.__version__), ("python", platform.python_version()), ("torch", torch.__version__)]
     rows += [(name, version(name)) for name in ("triton", "transformers", "peft")]
     cuda = torch.cuda.is_available()
     rows.append(("device", torch.cuda.get_device_name(0) if cuda else f"cpu ({platform.machine()}), no CUDA device"))
-    rows.append(("TRITON_INTERPRET", __import__("os").environ.get("TRITON_INTERPRET", "unset")))
-    try:
-        from .cuda import build
-
-        rows.append(("CUDA build cache", str(build.cache_root())))
-        rows.append(("nvcc", build.find_nvcc() or "not found"))
-    except Exception as exc:
-        rows.append(("CUDA build cache", f"unavailable ({exc})"))
-    from . import cpu_kernel
-
+    rows.append(("TRITON_INTERPRET", os.environ.get("TRITON_INTERPRET", "unset")))
+    rows.append(("build cache", str(jit.cache_root())))
+    rows.append(("nvcc", cuda_build.find_nvcc() or "not found"))
     why = cpu_kernel.unavailable()  # builds it (about 10 s) if it is not cached yet
     rows.append(("CPU kernel (float32)", "built (one pass: prefix and own keys in one row)" if why is None
                  else f"unavailable, split path used: {why}"))
-    from .decode_choice import TABLE, load_table
-
-    measured = load_table()
+    measured = decode_choice.load_table()
     rows.append(("decode auto order", (
-        f"measured on {', '.join(sorted(measured))} ({sum(map(len, measured.values()))} shapes, {TABLE.name})"
+        f"measured on {', '.join(sorted(measured))} ({sum(map(len, measured.values()))} shapes, {decode_choice.TABLE.name})"
         if measured else "nothing measured yet: cuda, then triton (python benchmarks/decode_choice.py)")))
     rows += _environment_rows()
     width = max(len(k) for k, _ in rows)
@@ -148,7 +133,8 @@ def _info(args) -> int:
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
         p = Problem(B=8, Hq=32, Hkv=8, Lq=512, Lk=512, D=128, G=1, P=64, dtype=dtype, device=device)
         d = Problem(B=8, Hq=32, Hkv=8, Lq=1, Lk=512, D=128, G=1, P=64, dtype=dtype, device=device)
-        for path, table, problem in (("train", REASONS, p), ("decode", DECODE_REASONS, d)):
+        for path, table, problem in (("train", registry.reasons_table(False), p),
+                                     ("decode", registry.reasons_table(True), d)):
             for name, reasons in table.items():
                 why = reasons(problem)
                 print(f"  {str(dtype).replace('torch.', ''):9} {path:7} {name:9} {'ok' if not why else '; '.join(why)}")
@@ -156,9 +142,7 @@ def _info(args) -> int:
 
 
 def _verify(args) -> int:
-    from .verify import run
-
-    return 0 if run(args.device, quick=args.quick, backends=args.backend) else 1
+    return 0 if verify.run(args.device, quick=args.quick, backends=args.backend) else 1
 
 
 WORKLOADS = ("attention", "decode", "train_step", "generate")
@@ -167,9 +151,7 @@ WORKLOADS = ("attention", "decode", "train_step", "generate")
 def benchmarks_dir() -> Path:
     """The repository's benchmarks/ folder, next to the package in a checkout (editable install or
     PYTHONPATH); an installed wheel has none."""
-    from . import __file__ as package_init
-
-    return Path(package_init).resolve().parents[1] / "benchmarks"
+    return PACKAGE_ROOT.parent / "benchmarks"
 
 
 def _shape_summary(shape: dict) -> str:
@@ -205,6 +187,13 @@ def _first_line(reason) -> str:
     return line[:REASON_WIDTH - 4].rstrip() + " ..." if more else line
 
 
+# A smoke row ran tiny shapes, on a CPU with the Triton kernels interpreted: interpreted Triton
+# against compiled ATen reads as 2-50x slower, which says nothing about either on a GPU.
+SMOKE_OK = "ran (smoke: checks the script, not a speed)"
+SMOKE_NOTE = ("smoke rows: tiny shapes, the Triton kernels interpreted on a CPU; they check that each benchmark "
+              "script runs, and their times are not speeds")
+
+
 def format_rows(rows: list[dict]) -> str:
     """A readable table of benchmark rows: what ran, how fast, how much memory, or why not."""
     header = ("workload", "mode", "provider", "shape", "median ms", "rate", "peak MiB", "status")
@@ -216,7 +205,7 @@ def format_rows(rows: list[dict]) -> str:
             _ms(r["median_ms"]) if ok and r.get("median_ms") is not None else "-",
             _rate(r) if ok else "-",
             _number(r["peak_mib"]) if r.get("peak_mib") is not None else "-",
-            "ok" if ok else f"{r.get('status', '?')}: {_first_line(r.get('reason', ''))}",
+            (SMOKE_OK if r.get("smoke") else "ok") if ok else f"{r.get('status', '?')}: {_first_line(r.get('reason', ''))}",
         ))
     widths = [max(len(str(x)) for x in col) for col in zip(header, *table)]
     widths[-1] = len(header[-1])  # the reason runs on; do not pad to it
@@ -225,29 +214,15 @@ def format_rows(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-# Runs one benchmark script's main() in a child process and writes the rows it returns to a file.
-_CHILD = """
-import importlib, json, sys
-bench, workload, rows_file, *argv = sys.argv[1:]
-sys.path.insert(0, bench)
-sys.argv = [bench + "/bench_" + workload + ".py", *argv]  # a script may read its flags at import
-rows = importlib.import_module("bench_" + workload).main(argv)
-with open(rows_file, "w") as f:
-    json.dump(rows or [], f)
-"""
-
-
 def _child_env(interpret: bool) -> dict:
     """This process's environment, plus this package first on the path (the child must import
     the same prefix_kernels) and, on a CPU, the Triton interpreter."""
-    from . import __file__ as package_init
-
-    env = dict(os.environ)
-    root = str(Path(package_init).resolve().parents[1])
-    env["PYTHONPATH"] = os.pathsep.join([root] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    child = dict(os.environ)
+    root = str(PACKAGE_ROOT.parent)
+    child["PYTHONPATH"] = os.pathsep.join([root] + ([child["PYTHONPATH"]] if child.get("PYTHONPATH") else []))
     if interpret:
-        env.setdefault("TRITON_INTERPRET", "1")
-    return env
+        child.setdefault("TRITON_INTERPRET", "1")
+    return child
 
 
 def run_workload(bench: Path, workload: str, argv: list, interpret: bool) -> list:
@@ -263,7 +238,8 @@ def run_workload(bench: Path, workload: str, argv: list, interpret: bool) -> lis
 
     with tempfile.TemporaryDirectory() as tmp:
         rows_file = Path(tmp) / "rows.json"
-        done = subprocess.run([sys.executable, "-c", _CHILD, str(bench), workload, str(rows_file), *argv],
+        done = subprocess.run([sys.executable, "-m", "prefix_kernels.cli.bench_child", str(bench), workload,
+                               str(rows_file), *argv],
                               check=False, env=_child_env(interpret))
         if done.returncode != 0 or not rows_file.is_file():
             raise RuntimeError(f"bench_{workload}.py exited with code {done.returncode} (its output is above)")
@@ -296,6 +272,8 @@ def _bench(args) -> int:
             failed.append(workload)
             print(f"{workload} failed: {type(exc).__name__}: {exc}", file=sys.stderr)
     print(f"\n{len(written)} rows written under {out}\n")
+    if any(r.get("smoke") for r in written):
+        print(SMOKE_NOTE + "\n")
     print(format_rows(written))
     if args.plot:
         if str(bench) not in sys.path:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-TABLE = Path(__file__).resolve().parent / "data" / "decode_choice.json"
+TABLE = Path(__file__).resolve().parents[1] / "data" / "decode_choice.json"
 CHOICES = ("cuda", "triton")
 DEFAULT = "cuda"
 

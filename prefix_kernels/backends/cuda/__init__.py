@@ -1,6 +1,6 @@
 """CUDA C++ backend of shared-prefix decoding (csrc/), built just in time on first use.
 
-Two functions for the dispatcher:
+Two functions for the registry (BACKEND, below):
 
     decode_reasons(problem)  -> list[str]    why these kernels cannot take the case ([]: they can)
     decode_forward(q, k, v, prefix_k, prefix_v, prefix_index, kv_mask, causal, scale)
@@ -20,24 +20,26 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 from typing import Optional
 
 import torch
 from torch import Tensor
 
+from ..._core import config
+from ..._core import env as config_env
+from ..._core.layout import bhld
+from ..._core.problem import MAX_DECODE_LQ
+from ..base import Backend, functions_of
 from . import build
 
 __all__ = ["decode_reasons", "decode_forward"]
 
 HEAD_DIMS = (64, 80, 96, 128, 256)  # SPD_FOR_EACH_HEAD_DIM in csrc/shared_prefix_decode.cu
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-MAX_LQ = 16  # SPD_MAX_LQ
+MAX_LQ = MAX_DECODE_LQ  # SPD_MAX_LQ in csrc/shared_prefix_decode.h: the two must agree
 _INT32_MAX = 2**31 - 1
 _GRID_YZ_MAX = 65535
-# Default of decode_forward(fuse_parts=None): the two attention kernels as one launch whose blocks
-# alternate between the prefix and the per-request part (csrc/shared_prefix_decode.cuh,
-# parts_kernel). False until a GPU run shows it faster; bench_decode.py times both.
-FUSE_PARTS = False
 
 
 def _reasons(p) -> list[str]:
@@ -45,7 +47,7 @@ def _reasons(p) -> list[str]:
     if p.device.type != "cuda":
         reasons.append(f"not CUDA tensors (device {p.device})")
     if build.disabled():
-        reasons.append(f"disabled by {build.ENV_DISABLE}={os.environ.get(build.ENV_DISABLE)}")
+        reasons.append(f"disabled by {config_env.DISABLE_CUDA}={os.environ.get(config_env.DISABLE_CUDA)}")
     if p.dtype not in DTYPES:
         reasons.append(f"dtype {p.dtype} is not float16, bfloat16 or float32")
     if p.D not in HEAD_DIMS:
@@ -79,7 +81,7 @@ def _device_unavailable(device: str) -> str:
 def decode_reasons(problem) -> list[str]:
     """Why the CUDA decode kernels cannot compute this case; [] when they can.
 
-    `problem` is a prefix_kernels.checks.Problem (B, Hq, Hkv, Lq, Lk, D, G, P, dtype, device).
+    `problem` is a prefix_kernels._core.problem.Problem (B, Hq, Hkv, Lq, Lk, D, G, P, dtype, device).
     For a case they could take, the first call builds (or loads from the cache) the extension,
     which can take a minute. Never raises: an unexpected error becomes a reason.
     """
@@ -109,8 +111,7 @@ def _decode_cuda(
 @_decode_cuda.register_fake
 def _decode_cuda_fake(q, k, v, prefix_k, prefix_v, prefix_index, kv_mask, causal, scale, fuse_parts=False):
     B, Hq, Lq, D = q.shape
-    out = q.new_empty((B, Lq, Hq, D)).transpose(1, 2)  # the layout of prefix_kernels.ops.out_layout
-    return out, q.new_empty((B, Hq, Lq), dtype=torch.float32)
+    return bhld(B, Hq, Lq, D, q), q.new_empty((B, Hq, Lq), dtype=torch.float32)
 
 
 def decode_forward(q, k, v, prefix_k, prefix_v, prefix_index=None, kv_mask=None, causal=True, scale=None,
@@ -124,10 +125,10 @@ def decode_forward(q, k, v, prefix_k, prefix_v, prefix_index=None, kv_mask=None,
     Returns out (B, Hq, Lq, D) in q's dtype and lse (B, Hq, Lq) float32, natural log; a row with
     no visible key gets out 0 and lse -inf. Call decode_reasons first: this raises when the
     extension cannot be built. fuse_parts: the prefix and per-request kernels as one launch with
-    interleaved blocks (parts_kernel; same result); None takes FUSE_PARTS.
+    interleaved blocks (parts_kernel; same result); None takes _core.config.FUSE_PARTS["cuda"].
     """
     if fuse_parts is None:
-        fuse_parts = FUSE_PARTS
+        fuse_parts = config.FUSE_PARTS["cuda"]
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
     if prefix_index is not None and prefix_index.dtype not in (torch.int32, torch.int64):
@@ -135,3 +136,7 @@ def decode_forward(q, k, v, prefix_k, prefix_v, prefix_index=None, kv_mask=None,
     return torch.ops.prefix_kernels.decode_cuda(
         q, k, v, prefix_k, prefix_v, prefix_index, kv_mask, bool(causal), float(scale), bool(fuse_parts)
     )
+
+
+NAME = "cuda"
+BACKEND = Backend(NAME, NAME, function=functions_of(sys.modules[__name__]), decode_reasons=decode_reasons)

@@ -14,12 +14,11 @@ from dataclasses import dataclass
 
 import torch
 
-from . import accuracy
-from .checks import check_inputs
-from .decode import shared_prefix_decode
-from .dispatch import DECODE_REASONS, REASONS
-from .ops import shared_prefix_attention
-from .reference import reference_attention
+from .._core import accuracy
+from .._core.problem import check_inputs
+from ..api import shared_prefix_attention, shared_prefix_decode
+from ..backends import registry
+from ..backends.reference import reference_attention
 
 NAMES = ("q", "k", "v", "prefix_k", "prefix_v")
 
@@ -93,7 +92,10 @@ def check(c: Case, backend: str, device, decode: bool) -> dict:
     return ratios
 
 
-# The backends verify checks, in dispatch's order; "reference" is what they are checked against.
+# Each public backend's reasons for the training op and for the decode path.
+REASONS = registry.reasons_table(decode=False)
+DECODE_REASONS = registry.reasons_table(decode=True)
+# The backends verify checks, in the registry's order; "reference" is what they are checked against.
 BACKENDS = tuple(b for b in DECODE_REASONS if b != "reference")
 
 

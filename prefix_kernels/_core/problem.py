@@ -1,10 +1,14 @@
-"""Argument checks for the public op: every bad input names the argument and the expected shape."""
+"""The problem one call describes, and its checks, done once per call.
+
+Every bad input raises ValueError or TypeError naming the argument and the expected shape; a
+likely mistake (transformers' (B, L, H, D) layout, several prefixes without an index) is named
+with its fix.
+"""
 
 from __future__ import annotations
 
 import math
 import numbers
-import weakref
 from dataclasses import dataclass
 
 import torch
@@ -12,6 +16,7 @@ import torch.autograd.forward_ad as fwAD
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256
+MAX_DECODE_LQ = 16  # new tokens per request that the decode path takes
 
 
 @dataclass(frozen=True)
@@ -35,32 +40,18 @@ class Problem:
         return self.Hq // self.Hkv
 
 
-# The last prefix_index whose values were checked on a GPU, so that the same tensor passed to
-# every layer of a model costs one device sync per step, not one per layer. Only CUDA tensors
-# that track a version counter are remembered: a CPU check costs no sync, and a CPU tensor can be
-# written through .numpy() without bumping ._version; an inference tensor has no version counter.
-_checked_index: tuple = (None, -1, -1)
-
-
 def check_index_range(prefix_index: torch.Tensor, G: int) -> None:
-    """Raise if a value lies outside [0, G): a kernel would read another tensor's memory."""
-    global _checked_index
+    """Raise if a value lies outside [0, G): a kernel would read another tensor's memory.
+    One device sync on a GPU; callers that check once per forward pass index_checked=True on."""
     if prefix_index.device.type == "meta" or torch.compiler.is_compiling():
-        return  # values unknown while tracing; the custom ops check them again when they run
-    remember = prefix_index.device.type == "cuda" and not prefix_index.is_inference()
-    if remember:
-        last, version, last_G = _checked_index
-        if last is not None and last() is prefix_index and version == prefix_index._version and last_G == G:
-            return
-    lo, hi = int(prefix_index.min()), int(prefix_index.max())  # one device sync on a GPU
+        return  # values unknown while tracing; the custom ops check them when they run
+    lo, hi = int(prefix_index.min()), int(prefix_index.max())
     if lo < 0 or hi >= G:
         raise ValueError(f"prefix_index values must be in [0, G) = [0, {G}), got range [{lo}, {hi}]")
-    if remember:
-        _checked_index = (weakref.ref(prefix_index), prefix_index._version, G)
 
 
-def check_prefix_index(prefix_index, B: int, G: int, device: torch.device) -> None:
-    """prefix_index: a (B,) integer tensor on `device` with values in [0, G)."""
+def check_prefix_index(prefix_index, B: int, G: int, device: torch.device, *, values: bool = True) -> None:
+    """prefix_index: a (B,) integer tensor on `device` (with values in [0, G) when `values`)."""
     if not isinstance(prefix_index, torch.Tensor):
         raise TypeError(f"prefix_index must be a (B,) = ({B},) integer tensor or None, got {type(prefix_index).__name__}")
     if prefix_index.dtype not in (torch.int32, torch.int64, torch.int16, torch.uint8, torch.int8):
@@ -69,7 +60,8 @@ def check_prefix_index(prefix_index, B: int, G: int, device: torch.device) -> No
         raise ValueError(f"prefix_index must have shape (B,) = ({B},), got {tuple(prefix_index.shape)}")
     if prefix_index.device != device:
         raise ValueError(f"prefix_index is on {prefix_index.device} but q is on {device}")
-    check_index_range(prefix_index, G)
+    if values:
+        check_index_range(prefix_index, G)
 
 
 def refuse_forward_ad(*tensors) -> None:
@@ -90,8 +82,28 @@ def _expect_tensor(name: str, x, shape_doc: str) -> None:
         raise ValueError(f"{name} must be 4-D {shape_doc}, got shape {tuple(x.shape)}")
 
 
-def check_inputs(q, k, v, prefix_k, prefix_v, prefix_index, kv_mask, scale, causal=True) -> Problem:
-    """Validate the arguments of shared_prefix_attention and return the problem's sizes."""
+def _layout_hint(q, k, v, prefix_k) -> str | None:
+    """The fix, when q, k and v look like transformers' (B, L, H, D) layout instead of (B, H, L, D):
+    read that way the sizes agree with each other and with the prefix, and read as given they do not."""
+    def consistent(qh, kh, vh_shape, D_q):
+        B = q.shape[0]
+        return (kh[0] == B and tuple(vh_shape) == tuple(kh) and kh[3] == D_q and kh[1] >= 1 and qh % kh[1] == 0
+                and prefix_k.shape[1] == kh[1] and prefix_k.shape[3] == D_q)
+    as_given = consistent(q.shape[1], tuple(k.shape), v.shape, q.shape[3])
+    swapped_k = (k.shape[0], k.shape[2], k.shape[1], k.shape[3])
+    swapped_v = (v.shape[0], v.shape[2], v.shape[1], v.shape[3])
+    if not as_given and consistent(q.shape[2], swapped_k, swapped_v, q.shape[3]):
+        return ("q, k and v look like transformers' (B, L, H, D) layout; this op takes (B, H, L, D): pass "
+                "q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2) (views, no copy) and transpose the output back")
+    return None
+
+
+def check_inputs(q, k, v, prefix_k, prefix_v, prefix_index, kv_mask, scale, causal=True, *,
+                 index_values: bool = True) -> Problem:
+    """Validate the arguments of shared_prefix_attention and return the problem's sizes.
+
+    index_values=False skips the range check of prefix_index's values (a device sync), for a
+    caller that has checked this index once for every layer of a forward."""
     if not isinstance(causal, bool):  # bool("false") is True: a non-bool is refused, not read by truth
         raise TypeError(f"causal must be a bool, got {type(causal).__name__} {causal!r}")
     _expect_tensor("q", q, "(B, Hq, Lq, D)")
@@ -102,6 +114,9 @@ def check_inputs(q, k, v, prefix_k, prefix_v, prefix_index, kv_mask, scale, caus
     B, Hq, Lq, D = q.shape
     _, Hkv, Lk, _ = k.shape
     G, _, P, _ = prefix_k.shape
+    hint = _layout_hint(q, k, v, prefix_k)
+    if hint is not None:
+        raise ValueError(f"{hint} (got q {tuple(q.shape)}, k {tuple(k.shape)}, prefix_k {tuple(prefix_k.shape)})")
 
     for name, x in (("q", q), ("k", k), ("v", v), ("prefix_k", prefix_k), ("prefix_v", prefix_v)):
         if x.dtype not in SUPPORTED_DTYPES:
@@ -133,7 +148,11 @@ def check_inputs(q, k, v, prefix_k, prefix_v, prefix_index, kv_mask, scale, caus
             )
 
     if prefix_index is not None:
-        check_prefix_index(prefix_index, B, G, q.device)
+        check_prefix_index(prefix_index, B, G, q.device, values=index_values)
+    elif G > 1:
+        raise ValueError(
+            f"prefix_k holds G={G} prefixes but prefix_index is None: pass prefix_index, a (B,) = ({B},) integer "
+            "tensor naming each request's prefix (without it every request would read prefix 0)")
 
     if kv_mask is not None:
         if not isinstance(kv_mask, torch.Tensor):
@@ -156,3 +175,11 @@ def check_inputs(q, k, v, prefix_k, prefix_v, prefix_index, kv_mask, scale, caus
             raise ValueError(f"scale must be finite, got {scale}")
 
     return Problem(B, Hq, Hkv, Lq, Lk, D, G, P, q.dtype, q.device)
+
+
+def check_decode_lq(p: Problem, q) -> None:
+    if not 1 <= p.Lq <= MAX_DECODE_LQ:
+        raise ValueError(
+            f"q has Lq={p.Lq} query tokens per request (shape {tuple(q.shape)}); shared_prefix_decode takes "
+            f"1 to {MAX_DECODE_LQ}: use shared_prefix_attention for longer queries"
+        )

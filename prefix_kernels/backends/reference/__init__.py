@@ -12,20 +12,8 @@ import math
 
 import torch
 
-
-def visible_keys(B: int, Lq: int, Lk: int, kv_mask, causal: bool, device) -> torch.Tensor:
-    """(B, 1, Lq, Lk) bool: which per-request keys each query may attend.
-
-    Causal is aligned to the bottom right: query i sees key j iff j <= i + (Lk - Lq).
-    """
-    allowed = torch.ones(B, 1, Lq, Lk, dtype=torch.bool, device=device)
-    if causal:
-        i = torch.arange(Lq, device=device)[:, None]
-        j = torch.arange(Lk, device=device)[None, :]
-        allowed = allowed & (j <= i + (Lk - Lq))
-    if kv_mask is not None:
-        allowed = allowed & kv_mask[:, None, None, :].bool()
-    return allowed
+from ..._core.masks import visible_keys
+from ..base import Backend
 
 
 def reference_attention(
@@ -72,3 +60,19 @@ def reference_attention(
     lse = lse.masked_fill(empty, float("-inf"))
     out = torch.matmul(probs, values)
     return out, lse
+
+
+def forward(q, k, v, prefix_k, prefix_v, prefix_index, kv_mask, causal, scale):
+    """The backend's forward, differentiable by autograd: out in q's dtype, lse float32."""
+    out, lse = reference_attention(q, k, v, prefix_k, prefix_v, prefix_index=prefix_index, kv_mask=kv_mask,
+                                   causal=causal, scale=scale)
+    return out.to(q.dtype), lse.float()
+
+
+def _function(kind: str):
+    return forward  # the same computation for training and decode; autograd does the backward
+
+
+NAME = "reference"
+BACKEND = Backend(NAME, NAME, function=_function, train_reasons=lambda p: [], decode_reasons=lambda p: [],
+                  differentiable=True)

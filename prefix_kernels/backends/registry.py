@@ -1,0 +1,141 @@
+"""The registry of backends, and the one dispatcher that chooses among them.
+
+Backends (each declared beside its code, in backends/<name>/):
+
+    public name   implementations, in order   paths
+    "triton"      triton                      training, decode
+    "torch"       cpu_kernel, torch_split     training, decode (cpu_kernel: float32 CPU only)
+    "cuda"        cuda                        decode
+    "reference"   reference                   training, decode (materialises the prefix; tests)
+
+A public name takes the first of its implementations that has no reason to decline. "auto" tries
+public names in order: training, triton then torch on CUDA tensors, torch on CPU tensors;
+decode, on CUDA, whichever of cuda and triton the benchmark measured faster for the nearest
+shape on this GPU (decode_choice.py), the other, then torch; on CPU, torch. A public backend that
+declines under "auto" is skipped with its reasons logged once; a backend asked for by name that
+declines raises NoBackendError listing its reasons, as does a case no backend can take.
+PREFIX_KERNELS_BACKEND overrides "auto" (a name only the decode path has, "cuda", leaves the
+training op on auto).
+
+`plan` makes the choice once per kind of call (the problem's sizes, dtype and device, the path,
+the request and the variables that change it), so that every layer of a model and every step
+of a decode loop reuses it instead of asking every backend again (capability queries, a
+build's lock). Tests that change a backend's state call `forget_plans()`.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+
+import torch
+
+from .._core import env
+from .._core.log import log_once
+from .._core.problem import Problem
+from . import cpu_kernel, cuda, decode_choice, reference, torch_split, triton
+from .base import Backend
+
+IMPLEMENTATIONS: dict[str, Backend] = {
+    b.name: b for b in (triton.BACKEND, cpu_kernel.BACKEND, torch_split.BACKEND, cuda.BACKEND, reference.BACKEND)
+}
+PUBLIC: dict[str, tuple[str, ...]] = {}
+for _b in IMPLEMENTATIONS.values():
+    PUBLIC.setdefault(_b.public, ())
+    PUBLIC[_b.public] += (_b.name,)
+
+BACKENDS = ("triton", "torch", "reference")  # the training op's public names
+DECODE_BACKENDS = ("cuda", "triton", "torch", "reference")  # the decode path's (a superset)
+
+
+class NoBackendError(ValueError):
+    """No backend can compute this call; the message lists each backend and its reasons."""
+
+
+def implementation(name: str) -> Backend:
+    return IMPLEMENTATIONS[name]
+
+
+def public_reasons(name: str, p: Problem, *, decode: bool) -> list:
+    """Why the public backend `name` cannot take this case: [] when one of its implementations
+    can, else every implementation's reasons (prefixed with its name when it has several)."""
+    impls = PUBLIC[name]
+    out = []
+    for impl in impls:
+        reasons = IMPLEMENTATIONS[impl].reasons(p, decode=decode)
+        if not reasons:
+            return []
+        out += reasons if len(impls) == 1 else [f"{impl}: {r}" for r in reasons]
+    return out
+
+
+def _auto_order(p: Problem, decode: bool) -> tuple[str, ...]:
+    if p.device.type != "cuda":
+        return ("torch",)
+    if not decode:
+        return ("triton", "torch")
+    first = decode_choice.faster_decode_backend(str(p.device), str(p.dtype).replace("torch.", ""),
+                                                p.D, p.B, p.P, p.Lk, p.Lq)
+    return ("cuda", "triton", "torch") if first == "cuda" else ("triton", "cuda", "torch")
+
+
+def _requested(requested, decode: bool) -> str:
+    names = DECODE_BACKENDS if decode else BACKENDS
+    if not isinstance(requested, str):
+        raise TypeError(f"backend must be a str, one of 'auto', {', '.join(map(repr, names))}; got {requested!r}")
+    forced = os.environ.get(env.BACKEND)
+    if requested == "auto" and forced:
+        if forced not in DECODE_BACKENDS:
+            raise ValueError(f"{env.BACKEND} must be unset or one of {', '.join(map(repr, DECODE_BACKENDS))}; "
+                             f"got {forced!r}")
+        if forced in names:
+            requested = forced
+    if requested != "auto" and requested not in names:
+        raise ValueError(f"backend must be one of 'auto', {', '.join(map(repr, names))}; got {requested!r}")
+    return requested
+
+
+def _choose(requested: str, p: Problem, decode: bool) -> str:
+    """The implementation that runs this call, or NoBackendError."""
+    candidates = _auto_order(p, decode) if requested == "auto" else (requested,)
+    declined = []
+    for name in candidates:
+        for impl in PUBLIC[name]:
+            if not IMPLEMENTATIONS[impl].reasons(p, decode=decode):
+                return impl
+        reasons = public_reasons(name, p, decode=decode)
+        declined.append((name, reasons))
+        if requested == "auto":
+            log_once(f"prefix_kernels: backend {name!r} skipped: {'; '.join(reasons)}")
+    detail = "; ".join(f"{name}: {', '.join(reasons)}" for name, reasons in declined)
+    raise NoBackendError(f"no backend can run this case ({p.dtype}, {p.device}, D={p.D}) — {detail}")
+
+
+@lru_cache(maxsize=1024)
+def _planned(requested: str, p: Problem, decode: bool, variables: tuple) -> str:
+    return _choose(requested, p, decode)
+
+
+def _variables() -> tuple:
+    """The variables that change a choice: part of a plan's key."""
+    return tuple(os.environ.get(name) for name in (env.DISABLE_CUDA, env.DISABLE_CPU_KERNEL))
+
+
+def plan(requested, p: Problem, *, decode: bool = False) -> str:
+    """The implementation that will run this call (`requested` itself, or auto's first that can),
+    chosen once per kind of call. decode=True chooses among the decode path's backends."""
+    requested = _requested(requested, decode)
+    if torch.compiler.is_compiling():
+        return _choose(requested, p, decode)  # traced once; dynamo does not trace lru_cache's wrapper
+    return _planned(requested, p, decode, _variables())
+
+
+def forget_plans() -> None:
+    """Drop every remembered choice (tests that change a backend's availability)."""
+    _planned.cache_clear()
+
+
+def reasons_table(decode: bool) -> dict:
+    """{public name: reasons(problem)} for the training op or the decode path (prefix-kernels info)."""
+    names = DECODE_BACKENDS if decode else BACKENDS
+    return {name: (lambda p, name=name: public_reasons(name, p, decode=decode)) for name in names}

@@ -1,0 +1,125 @@
+"""Launcher of the shared-prefix decode kernels: splits, grids, block sizes, allocation.
+
+Inputs arrive checked by _core.problem (and 1 <= Lq <= 16 by the decode path). Any
+strides are accepted. One decode step is three launches (see kernels/decode.py):
+
+  prefix   grid (row blocks, Hkv, prefix splits)   each prefix tile read once per BLOCK_M
+                                                    stacked rows of all requests sharing it
+  own      grid (B * Hkv, own splits, row blocks)   flash-decoding over each request's cache
+  merge    grid (B * Hq * Lq,)                      log-sum-exp merge of all partials
+
+With fuse_parts the prefix and own grids run as one launch whose program ids alternate between
+the two parts (decode_parts_kernel), so that the compute-bound prefix programs of a large batch
+can overlap the memory-bound own-cache programs (benchmarks/NOTES.md, "A compute floor too").
+Off by default (_core.config.FUSE_PARTS): it has not been timed on a GPU yet.
+
+The partials are fp32 (B * Hq * Lq, S, D) and (B * Hq * Lq, S) with S = prefix splits + own
+splits; choose_splits keeps each part's partials no heavier than the keys and values it reads.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+
+from . import tiles
+from ..._core import config
+from ..._core.grouping import row_block_starts, sorted_by_prefix
+from ..._core.layout import bhld
+from .train import LOG2E, mask_args, precision
+from .kernels.decode import decode_merge_kernel, decode_own_kernel, decode_parts_kernel, decode_prefix_kernel
+
+def forward(q, k, v, prefix_k, prefix_v, prefix_index, kv_mask, causal: bool, scale: float,
+            fuse_parts: bool | None = None):
+    """Returns out (B, Hq, Lq, D) in q's dtype (a (B, Lq, Hq, D) tensor transposed, as
+    _core.layout) and the natural-log lse (B, Hq, Lq) float32.
+
+    fuse_parts: run the prefix and own parts as one launch (None: _core.config.FUSE_PARTS["triton"]). Same splits,
+    same partials, same merge: the result is bit-identical either way."""
+    if fuse_parts is None:
+        fuse_parts = config.FUSE_PARTS["triton"]
+    B, Hq, Lq, D = q.shape
+    G, Hkv, P, _ = prefix_k.shape
+    T = k.shape[2]
+    group = Hq // Hkv
+    R = group * Lq
+    dev = q.device
+    out = bhld(B, Hq, Lq, D, q)
+    lse = torch.empty((B, Hq, Lq), dtype=torch.float32, device=dev)
+
+    blk = tiles.decode_blocks(D, R, q.dtype, dev)
+    sm = tiles.sm_count(dev) if tiles.on_gpu(dev) else None
+    BLOCK_D = max(16, triton.next_power_of_2(D))
+    precision_ = precision(q.dtype)
+    qk_scale = scale * LOG2E
+
+    # Prefix part: row blocks over the stacked rows of each prefix's requests.
+    has_pidx = prefix_index is not None
+    if has_pidx:
+        # Each prefix's rows start a fresh block: at most one partial block per prefix in use.
+        row_blocks = triton.cdiv(B * R, blk.prefix_m) + min(G, B)
+    else:
+        row_blocks = triton.cdiv(B * R, blk.prefix_m)
+    # Traffic caps: the K and V bytes a part reads over the bytes of one split's fp32 partials
+    # (B * Hq * Lq rows of D).
+    rows = B * Hq * Lq
+    kv_item, part_item = q.element_size(), 4
+    prefixes_read = min(G, B) if has_pidx else 1
+    p_cap = (2 * prefixes_read * Hkv * P * D * kv_item) // (rows * D * part_item)
+    p_splits = tiles.choose_splits(row_blocks * Hkv, P, blk.prefix_n, sm, p_cap)
+    p_per, p_splits = tiles.keys_per_split(P, p_splits, blk.prefix_n)
+
+    # Own part: one program per (request, kv head, row block), split along the keys.
+    own_row_blocks = triton.cdiv(R, blk.own_m)
+    o_cap = (2 * B * Hkv * T * D * kv_item) // (rows * D * part_item)
+    o_splits = tiles.choose_splits(B * Hkv * own_row_blocks, T, blk.own_n, sm, o_cap)
+    o_per, o_splits = tiles.keys_per_split(T, o_splits, blk.own_n)
+
+    S = p_splits + o_splits
+    if S == 0:  # no key at all (P == 0 and T == 0): every row is empty
+        return out.zero_(), lse.fill_(float("-inf"))
+    part_out = torch.empty((rows, S, D), dtype=torch.float32, device=dev)
+    part_lse = torch.empty((rows, S), dtype=torch.float32, device=dev)
+
+    if p_splits > 0 and has_pidx:
+        order, starts = sorted_by_prefix(prefix_index, B, G, dev)
+        bstarts = row_block_starts(starts, R, blk.prefix_m, G)
+    else:
+        order = starts = bstarts = q  # unused (HAS_PIDX=False, or no prefix key)
+    kvm, smb, smn = mask_args(kv_mask, q)
+    n_prefix = row_blocks * Hkv * p_splits
+    n_own = B * Hkv * o_splits * own_row_blocks
+    if fuse_parts and n_prefix > 0 and n_own > 0:
+        decode_parts_kernel[(n_prefix + n_own,)](
+            q, k, v, kvm, prefix_k, prefix_v, order, starts, bstarts, part_out, part_lse,
+            *q.stride(), *k.stride(), *v.stride(), smb, smn, *prefix_k.stride(), *prefix_v.stride(),
+            B, Hq, Hkv, Lq, T, P, group, G, qk_scale, p_per, o_per, p_splits, S,
+            G.bit_length(), row_blocks, n_prefix, n_own, B * Hkv, o_splits,
+            HEAD_DIM=D, BLOCK_D=BLOCK_D, P_BLOCK_M=blk.prefix_m, P_BLOCK_N=blk.prefix_n,
+            O_BLOCK_M=blk.own_m, O_BLOCK_N=blk.own_n, HAS_PIDX=has_pidx, HAS_KV_MASK=kv_mask is not None,
+            CAUSAL=bool(causal), PRECISION=precision_, num_warps=blk.warps, num_stages=blk.stages,
+        )
+    else:
+        if n_prefix > 0:
+            decode_prefix_kernel[(row_blocks, Hkv, p_splits)](
+                q, prefix_k, prefix_v, order, starts, bstarts, part_out, part_lse,
+                *q.stride(), *prefix_k.stride(), *prefix_v.stride(),
+                B, Hq, Lq, P, group, G, qk_scale, p_per, 0, S, G.bit_length(),
+                HEAD_DIM=D, BLOCK_D=BLOCK_D, BLOCK_M=blk.prefix_m, BLOCK_N=blk.prefix_n,
+                HAS_PIDX=has_pidx, PRECISION=precision_, num_warps=blk.warps, num_stages=blk.stages,
+            )
+        if n_own > 0:
+            decode_own_kernel[(B * Hkv, o_splits, own_row_blocks)](
+                q, k, v, kvm, part_out, part_lse,
+                *q.stride(), *k.stride(), *v.stride(), smb, smn,
+                Hq, Hkv, Lq, T, group, qk_scale, o_per, p_splits, S,
+                HEAD_DIM=D, BLOCK_D=BLOCK_D, BLOCK_M=blk.own_m, BLOCK_N=blk.own_n,
+                HAS_KV_MASK=kv_mask is not None, CAUSAL=bool(causal), PRECISION=precision_,
+                num_warps=blk.warps, num_stages=blk.stages,
+            )
+    block_s = min(16, triton.next_power_of_2(S))
+    decode_merge_kernel[(rows,)](
+        part_out, part_lse, out, lse, Hq, Lq, S, *out.stride(),
+        HEAD_DIM=D, BLOCK_D=BLOCK_D, BLOCK_S=block_s, num_warps=4 if BLOCK_D * block_s >= 2048 else 2,
+    )
+    return out, lse

@@ -1,0 +1,141 @@
+"""Tile sizes, split counts and the GPU facts they depend on: the one place tests override.
+
+`on_gpu(device)` decides whether launches take GPU tiles and splits (off a GPU, the interpreter
+takes small fixed ones so that test shapes cross several blocks); `sm_count(device)` sizes the
+splits. tests/triton_offline_compile.py and the interpreted GPU-tile tests replace these two.
+Tiles are chosen to fit shared memory and registers, not tuned: the compile tables behind them
+(registers, spills, shared memory for sm_80 and sm_90, triton 3.6 and 3.9) are in
+benchmarks/NOTES.md.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+import triton
+
+
+def on_gpu(device: torch.device) -> bool:
+    """Whether launches on `device` take GPU tile sizes and splits; off a GPU (the interpreter)
+    they take small fixed ones. tests/triton_offline_compile.py replaces this to build the GPU
+    launches from CPU tensors."""
+    return device.type == "cuda"
+
+
+@dataclass(frozen=True)
+class Blocks:
+    m: int  # query rows per program (forward, dq) / per inner step (dk, dv)
+    n: int  # keys per inner step (forward, dq) / per program (dk, dv)
+    warps: int
+    stages: int
+
+
+def blocks(D: int, dtype: torch.dtype, device: torch.device, backward: bool) -> Blocks:
+    """Tile sizes, chosen to fit shared memory and registers rather than tuned. Forward at D = 128
+    in 16-bit: Q 64x128x2 B = 16 KB plus K and V 64x128x2 B x 2 x 3 stages = 96 KB, inside an
+    A100's 164 KB. Backward programs keep two fp32 accumulators of (BLOCK, D), hence smaller
+    tiles. fp32 takes exact products (PRECISION "ieee"), which hold whole operand tiles in
+    registers: small tiles on 8 warps keep them out of the stack; 16-bit D > 128 takes 8 warps
+    for the same reason (the spill tables behind both are in benchmarks/NOTES.md).
+    Under the interpreter 16 x 16 tiles make every test shape cross several blocks in a few steps."""
+    if not on_gpu(device):
+        return Blocks(16, 16, 1, 1)
+    wide = D > 128
+    if dtype == torch.float32:
+        if backward:
+            return Blocks(32, 16, 8, 1)
+        return Blocks(32, 32, 8, 2) if D <= 64 else Blocks(32, 16, 8, 2)
+    if backward:
+        return Blocks(16, 32, 4, 1) if wide else Blocks(32, 64, 4, 2)
+    if D <= 64:
+        return Blocks(128, 64, 4, 3)
+    return Blocks(64, 32, 8, 2) if wide else Blocks(64, 64, 4, 3)
+
+
+def sm_count(device: torch.device) -> int:
+    return _sm_count_of(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@lru_cache(maxsize=None)
+def _sm_count_of(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def prefix_splits(B: int, G: int, kv_programs: int, device: torch.device) -> int:
+    """How many splits of the batch reduce each prefix block's gradient.
+
+    A grid over prefix blocks alone has cdiv(P, BLOCK_N) * Hkv * G programs: 8 for P = 16,
+    Hkv = 8, far below an H100's 132 SMs. Splitting each prefix's requests S ways fills the GPU;
+    the (S, G, Hkv, P, D) fp32 partials are then summed in a fixed order. S <= B / (2 G), so the
+    partial buffer never reaches the (B, Hkv, P, D) size of a per-request copy.
+    """
+    cap = max(1, B // (2 * G))
+    if not on_gpu(device):
+        return min(2, cap)  # exercise the split-and-sum path under the interpreter
+    target = 2 * sm_count(device)
+    return max(1, min(cap, triton.cdiv(target, kv_programs), 65535 // G))
+
+
+# Splits on a CPU (the interpreter): fixed and small, so that the tests exercise the split and
+# merge path (and splits that see only padding) at tiny sizes.
+CPU_SPLITS = 2
+# Fewest keys a split should hold on a GPU: below this the split's fixed costs (loading q,
+# writing its partial) outweigh the keys it reads.
+MIN_KEYS_PER_SPLIT = 128
+MAX_SPLITS = 64
+
+
+@dataclass(frozen=True)
+class DecodeBlocks:
+    prefix_m: int  # stacked rows per prefix program
+    prefix_n: int  # prefix keys per tile
+    own_m: int  # rows (group * Lq, padded) per own-cache program
+    own_n: int  # own keys per tile
+    warps: int
+    stages: int
+
+
+def decode_blocks(D: int, R: int, dtype: torch.dtype, device: torch.device) -> DecodeBlocks:
+    """Tile sizes. The prefix program has the forward kernel's shape (BLOCK_M stacked rows
+    against BLOCK_N keys), so it takes the forward's tiles; the own-cache program takes the
+    group * Lq rows of one request and kv head, padded to tl.dot's minimum of 16 and capped at
+    the forward's BLOCK_M. Not autotuned: no GPU was at hand when these were set.
+    Under the interpreter 16-row blocks and 32-key tiles make the test shapes cross several row
+    blocks and tiles."""
+    if not on_gpu(device):
+        return DecodeBlocks(16, 32, max(16, min(32, triton.next_power_of_2(R))), 32, 1, 1)
+    fwd = blocks(D, dtype, device, backward=False)
+    own_m = max(16, min(fwd.m, triton.next_power_of_2(R)))
+    return DecodeBlocks(fwd.m, fwd.n, own_m, fwd.n, fwd.warps, fwd.stages)
+
+
+def choose_splits(programs: int, keys: int, block_n: int, sm_count: int | None, traffic_cap: int) -> int:
+    """How many key splits give `programs` (the grid without splits) about two waves of work.
+
+    sm_count None (CPU, the interpreter): CPU_SPLITS. On a GPU a split holds a whole number of
+    tiles and at least MIN_KEYS_PER_SPLIT keys, and there are at most `traffic_cap` splits: the
+    number for which the fp32 partials written (and read back by the merge) weigh as much as
+    the keys and values the part reads. Without that cap a short prefix shared by a large batch
+    (B = 64, Hq = 32, P = 1024) would be split 8 ways and its partials would move 4x the bytes
+    of the prefix itself.
+    """
+    tiles = triton.cdiv(keys, block_n)
+    if keys == 0:
+        return 0
+    if sm_count is None:
+        return min(CPU_SPLITS, tiles)
+    want = triton.cdiv(2 * sm_count, max(1, programs))
+    most = min(tiles, triton.cdiv(keys, MIN_KEYS_PER_SPLIT), MAX_SPLITS, traffic_cap)
+    return max(1, min(want, most))
+
+
+def keys_per_split(keys: int, splits: int, block_n: int) -> tuple[int, int]:
+    """(keys per split, a multiple of block_n; the number of non-empty splits)."""
+    if splits == 0:
+        return block_n, 0
+    per = triton.cdiv(triton.cdiv(keys, block_n), splits) * block_n
+    return per, triton.cdiv(keys, per)
+
+
