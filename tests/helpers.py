@@ -102,12 +102,14 @@ def lengths_to_mask(lengths: torch.Tensor, Lk: int, padding: str) -> torch.Tenso
 def make_prefix_index(B: int, G: int, mixed: bool = True) -> Optional[torch.Tensor]:
     """Mixed assignment of requests to prefixes (deterministic).
 
-    Returns None (= everybody uses prefix 0) when ``mixed`` is False.  When
+    When ``mixed`` is False everybody uses prefix 0: None for G = 1, zeros otherwise (several
+    prefixes without an index are refused).  When
     mixed and G > 1, consecutive requests use different prefixes, starting
     from the *last* prefix so that prefix 0 is not trivially the first one.
     """
     if not mixed:
-        return None
+        # every request on prefix 0: no index at all where that is allowed (G = 1)
+        return None if G == 1 else torch.zeros(B, dtype=torch.long)
     return torch.tensor([(G - 1 - b) % G for b in range(B)], dtype=torch.long)
 
 

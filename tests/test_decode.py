@@ -184,13 +184,13 @@ def test_many_prefixes_some_unused(backend_device):
     assert_decode_close(inp, backend=backend, causal=True)
 
 
-def test_prefix_index_none_means_prefix_zero(backend_device):
+def test_one_prefix_for_all_with_several_in_the_tensor(backend_device):
     backend, device = backend_device
     inp = make_inputs(3, 4, 2, 2, 9, 20, 16, 2, FP32, device, mixed_index=False, requires_grad=False)
-    assert inp["prefix_index"] is None
+    assert inp["prefix_index"].tolist() == [0, 0, 0]
     out, _, _ = assert_decode_close(inp, backend=backend)
-    explicit = dict(inp, prefix_index=torch.zeros(3, dtype=torch.long, device=device))
-    assert torch.equal(run_decode(explicit, backend=backend), out)
+    with pytest.raises(ValueError, match="pass prefix_index"):
+        run_decode(dict(inp, prefix_index=None), backend=backend)
 
 
 @pytest.mark.parametrize("dtype", [FP32, FP16], ids=DTYPE_NAMES.get)
@@ -515,7 +515,8 @@ def _op_inputs():
 def test_opcheck_decode(backend):
     inp = _op_inputs()
     args = [inp[n] for n in TENSOR_ARGS]
-    opcheck(torch.ops.prefix_kernels.decode.default, (*args, inp["prefix_index"], inp["kv_mask"], True, 0.2, backend))
+    impl = "torch_split" if backend == "torch" else backend
+    opcheck(torch.ops.prefix_kernels.decode.default, (*args, inp["prefix_index"], inp["kv_mask"], True, 0.2, impl))
 
 
 def test_compile_fullgraph_matches_eager():

@@ -294,8 +294,8 @@ def test_short_sliding_window_falls_back_and_matches(caplog):
 def test_long_sliding_window_uses_the_kernel(caplog, monkeypatch):
     forget_logged()
     calls = []
-    original = hf_attention.shared_prefix_attention
-    monkeypatch.setattr(hf_attention, "shared_prefix_attention", lambda *a, **k: calls.append(1) or original(*a, **k))
+    original = hf_attention.api.attention
+    monkeypatch.setattr(hf_attention.api, "attention", lambda *a, **k: calls.append(1) or original(*a, **k))
     with caplog.at_level(logging.WARNING, logger="prefix_kernels"):
         compare("qwen2", "prefix", use_sliding_window=True, sliding_window=64, max_window_layers=0)
     assert calls and not _fallback_warnings(caplog)
@@ -307,8 +307,8 @@ def test_opt_uses_the_kernel(method, caplog, monkeypatch):
     mask of its own making, recognised exactly; 5.x hands it our 2-D mask)."""
     forget_logged()
     calls = []
-    original = hf_attention.shared_prefix_attention
-    monkeypatch.setattr(hf_attention, "shared_prefix_attention", lambda *a, **k: calls.append(1) or original(*a, **k))
+    original = hf_attention.api.attention
+    monkeypatch.setattr(hf_attention.api, "attention", lambda *a, **k: calls.append(1) or original(*a, **k))
     with caplog.at_level(logging.WARNING, logger="prefix_kernels"):
         compare("opt", method, "left")
         compare("opt", method, "right")

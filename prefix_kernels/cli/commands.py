@@ -15,8 +15,7 @@ from .._core.problem import Problem
 from ..backends import decode_choice, registry
 from ..backends import cpu_kernel
 from ..backends.cuda import build as cuda_build
-from . import verify
-from .demo import ChildRunError, run_demo
+from . import demo, verify
 
 PACKAGE_ROOT = Path(prefix_kernels.__file__).resolve().parent
 
@@ -80,8 +79,8 @@ def _make_out(args, smoke: bool) -> Path:
 def _demo(args) -> int:
 
     try:
-        run_demo(args.device, args.steps)
-    except ChildRunError as exc:
+        demo.run_demo(args.device, args.steps)
+    except demo.ChildRunError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     return 0

@@ -20,6 +20,7 @@ import re
 import statistics
 import time
 import warnings
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
 import torch
@@ -100,21 +101,33 @@ class _StockOnPurpose(logging.Filter):
         return "has no effect on this model" not in record.getMessage()
 
 
-def quiet() -> None:
+@contextmanager
+def quiet():
     """A clean report: no deprecation warnings or progress bars from transformers' internals (the
-    demo's own progress bars stay, and vanish when done)."""
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", category=DeprecationWarning)
-    try:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.set_verbosity_error()
-        hf_logging.disable_progress_bar()
-    except ImportError:
-        pass
+    demo's own progress bars stay, and vanish when done). Everything is restored on exit."""
     logger = logging.getLogger("prefix_kernels")
-    if not any(isinstance(f, _StockOnPurpose) for f in logger.filters):
-        logger.addFilter(_StockOnPurpose())
+    stock_on_purpose = _StockOnPurpose()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        hf_logging = None
+        try:
+            from transformers.utils import logging as hf_logging
+
+            verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+            hf_logging.set_verbosity_error()
+            hf_logging.disable_progress_bar()
+        except ImportError:
+            pass
+        logger.addFilter(stock_on_purpose)
+        try:
+            yield
+        finally:
+            logger.removeFilter(stock_on_purpose)
+            if hf_logging is not None:
+                hf_logging.set_verbosity(verbosity)
+                if bars:
+                    hf_logging.enable_progress_bar()
 
 
 def _progress(items, desc: str, show: bool):
@@ -156,7 +169,14 @@ def _peak_mib(device: str) -> float:
 
 def train(cfg: DemoConfig, patched: bool, queue=None, progress: bool = True) -> dict:
     """One run; returns losses, per-step seconds, tokens per step and peak memory."""
-    quiet()
+    with quiet():
+        result = _train(cfg, patched, progress)
+    if queue is not None:
+        queue.put(result)
+    return result
+
+
+def _train(cfg: DemoConfig, patched: bool, progress: bool) -> dict:
     rows = load_e2e()
     tok = WordTokenizer(rows)
     batches = make_batches(cfg, rows, tok)
@@ -182,11 +202,8 @@ def train(cfg: DemoConfig, patched: bool, queue=None, progress: bool = True) -> 
         seconds.append(time.perf_counter() - t0)
         losses.append(float(loss.detach()))
         tokens.append(int(batch["attention_mask"].sum()))
-    result = {"losses": losses, "seconds": seconds, "tokens": tokens, "peak_mib": _peak_mib(cfg.device),
-              "params": sum(p.numel() for p in model.parameters())}
-    if queue is not None:
-        queue.put(result)
-    return result
+    return {"losses": losses, "seconds": seconds, "tokens": tokens, "peak_mib": _peak_mib(cfg.device),
+            "params": sum(p.numel() for p in model.parameters())}
 
 
 class ChildRunError(RuntimeError):
@@ -246,7 +263,11 @@ def interleaved_seconds(cfg: DemoConfig, rounds: int | None = None, progress: bo
     this was written on: +-10% from run to run) land on one side; alternating steps, with the
     order switched every round, puts both under the same conditions. The stock model keeps SDPA:
     every patch acts only on models whose attention is "prefix_kernels"."""
-    quiet()
+    with quiet():
+        return _interleaved_seconds(cfg, rounds, progress)
+
+
+def _interleaved_seconds(cfg: DemoConfig, rounds, progress: bool) -> dict:
     rows = load_e2e()
     tok = WordTokenizer(rows)
     batches = make_batches(cfg, rows, tok)
