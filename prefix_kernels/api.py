@@ -34,33 +34,35 @@ def routes_to_decode(backend: str, p: Problem, tensors) -> bool:
 
 
 def _run(op, p: Problem, backend: str, decode: bool, q, k, v, prefix_k, prefix_v, prefix_index, kv_mask,
-         causal: bool, scale: float):
+         causal: bool, scale: float, prefix_mask):
     """Plan, then run: the reference is called directly (autograd differentiates it), every
     other implementation through its custom op."""
     name = registry.plan(backend, p, decode=decode)
     impl = registry.implementation(name)
     if impl.differentiable:
         return impl.function("decode" if decode else "forward")(q, k, v, prefix_k, prefix_v, prefix_index, kv_mask,
-                                                                 causal, scale)
+                                                                 causal, scale, prefix_mask=prefix_mask)
     # Under torch.compile the values of prefix_index are not visible here: the op checks them.
     return op(q, k, v, prefix_k, prefix_v, prefix_index, kv_mask, causal, scale, name,
-              torch.compiler.is_compiling())
+              torch.compiler.is_compiling(), prefix_mask)
 
 
 def attention(q, k, v, prefix_k, prefix_v, *, prefix_index=None, kv_mask=None, causal=True, scale=None,
-              return_lse=False, backend="auto", index_checked=False):
+              return_lse=False, backend="auto", index_checked=False, prefix_mask=None):
     """shared_prefix_attention, for callers inside the package that have checked prefix_index's
     values once for a whole forward (index_checked=True skips that device sync per layer)."""
     p = check_inputs(q, k, v, prefix_k, prefix_v, prefix_index, kv_mask, scale, causal,
-                     index_values=not index_checked)
+                     index_values=not index_checked, prefix_mask=prefix_mask)
     refuse_forward_ad(q, k, v, prefix_k, prefix_v)
     scale = 1.0 / math.sqrt(p.D) if scale is None else float(scale)
     if p.G == 1:
         prefix_index = None  # all requests use prefix 0 (values in [0, 1))
     if routes_to_decode(backend, p, (q, k, v, prefix_k, prefix_v)):
-        out, lse = _run(ops.decode, p, "auto", True, q, k, v, prefix_k, prefix_v, prefix_index, kv_mask, causal, scale)
+        out, lse = _run(ops.decode, p, "auto", True, q, k, v, prefix_k, prefix_v, prefix_index, kv_mask, causal,
+                        scale, prefix_mask)
     else:
-        out, lse = _run(ops.fwd, p, backend, False, q, k, v, prefix_k, prefix_v, prefix_index, kv_mask, causal, scale)
+        out, lse = _run(ops.fwd, p, backend, False, q, k, v, prefix_k, prefix_v, prefix_index, kv_mask, causal,
+                        scale, prefix_mask)
     return (out, lse) if return_lse else out
 
 
@@ -77,6 +79,7 @@ def shared_prefix_attention(
     scale: Optional[float] = None,
     return_lse: bool = False,
     backend: str = "auto",
+    prefix_mask: Optional[Tensor] = None,
 ):
     """Attention of every request to a shared prefix and to its own keys, without prefix copies.
 
@@ -91,7 +94,6 @@ def shared_prefix_attention(
         prefix_index: (B,) integer tensor, request b uses prefix ``prefix_index[b]`` in [0, G).
             May be None only when G == 1.
         kv_mask: (B, Lk) bool, True where request b may attend its own key j (padding: False).
-            Prefix keys are always visible.
         causal: query i sees own key j only if ``j <= i + (Lk - Lq)``, aligned to the bottom
             right as in FlashAttention 2.1+::
 
@@ -99,15 +101,19 @@ def shared_prefix_attention(
                         query 0:       x x x x .
                         query 1:       x x x x x
 
-            Prefix keys are visible to every query.
+            Prefix keys are visible to every query (causality does not apply to them).
         scale: multiplies q @ k^T; default 1 / sqrt(D).
         return_lse: also return the log-sum-exp, in natural log (base e, not base 2), of the
             scaled scores over every visible key: float32 (B, Hq, Lq). -inf for a row that sees
-            no key (only possible with P == 0); such a row's output and gradients are 0.
+            no key (P == 0, or every prefix key masked, and no own key); such a row's output and
+            gradients are 0.
         backend: "auto" (triton on CUDA, torch on CPU; falls back with a logged reason; on
             CUDA with Lq <= 16 and no input needing a gradient, the decode kernels of
             :func:`prefix_kernels.shared_prefix_decode`), "triton", "torch" or "reference"
             (materialises the prefix; for tests). PREFIX_KERNELS_BACKEND overrides "auto".
+        prefix_mask: (G, P) bool, True where key j of prefix g may be attended (left-padded
+            prompts of different lengths sharing one (G, Hkv, P, D) tensor: False on the padding).
+            None: every prefix key is visible.
 
     GQA/MQA: Hq must be a multiple of Hkv; query head h reads kv head h // (Hq // Hkv).
     dtypes: float16, bfloat16, float32 (all five tensors alike). Head dim D in [16, 256].
@@ -116,7 +122,7 @@ def shared_prefix_attention(
         out (B, Hq, Lq, D) in q's dtype, or (out, lse) when return_lse.
     """
     return attention(q, k, v, prefix_k, prefix_v, prefix_index=prefix_index, kv_mask=kv_mask, causal=causal,
-                     scale=scale, return_lse=return_lse, backend=backend)
+                     scale=scale, return_lse=return_lse, backend=backend, prefix_mask=prefix_mask)
 
 
 def _check_forward_only(tensors) -> None:
@@ -144,6 +150,7 @@ def shared_prefix_decode(
     scale: Optional[float] = None,
     return_lse: bool = False,
     backend: str = "auto",
+    prefix_mask: Optional[Tensor] = None,
 ):
     """One decode (or append) step of shared-prefix attention: forward only, for inference.
 
@@ -160,7 +167,8 @@ def shared_prefix_decode(
         prefix_index: (B,) integer tensor, request b uses prefix ``prefix_index[b]`` in [0, G).
             May be None only when G == 1.
         kv_mask: (B, T) bool, True where request b may attend its own key j (False on padding,
-            typically on the left). Prefix keys are always visible.
+            typically on the left).
+        prefix_mask: (G, P) bool, True where key j of prefix g may be attended; None: all.
         causal: query i sees own key j only if ``j <= i + (T - Lq)`` (bottom-right aligned)::
 
                 Lq = 2, T = 5:    keys 0 1 2 3 4
@@ -187,12 +195,13 @@ def shared_prefix_decode(
     Returns:
         out (B, Hq, Lq, D) in q's dtype (memory laid out (B, Lq, Hq, D)), or (out, lse).
     """
-    p = check_inputs(q, k, v, prefix_k, prefix_v, prefix_index, kv_mask, scale, causal)
+    p = check_inputs(q, k, v, prefix_k, prefix_v, prefix_index, kv_mask, scale, causal, prefix_mask=prefix_mask)
     refuse_forward_ad(q, k, v, prefix_k, prefix_v)
     check_decode_lq(p, q)
     _check_forward_only((q, k, v, prefix_k, prefix_v))
     scale = 1.0 / math.sqrt(p.D) if scale is None else float(scale)
     if p.G == 1:
         prefix_index = None  # all requests use prefix 0 (values in [0, 1))
-    out, lse = _run(ops.decode, p, backend, True, q, k, v, prefix_k, prefix_v, prefix_index, kv_mask, causal, scale)
+    out, lse = _run(ops.decode, p, backend, True, q, k, v, prefix_k, prefix_v, prefix_index, kv_mask, causal, scale,
+                    prefix_mask)
     return (out, lse) if return_lse else out

@@ -6,7 +6,8 @@
 
 Each op is one node for torch.compile (a fake implementation states its outputs' shapes, dtypes
 and memory layout, _core/layout.py), and looks its implementation up in the registry when it
-runs. `check_index`: whether the op checks prefix_index's values itself. The public functions
+runs. `prefix_mask` (G, P) bool, optional, comes last so that the positional form of the other
+arguments stays as it was. `check_index`: whether the op checks prefix_index's values itself. The public functions
 check them once before the call in eager mode and pass False; under torch.compile they cannot
 see values, pass True, and the op checks where it runs.
 """
@@ -23,21 +24,28 @@ from ._core.problem import check_index_range
 from .backends import registry
 
 
+def _masked(prefix_mask) -> dict:
+    """The prefix_mask keyword for a backend function, only when there is a mask: a backend that
+    takes none is never handed the argument."""
+    return {} if prefix_mask is None else {"prefix_mask": prefix_mask}
+
+
 @torch.library.custom_op("prefix_kernels::fwd", mutates_args=(), device_types=None)
 def fwd(
     q: Tensor, k: Tensor, v: Tensor, prefix_k: Tensor, prefix_v: Tensor,
     prefix_index: Optional[Tensor], kv_mask: Optional[Tensor], causal: bool, scale: float, backend: str,
-    check_index: bool = False,
+    check_index: bool = False, prefix_mask: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor]:
     if check_index and prefix_index is not None:
         check_index_range(prefix_index, prefix_k.shape[0])
     forward = registry.implementation(backend).function("forward")
-    out, lse = forward(q, k, v, prefix_k, prefix_v, prefix_index, kv_mask, causal, scale)
+    out, lse = forward(q, k, v, prefix_k, prefix_v, prefix_index, kv_mask, causal, scale, **_masked(prefix_mask))
     return out, lse.contiguous()  # the fake promises a contiguous lse; ATen's CPU flash lse is (B, Lq, Hq)
 
 
 @fwd.register_fake
-def _fwd_fake(q, k, v, prefix_k, prefix_v, prefix_index, kv_mask, causal, scale, backend, check_index=False):
+def _fwd_fake(q, k, v, prefix_k, prefix_v, prefix_index, kv_mask, causal, scale, backend, check_index=False,
+              prefix_mask=None):
     B, Hq, Lq, D = q.shape
     return bhld(B, Hq, Lq, D, q), q.new_empty((B, Hq, Lq), dtype=torch.float32)
 
@@ -46,36 +54,38 @@ def _fwd_fake(q, k, v, prefix_k, prefix_v, prefix_index, kv_mask, causal, scale,
 def bwd(
     dout: Tensor, dlse: Optional[Tensor], q: Tensor, k: Tensor, v: Tensor, prefix_k: Tensor, prefix_v: Tensor,
     prefix_index: Optional[Tensor], kv_mask: Optional[Tensor], out: Tensor, lse: Tensor,
-    causal: bool, scale: float, backend: str,
+    causal: bool, scale: float, backend: str, prefix_mask: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     backward = registry.implementation(backend).function("backward")
     dq, dk, dv, dpk, dpv = backward(dout, dlse, q, k, v, prefix_k, prefix_v, prefix_index, kv_mask, causal, scale,
-                                    out, lse)
+                                    out, lse, **_masked(prefix_mask))
     return in_bhld(dq), in_bhld(dk), in_bhld(dv), dpk.contiguous(), dpv.contiguous()
 
 
 @bwd.register_fake
-def _bwd_fake(dout, dlse, q, k, v, prefix_k, prefix_v, prefix_index, kv_mask, out, lse, causal, scale, backend):
+def _bwd_fake(dout, dlse, q, k, v, prefix_k, prefix_v, prefix_index, kv_mask, out, lse, causal, scale, backend,
+              prefix_mask=None):
     return (*(bhld_like(x) for x in (q, k, v)), prefix_k.new_empty(prefix_k.shape),
             prefix_v.new_empty(prefix_v.shape))
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, prefix_k, prefix_v, prefix_index, kv_mask, causal, scale, backend, _ = inputs
+    q, k, v, prefix_k, prefix_v, prefix_index, kv_mask, causal, scale, backend, _, prefix_mask = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, prefix_k, prefix_v, prefix_index, kv_mask, out, lse)
+    ctx.save_for_backward(q, k, v, prefix_k, prefix_v, prefix_index, kv_mask, out, lse, prefix_mask)
     ctx.causal, ctx.scale, ctx.backend = causal, scale, backend
     ctx.set_materialize_grads(False)  # dlse is None unless lse was used
 
 
 def _backward(ctx, dout, dlse):
-    q, k, v, prefix_k, prefix_v, prefix_index, kv_mask, out, lse = ctx.saved_tensors
+    q, k, v, prefix_k, prefix_v, prefix_index, kv_mask, out, lse, prefix_mask = ctx.saved_tensors
     if dout is None:
         dout = torch.zeros_like(out)
     dq, dk, dv, dpk, dpv = bwd(
-        dout, dlse, q, k, v, prefix_k, prefix_v, prefix_index, kv_mask, out, lse, ctx.causal, ctx.scale, ctx.backend
+        dout, dlse, q, k, v, prefix_k, prefix_v, prefix_index, kv_mask, out, lse, ctx.causal, ctx.scale, ctx.backend,
+        prefix_mask,
     )
-    return dq, dk, dv, dpk, dpv, None, None, None, None, None, None
+    return dq, dk, dv, dpk, dpv, None, None, None, None, None, None, None
 
 
 fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -85,12 +95,12 @@ fwd.register_autograd(_backward, setup_context=_setup_context)
 def decode(
     q: Tensor, k: Tensor, v: Tensor, prefix_k: Tensor, prefix_v: Tensor,
     prefix_index: Optional[Tensor], kv_mask: Optional[Tensor], causal: bool, scale: float, backend: str,
-    check_index: bool = False,
+    check_index: bool = False, prefix_mask: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor]:
     if check_index and prefix_index is not None:
         check_index_range(prefix_index, prefix_k.shape[0])
     forward = registry.implementation(backend).function("decode")
-    out, lse = forward(q, k, v, prefix_k, prefix_v, prefix_index, kv_mask, causal, scale)
+    out, lse = forward(q, k, v, prefix_k, prefix_v, prefix_index, kv_mask, causal, scale, **_masked(prefix_mask))
     like = bhld_like(q)
     if out.stride() != like.stride():  # the fake below promises the package's layout
         out = like.copy_(out)
@@ -98,6 +108,7 @@ def decode(
 
 
 @decode.register_fake
-def _decode_fake(q, k, v, prefix_k, prefix_v, prefix_index, kv_mask, causal, scale, backend, check_index=False):
+def _decode_fake(q, k, v, prefix_k, prefix_v, prefix_index, kv_mask, causal, scale, backend, check_index=False,
+                 prefix_mask=None):
     B, Hq, Lq, D = q.shape
     return bhld(B, Hq, Lq, D, q), q.new_empty((B, Hq, Lq), dtype=torch.float32)

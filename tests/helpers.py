@@ -131,6 +131,7 @@ def make_inputs(
     requires_grad: bool = True,
     index_dtype: torch.dtype = torch.int64,
     generator: Optional[torch.Generator] = None,
+    prefix_padding: Optional[str] = None,
 ) -> Dict[str, Any]:
     """Random inputs for ``shared_prefix_attention``.
 
@@ -141,6 +142,10 @@ def make_inputs(
     ``transposed=True`` builds q/k/v as (B, L, H, D) tensors and returns their
     (B, H, L, D) transposes (non-contiguous, the layout transformers produces);
     prefix_k/prefix_v are built as (G, P, Hkv, D) and transposed likewise.
+
+    ``prefix_padding`` ("left" or "right") adds a (G, P) prefix_mask: prompts of different lengths
+    padded to P, one of them (when G > 1) entirely padding, so that rows seeing no prefix key are
+    covered too; None: no prefix_mask.
     """
     device = torch.device(device)
 
@@ -171,6 +176,12 @@ def make_inputs(
         lengths = make_lengths(B, Lk, generator)
         inp["kv_mask"] = lengths_to_mask(lengths, Lk, padding).to(device)
         inp["lengths"] = lengths
+    inp["prefix_mask"] = None
+    if prefix_padding is not None:
+        prefix_lengths = make_lengths(G, P, generator)
+        if G > 1:
+            prefix_lengths[G // 2] = 0  # a prefix with every key masked
+        inp["prefix_mask"] = lengths_to_mask(prefix_lengths, P, prefix_padding).to(device)
     return inp
 
 
@@ -178,6 +189,8 @@ def op_args(inp: Dict[str, Any]):
     """(positional tensors, keyword args) for shared_prefix_attention."""
     args = tuple(inp[n] for n in TENSOR_ARGS)
     kwargs = {"prefix_index": inp.get("prefix_index"), "kv_mask": inp.get("kv_mask")}
+    if inp.get("prefix_mask") is not None:
+        kwargs["prefix_mask"] = inp["prefix_mask"]
     return args, kwargs
 
 
@@ -236,10 +249,10 @@ def _clones(inp, dtype, requires_grad=True):
 
 
 def _reference_fn(compute_dtype):
-    def fn(q, k, v, pk, pv, *, prefix_index, kv_mask, causal, scale):
+    def fn(q, k, v, pk, pv, *, prefix_index, kv_mask, causal, scale, prefix_mask=None):
         out, lse = reference_attention(
             q, k, v, pk, pv, prefix_index=prefix_index, kv_mask=kv_mask,
-            causal=causal, scale=scale, compute_dtype=compute_dtype,
+            causal=causal, scale=scale, compute_dtype=compute_dtype, prefix_mask=prefix_mask,
         )
         return out, lse
 
@@ -249,7 +262,7 @@ def _reference_fn(compute_dtype):
 def run_truth(inp, *, causal, scale, dout, dlse, with_lse, need_grads=True):
     """reference_attention in float64 on float64 copies of the inputs."""
     kwargs = {"prefix_index": inp.get("prefix_index"), "kv_mask": inp.get("kv_mask"),
-              "causal": causal, "scale": scale}
+              "prefix_mask": inp.get("prefix_mask"), "causal": causal, "scale": scale}
     tensors = _clones(inp, torch.float64)
     res = forward_backward(_reference_fn(torch.float64), tensors, kwargs,
                            dout.double(), None if dlse is None else dlse.double(),
@@ -268,7 +281,7 @@ def run_same_dtype(inp, *, causal, scale, dout, dlse, with_lse, need_grads=True)
     """reference_attention computed in the input dtype: the error plain PyTorch makes."""
     dtype = inp["q"].dtype
     kwargs = {"prefix_index": inp.get("prefix_index"), "kv_mask": inp.get("kv_mask"),
-              "causal": causal, "scale": scale}
+              "prefix_mask": inp.get("prefix_mask"), "causal": causal, "scale": scale}
 
     def run(compute_dtype):
         tensors = _clones(inp, dtype)
@@ -354,6 +367,8 @@ def assert_close_to_reference(
         assert all(t.requires_grad for t in tensors), "make_inputs(requires_grad=True) expected"
     kwargs = {"prefix_index": inp.get("prefix_index"), "kv_mask": inp.get("kv_mask"),
               "causal": causal, "scale": scale, "return_lse": return_lse, "backend": backend}
+    if inp.get("prefix_mask") is not None:
+        kwargs["prefix_mask"] = inp["prefix_mask"]
 
     dout = torch.randn(B, Hq, Lq, D, device=q.device).to(dtype)
     dlse = torch.randn(B, Hq, Lq, device=q.device, dtype=torch.float32) if return_lse else None

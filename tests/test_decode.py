@@ -52,7 +52,10 @@ def _no_backend_override(monkeypatch):
 
 def decode_args(inp):
     args = tuple(inp[n] for n in TENSOR_ARGS)
-    return args, {"prefix_index": inp.get("prefix_index"), "kv_mask": inp.get("kv_mask")}
+    kwargs = {"prefix_index": inp.get("prefix_index"), "kv_mask": inp.get("kv_mask")}
+    if inp.get("prefix_mask") is not None:
+        kwargs["prefix_mask"] = inp["prefix_mask"]
+    return args, kwargs
 
 
 def run_decode(inp, **kw):

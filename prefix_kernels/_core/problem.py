@@ -33,6 +33,7 @@ class Problem:
     P: int
     dtype: torch.dtype
     device: torch.device
+    has_prefix_mask: bool = False  # a (G, P) prefix_mask was given (not every prefix key visible)
 
     @property
     def group(self) -> int:
@@ -99,7 +100,7 @@ def _layout_hint(q, k, v, prefix_k) -> str | None:
 
 
 def check_inputs(q, k, v, prefix_k, prefix_v, prefix_index, kv_mask, scale, causal=True, *,
-                 index_values: bool = True) -> Problem:
+                 index_values: bool = True, prefix_mask=None) -> Problem:
     """Validate the arguments of shared_prefix_attention and return the problem's sizes.
 
     index_values=False skips the range check of prefix_index's values (a device sync), for a
@@ -164,6 +165,18 @@ def check_inputs(q, k, v, prefix_k, prefix_v, prefix_index, kv_mask, scale, caus
         if kv_mask.device != q.device:
             raise ValueError(f"kv_mask is on {kv_mask.device} but q is on {q.device}")
 
+    if prefix_mask is not None:
+        if not isinstance(prefix_mask, torch.Tensor):
+            raise TypeError(f"prefix_mask must be a (G, P) = ({G}, {P}) bool tensor or None, "
+                            f"got {type(prefix_mask).__name__}")
+        if prefix_mask.dtype != torch.bool:
+            raise TypeError(f"prefix_mask must have dtype torch.bool (True = may attend), got {prefix_mask.dtype}")
+        if prefix_mask.shape != (G, P):
+            raise ValueError(f"prefix_mask must have shape (G, P) = ({G}, {P}) (one row per prefix of prefix_k), "
+                             f"got {tuple(prefix_mask.shape)}")
+        if prefix_mask.device != q.device:
+            raise ValueError(f"prefix_mask is on {prefix_mask.device} but q is on {q.device}")
+
     if scale is not None:
         if isinstance(scale, bool) or not isinstance(scale, numbers.Real):  # numpy scalars are Real
             raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
@@ -174,7 +187,7 @@ def check_inputs(q, k, v, prefix_k, prefix_v, prefix_index, kv_mask, scale, caus
         if not math.isfinite(value):
             raise ValueError(f"scale must be finite, got {scale}")
 
-    return Problem(B, Hq, Hkv, Lq, Lk, D, G, P, q.dtype, q.device)
+    return Problem(B, Hq, Hkv, Lq, Lk, D, G, P, q.dtype, q.device, prefix_mask is not None)
 
 
 def check_decode_lq(p: Problem, q) -> None:

@@ -104,6 +104,8 @@ def reasons(p: Problem) -> list[str]:
         out.append(f"CPU tensors only, got {p.device.type}")
     if p.dtype != torch.float32:
         out.append(f"float32 only, got {p.dtype}")
+    if p.has_prefix_mask:
+        out.append("prefix_mask is not implemented by the CPU kernel yet")
     if out:
         return out
     why = _unavailable_constant() if torch.compiler.is_compiling() else unavailable()

@@ -52,6 +52,8 @@ def _reasons(p) -> list[str]:
         reasons.append(f"dtype {p.dtype} is not float16, bfloat16 or float32")
     if p.D not in HEAD_DIMS:
         reasons.append(f"head dim {p.D} is not compiled (only {', '.join(map(str, HEAD_DIMS))})")
+    if p.has_prefix_mask:
+        reasons.append("prefix_mask is not implemented by the CUDA decode kernels yet")
     if not 1 <= p.Lq <= MAX_LQ:
         reasons.append(f"Lq={p.Lq} query rows per request: the decode kernels take 1..{MAX_LQ}")
     if p.Hkv < 1 or p.Hq % p.Hkv != 0:

@@ -17,7 +17,7 @@ from ..base import Backend
 
 
 def reference_attention(
-    q, k, v, prefix_k, prefix_v, *, prefix_index=None, kv_mask=None, causal=True, scale=None,
+    q, k, v, prefix_k, prefix_v, *, prefix_index=None, kv_mask=None, causal=True, scale=None, prefix_mask=None,
     compute_dtype=torch.float32,
 ):
     """Shared-prefix attention computed the slow, obvious way, differentiably.
@@ -45,7 +45,8 @@ def reference_attention(
 
     allowed = torch.cat(
         [
-            torch.ones(B, 1, Lq, P, dtype=torch.bool, device=q.device),
+            torch.ones(B, 1, Lq, P, dtype=torch.bool, device=q.device) if prefix_mask is None
+            else prefix_mask[prefix_index][:, None, None, :].expand(B, 1, Lq, P),
             visible_keys(B, Lq, Lk, kv_mask, causal, q.device),
         ],
         dim=-1,
@@ -62,10 +63,10 @@ def reference_attention(
     return out, lse
 
 
-def forward(q, k, v, prefix_k, prefix_v, prefix_index, kv_mask, causal, scale):
+def forward(q, k, v, prefix_k, prefix_v, prefix_index, kv_mask, causal, scale, prefix_mask=None):
     """The backend's forward, differentiable by autograd: out in q's dtype, lse float32."""
     out, lse = reference_attention(q, k, v, prefix_k, prefix_v, prefix_index=prefix_index, kv_mask=kv_mask,
-                                   causal=causal, scale=scale)
+                                   causal=causal, scale=scale, prefix_mask=prefix_mask)
     return out.to(q.dtype), lse.float()
 
 

@@ -90,10 +90,28 @@ def _rows_per_head(x):
     return x.transpose(1, 2).reshape(n * L, H, X).transpose(0, 1)
 
 
-def forward(q, k, v, prefix_k, prefix_v, prefix_index, kv_mask, causal, scale):
+def _prefix_bias(prefix_mask, g, dtype):
+    """(1, 1, 1, P) additive bias (0 or -inf) of prefix g's mask, or None without a mask."""
+    if prefix_mask is None:
+        return None
+    return torch.zeros((), dtype=dtype, device=prefix_mask.device).masked_fill(~prefix_mask[g], float("-inf"))[
+        None, None, None]
+
+
+def _key_bias(prefix_mask, g):
+    """(P,) float32 bias (0 or -inf) of prefix g's keys, or None without a mask."""
+    if prefix_mask is None:
+        return None
+    return torch.zeros(prefix_mask.shape[1], device=prefix_mask.device).masked_fill(~prefix_mask[g], float("-inf"))
+
+
+def forward(q, k, v, prefix_k, prefix_v, prefix_index, kv_mask, causal, scale, prefix_mask=None):
     """The fused forward, or None where a non-finite result shows that the explicit path must
-    recompute it (see _finite above)."""
+    recompute it (see _finite above), or where some prefix has every key masked (the merge
+    below relies on every row seeing a prefix key)."""
     fwd, _ = _cpu_flash()
+    if prefix_mask is not None and prefix_k.shape[2] > 0 and not bool(prefix_mask.any(-1).all()):
+        return None
     B, Hq, Lq, D = q.shape
     G, Hkv, P, _ = prefix_k.shape
     Lk = k.shape[2]
@@ -119,13 +137,14 @@ def forward(q, k, v, prefix_k, prefix_v, prefix_index, kv_mask, causal, scale):
         # copy would take 32 GiB), and no query stacking is needed.
         g = groups[0][0]
         out_p, lse_p = fwd(q, prefix_k[g][None].expand(B, -1, -1, -1), prefix_v[g][None].expand(B, -1, -1, -1),
-                           0.0, False, scale=scale)
+                           0.0, False, attn_mask=_prefix_bias(prefix_mask, g, q.dtype), scale=scale)
     else:
         out_p = q.new_empty(B, Hkv, Hq // Hkv * Lq, D)
         lse_p = q.new_empty(B, Hkv, Hq // Hkv * Lq, dtype=torch.float32)
         for g, rows in groups:
             qs = q.unflatten(1, (Hkv, -1))[rows].transpose(0, 1).reshape(Hkv, -1, D)[None]
-            o, lse = fwd(qs, prefix_k[g][None], prefix_v[g][None], 0.0, False, scale=scale)
+            o, lse = fwd(qs, prefix_k[g][None], prefix_v[g][None], 0.0, False,
+                         attn_mask=_prefix_bias(prefix_mask, g, q.dtype), scale=scale)
             scatter(out_p, rows, unstack_rows(o[0], rows.numel()))
             scatter(lse_p, rows, unstack_rows(lse[0][..., None], rows.numel())[..., 0])
         out_p, lse_p = out_p.view(B, Hq, Lq, D), lse_p.view(B, Hq, Lq)
@@ -151,7 +170,7 @@ def forward(q, k, v, prefix_k, prefix_v, prefix_index, kv_mask, causal, scale):
 _PREFIX_BWD_SCORES = 1 << 22
 
 
-def _prefix_backward_cpu(dq, dout, q, out, lse, prefix_k, prefix_v, scale):
+def _prefix_backward_cpu(dq, dout, q, out, lse, prefix_k, prefix_v, scale, key_bias=None):
     """The prefix part's gradients for requests that share one prefix (P > 0).
 
     Adds the prefix part of dq into `dq` (n, Hq, Lq, D) and returns (dprefix_k, dprefix_v), each
@@ -159,7 +178,8 @@ def _prefix_backward_cpu(dq, dout, q, out, lse, prefix_k, prefix_v, scale):
     head's query rows of all requests are one (n * Lq, D) matrix, a view in transformers' layout,
     so no request gets a copy of the prefix or of its gradient. With the merged lse and
     delta = rowsum(dout * out): p = exp(s - lse), dv = p^T dout, ds = p * (dout v^T - delta),
-    dk = scale * ds^T q, dq += scale * ds k. Explicit products rather than the fused kernel's
+    dk = scale * ds^T q, dq += scale * ds k. key_bias (P,) adds -inf to masked prefix keys' scores
+    (p = 0 there). Explicit products rather than the fused kernel's
     backward, which needs the rows stacked per kv head (four copies of q's size) and costs more
     at small P (benchmarks/NOTES.md).
     """
@@ -185,7 +205,10 @@ def _prefix_backward_cpu(dq, dout, q, out, lse, prefix_k, prefix_v, scale):
     for a in range(0, n * Lq, step):
         rows = slice(a, a + step)
         Qc, dOc = Q[:, rows].to(f32), dO[:, rows].to(f32)
-        p = torch.bmm(Qc, pk.transpose(1, 2)).mul_(scale).sub_(lse_rows[:, rows]).exp_()  # (Hq, c, P)
+        s = torch.bmm(Qc, pk.transpose(1, 2)).mul_(scale)
+        if key_bias is not None:
+            s.add_(key_bias)
+        p = s.sub_(lse_rows[:, rows]).exp_()  # (Hq, c, P)
         dpv.baddbmm_(p.transpose(1, 2), dOc)
         ds = p.mul_(torch.bmm(dOc, pv.transpose(1, 2)).sub_(delta_rows[:, rows]))
         dpk.baddbmm_(ds.transpose(1, 2), Qc)
@@ -195,11 +218,14 @@ def _prefix_backward_cpu(dq, dout, q, out, lse, prefix_k, prefix_v, scale):
     return (dpk * scale).view(Hkv, group, P, D).sum(1), dpv.view(Hkv, group, P, D).sum(1)
 
 
-def backward(dout, q, k, v, prefix_k, prefix_v, prefix_index, kv_mask, causal, scale, out, lse):
+def backward(dout, q, k, v, prefix_k, prefix_v, prefix_index, kv_mask, causal, scale, out, lse, prefix_mask=None):
     """Gradients through the fused CPU kernel's backward (own keys) and explicit products (the
     prefix), given the merged out and lse: each part's probabilities are exp(s - lse_total). None
-    where a non-finite dv shows that the explicit path must recompute them (see _finite)."""
+    where a non-finite dv shows that the explicit path must recompute them (see _finite), or
+    where some prefix has every key masked (as the forward)."""
     _, bwd = _cpu_flash()
+    if prefix_mask is not None and prefix_k.shape[2] > 0 and not bool(prefix_mask.any(-1).all()):
+        return None
     B, Hq, Lq, D = q.shape
     G, Hkv, P, _ = prefix_k.shape
     Lk = k.shape[2]
@@ -218,10 +244,11 @@ def backward(dout, q, k, v, prefix_k, prefix_v, prefix_index, kv_mask, causal, s
     dpv = torch.zeros_like(dpk)
     for g, rows in prefix_groups(prefix_index):
         if rows is None:
-            dpk[g], dpv[g] = _prefix_backward_cpu(dq, dout, q, out, lse, prefix_k[g], prefix_v[g], scale)
+            dpk[g], dpv[g] = _prefix_backward_cpu(dq, dout, q, out, lse, prefix_k[g], prefix_v[g], scale,
+                                                  _key_bias(prefix_mask, g))
         else:
             dq_g = torch.zeros(rows.numel(), Lq, Hq, D, dtype=q.dtype, device=q.device).transpose(1, 2)
             dpk[g], dpv[g] = _prefix_backward_cpu(dq_g, dout[rows], q[rows], out[rows], lse[rows],
-                                                  prefix_k[g], prefix_v[g], scale)
+                                                  prefix_k[g], prefix_v[g], scale, _key_bias(prefix_mask, g))
             dq.index_add_(0, rows, dq_g)
     return dq, dk, dv, dpk.to(prefix_k.dtype), dpv.to(prefix_v.dtype)

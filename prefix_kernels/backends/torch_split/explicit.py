@@ -9,7 +9,7 @@ from ..._core.grouping import prefix_groups
 from .common import merge, no_inf, per_request_scores, scatter, stack_rows, unstack_rows
 
 
-def forward(q, k, v, prefix_k, prefix_v, prefix_index, kv_mask, causal: bool, scale: float):
+def forward(q, k, v, prefix_k, prefix_v, prefix_index, kv_mask, causal: bool, scale: float, prefix_mask=None):
     """Returns out (B, Hq, Lq, D) in q's dtype and the natural-log lse (B, Hq, Lq) in float32."""
     B, Hq, Lq, D = q.shape
     G, Hkv, P, _ = prefix_k.shape
@@ -23,8 +23,10 @@ def forward(q, k, v, prefix_k, prefix_v, prefix_index, kv_mask, causal: bool, sc
         for g, rows in prefix_groups(prefix_index):
             qs = stack_rows(q5, rows)  # (Hkv, N, D)
             s = torch.bmm(qs, prefix_k[g].float().transpose(1, 2)) * scale  # (Hkv, N, P)
-            lse = torch.logsumexp(s, dim=-1)
-            o = torch.bmm(torch.exp(s - lse[..., None]), prefix_v[g].float())
+            if prefix_mask is not None:
+                s = s.masked_fill(~prefix_mask[g], float("-inf"))
+            lse = torch.logsumexp(s, dim=-1)  # -inf where every key of prefix g is masked
+            o = torch.bmm(torch.exp(s - no_inf(lse)[..., None]), prefix_v[g].float())
             n = B if rows is None else rows.numel()
             scatter(out_p, rows, unstack_rows(o, n))
             scatter(lse_p, rows, unstack_rows(lse[..., None], n)[..., 0])
@@ -38,7 +40,8 @@ def forward(q, k, v, prefix_k, prefix_v, prefix_index, kv_mask, causal: bool, sc
     return merge(q, out_p.view(B, Hq, Lq, D), lse_p.view(B, Hq, Lq), out_r.view(B, Hq, Lq, D), lse_r.view(B, Hq, Lq))
 
 
-def backward(dout, dlse, q, k, v, prefix_k, prefix_v, prefix_index, kv_mask, causal, scale, out, lse):
+def backward(dout, dlse, q, k, v, prefix_k, prefix_v, prefix_index, kv_mask, causal, scale, out, lse,
+             prefix_mask=None):
     """Gradients (dq, dk, dv, dprefix_k, dprefix_v) of forward, each in its input's dtype.
 
     With p = softmax probabilities over all visible keys and delta = rowsum(dout * out) - dlse:
@@ -64,7 +67,10 @@ def backward(dout, dlse, q, k, v, prefix_k, prefix_v, prefix_index, kv_mask, cau
             lses = stack_rows(lse5[..., None], rows)
             deltas = stack_rows(delta[..., None], rows)
             pk, pv = prefix_k[g].float(), prefix_v[g].float()
-            p = torch.exp(torch.bmm(qs, pk.transpose(1, 2)) * scale - lses)  # (Hkv, N, P)
+            s = torch.bmm(qs, pk.transpose(1, 2)) * scale
+            if prefix_mask is not None:
+                s = s.masked_fill(~prefix_mask[g], float("-inf"))
+            p = torch.exp(s - lses)  # (Hkv, N, P); masked keys: exp(-inf) = 0
             dpv[g] = torch.bmm(p.transpose(1, 2), dos)
             ds = p * (torch.bmm(dos, pv.transpose(1, 2)) - deltas)
             dpk[g] = torch.bmm(ds.transpose(1, 2), qs) * scale
