@@ -32,6 +32,18 @@ def generate(model, input_ids, attention_mask=None, *, shared_prefix=None, num_r
                        num_return_sequences=num_return_sequences, **generate_kwargs)
 
 
+def completion_logits(model, prompt_ids, completion_ids, *, prompt_mask=None, completion_mask=None,
+                      prompt_index=None, position_ids=None, return_logits=True, return_hidden_states=False):
+    """Logits (B, Lc, V) of every completion token with each distinct prompt run once, forward and
+    backward, equal to the stock forward over the concatenated rows (GRPO, RLOO, DPO; see
+    prefix_kernels.hf.completion)."""
+    from .hf import completion_logits as shared
+
+    return shared(model, prompt_ids, completion_ids, prompt_mask=prompt_mask, completion_mask=completion_mask,
+                  prompt_index=prompt_index, position_ids=position_ids, return_logits=return_logits,
+                  return_hidden_states=return_hidden_states)
+
+
 def revert_prefix_kernels():
     """Undo apply_prefix_kernels: PEFT methods restored, hooks removed, models switched back."""
     from .hf import revert_prefix_kernels as revert
@@ -39,4 +51,5 @@ def revert_prefix_kernels():
     return revert()
 
 
-__all__ = ["shared_prefix_attention", "shared_prefix_decode", "apply_prefix_kernels", "generate", "revert_prefix_kernels", "NoBackendError", "__version__"]
+__all__ = ["shared_prefix_attention", "shared_prefix_decode", "apply_prefix_kernels", "completion_logits", "generate",
+           "revert_prefix_kernels", "NoBackendError", "__version__"]

@@ -10,6 +10,7 @@ batch 1), delivery.py (decoder-stack hook that hands the prefix to the attention
 """
 
 from .cache import PrefixCache, PrefixLayer, SharedPrefix
+from .completion import CompletionOutput, completion_logits, distinct_prompts
 from .generate import generate
 from .patch import apply_prefix_kernels, revert_prefix_kernels, uses_prefix_kernels
 

@@ -156,7 +156,8 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
     if reason is not None:
         _warn_fallback_once(reason)
         return _eager_fallback(module, query, key, value, attention_mask, dropout, scale, causal,
-                               layer_prefix, prefix_index, kwargs)
+                               layer_prefix, prefix_index, kwargs,
+                               shared.prefix_mask if layer_prefix is not None else None)
 
     if not query.dtype == key.dtype == value.dtype and torch.is_autocast_enabled(query.device.type):
         # Under autocast RoPE leaves q and k in fp32 while v comes from a linear in the autocast
@@ -175,12 +176,13 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
     out = api.attention(
         query, key, value, prefix_k, prefix_v, prefix_index=prefix_index, kv_mask=kv_mask,
         causal=causal, scale=scale, index_checked=prefix_index is not None and shared.index_checked,
+        prefix_mask=shared.prefix_mask if layer_prefix is not None else None,
     )
     return out.transpose(1, 2), None
 
 
 def _eager_fallback(module, query, key, value, attention_mask, dropout, scale, causal, layer_prefix,
-                    prefix_index, kwargs):
+                    prefix_index, kwargs, prefix_mask=None):
     """The model's own eager attention on the prefix materialised per request (what stock PEFT
     runs), with a mask covering prefix + own keys."""
     B, _, Lq, _ = query.shape
@@ -197,9 +199,16 @@ def _eager_fallback(module, query, key, value, attention_mask, dropout, scale, c
     if attention_mask is None or attention_mask.dim() == 2:
         own = None if attention_mask is None else attention_mask[:, attention_mask.shape[-1] - Lk:].bool()
         allowed = visible_keys(B, Lq, Lk, own, causal, query.device)
-        allowed = torch.cat([allowed.new_ones(B, 1, Lq, P), allowed], dim=-1)
+        seen = allowed.new_ones(B, 1, Lq, P) if prefix_mask is None else prefix_mask[idx][:, None, None, :].expand(
+            B, 1, Lq, P)
+        allowed = torch.cat([seen, allowed], dim=-1)
     else:
         allowed = attention_mask[..., -(P + Lk):] if attention_mask.shape[-1] >= P + Lk else attention_mask
+        if prefix_mask is not None and P > 0:
+            hidden = ~prefix_mask[idx][:, None, None, :]  # (B, 1, 1, P): padding of each request's prompt
+            head, tail = allowed[..., :P], allowed[..., P:]
+            head = head & ~hidden if allowed.dtype == torch.bool else head.masked_fill(hidden, torch.finfo(head.dtype).min)
+            allowed = torch.cat([head.expand(*tail.shape[:-1], P), tail], dim=-1)
     if allowed.dtype == torch.bool:
         additive = torch.zeros(allowed.shape, dtype=query.dtype, device=query.device)
         additive = additive.masked_fill(~allowed, torch.finfo(query.dtype).min)

@@ -33,6 +33,7 @@ class SharedPrefix:
     layers: tuple
     prefix_index: Optional[torch.Tensor]
     index_checked: bool = False  # prefix_index's values checked once for this forward (every layer)
+    prefix_mask: Optional[torch.Tensor] = None  # (G, P) bool: which prefix keys may be attended
 
     def for_layer(self, layer_idx):
         if layer_idx is None or layer_idx >= len(self.layers):
@@ -117,11 +118,14 @@ class PrefixCache(DynamicCache):
 
     Build it from per-layer (prefix_k, prefix_v) pairs of shape (G, Hkv, P, D) (or None for a layer
     without prefix) and an optional prefix_index (B,) choosing each request's prefix (None only with
-    G = 1: one prefix for everyone; with several, the attention raises, naming prefix_index). Pass it as the model's cache (``past_key_values=`` / ``cache=``) on a model
+    G = 1: one prefix for everyone; with several, the attention raises, naming prefix_index), and
+    an optional prefix_mask (G, P) bool, True where a prefix key may be attended (prompts of
+    different lengths, left-padded to P; None: every prefix key visible). Pass it as the model's cache (``past_key_values=`` / ``cache=``) on a model
     prepared by `prefix_kernels.apply_prefix_kernels`.
     """
 
-    def __init__(self, prefixes: Sequence, prefix_index: Optional[torch.Tensor] = None):
+    def __init__(self, prefixes: Sequence, prefix_index: Optional[torch.Tensor] = None,
+                 prefix_mask: Optional[torch.Tensor] = None):
         layers = []
         for i, pair in enumerate(prefixes):
             if pair is None:
@@ -140,11 +144,12 @@ class PrefixCache(DynamicCache):
         for layer in layers:
             layer.position_offset = offset
         self.prefix_index = prefix_index
+        self.prefix_mask = prefix_mask
         self._delivered = False  # set by the decoder-stack hook; checked in update()
 
     @classmethod
     def from_cache(cls, cache: Cache, prefix_index: Optional[torch.Tensor] = None,
-                   length: Optional[int] = None) -> "PrefixCache":
+                   length: Optional[int] = None, prefix_mask: Optional[torch.Tensor] = None) -> "PrefixCache":
         """Take each layer's keys/values of a filled cache (e.g. a prompt run at batch 1) as the prefix.
 
         `length`: keep the first `length` positions. Needed for static layers (a StaticCache or
@@ -167,7 +172,7 @@ class PrefixCache(DynamicCache):
             else:
                 raise ValueError(f"PrefixCache.from_cache: layer {i} is a {type(layer).__name__}, whose tensors "
                                  "hold max_cache_len slots filled or not; pass length=")
-        return cls(prefixes, prefix_index)
+        return cls(prefixes, prefix_index, prefix_mask)
 
     def shared_prefix(self) -> SharedPrefix:
         """The prefix for one forward. prefix_index's values are checked here, once for every
@@ -181,7 +186,7 @@ class PrefixCache(DynamicCache):
                 and not index.is_floating_point() and not index.is_complex() and index.dtype != torch.bool):
             check_index_range(index, min(counts))
             checked = True
-        return SharedPrefix(layers, index, checked)
+        return SharedPrefix(layers, index, checked, self.prefix_mask)
 
     @property
     def prefix_length(self) -> int:
