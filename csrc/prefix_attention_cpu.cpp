@@ -16,9 +16,15 @@
 // else a plain loop. Log-sum-exp is natural log.
 //
 // Masking: own key j is visible to query row i iff kv_mask[b, j] (when given) and, if causal,
-// j <= i + Lk - Lq (bottom-right aligned). Prefix keys are always visible. A masked score is
-// never used (its probability is set to exactly 0), so a NaN or Inf in a key a row cannot see
+// j <= i + Lk - Lq (bottom-right aligned). Prefix key j of prefix g is visible to every row of
+// the requests that read g iff prefix_mask[g, j] (when given; all are without it). A masked score
+// is never used (its probability is set to exactly 0), so a NaN or Inf in a key a row cannot see
 // does not reach it; NaN and Inf in visible entries propagate as in a plain matmul reference.
+// Prefix keys outside [first visible, last visible] of their prefix (a left- or right-padded
+// prompt) are not read at all: the matrix products run over that span only, so their gradient is
+// exactly 0 and their cost is nothing; masked keys inside the span get probability 0. A row that
+// sees no key (every prefix key masked, no visible own key) gives output 0, lse -inf and zero
+// gradients.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -167,11 +173,23 @@ struct View4 {
   float* at(int64_t a, int64_t b, int64_t c) const { return p + a * s0 + b * s1 + c * s2; }
 };
 
+// The prefix keys a prefix may show: none outside [lo, hi); inside, all unless `holes`, when
+// prefix_mask says which.
+struct Span {
+  int64_t lo, hi;
+  bool holes;
+  int64_t size() const { return hi - lo; }
+};
+
 struct Masks {
   const int64_t* index = nullptr;  // (B,) prefix of each request, or none: prefix 0
   const bool* kv = nullptr;        // (B, Lk) visible own keys, or none: all
-  int64_t kv_s0 = 0, kv_s1 = 0, index_s0 = 0;
-  Masks(const c10::optional<at::Tensor>& prefix_index, const c10::optional<at::Tensor>& kv_mask) {
+  const bool* pm = nullptr;        // (G, P) visible prefix keys, or none: all
+  int64_t kv_s0 = 0, kv_s1 = 0, index_s0 = 0, pm_s0 = 0, pm_s1 = 0, P = 0;
+  std::vector<Span> spans;  // one per prefix when pm is given
+  Masks(const Geometry& g, const c10::optional<at::Tensor>& prefix_index, const c10::optional<at::Tensor>& kv_mask,
+        const c10::optional<at::Tensor>& prefix_mask)
+      : P(g.P) {
     if (prefix_index.has_value() && prefix_index->defined()) {
       TORCH_CHECK(prefix_index->scalar_type() == at::kLong, "prefix_index must be int64");
       index = prefix_index->data_ptr<int64_t>();
@@ -183,8 +201,29 @@ struct Masks {
       kv_s0 = kv_mask->stride(0);
       kv_s1 = kv_mask->stride(1);
     }
+    if (prefix_mask.has_value() && prefix_mask->defined()) {
+      const at::Tensor& t = *prefix_mask;
+      TORCH_CHECK(t.device().is_cpu(), "prefix_mask must be a CPU tensor");
+      TORCH_CHECK(t.scalar_type() == at::kBool, "prefix_mask must be bool");
+      TORCH_CHECK(t.dim() == 2 && t.size(0) == g.G && t.size(1) == g.P, "prefix_mask must have shape (G, P) = (",
+                  g.G, ", ", g.P, "), got ", t.sizes());
+      pm = t.data_ptr<bool>();
+      pm_s0 = t.stride(0);
+      pm_s1 = t.stride(1);
+      spans.reserve(static_cast<size_t>(g.G));
+      for (int64_t p = 0; p < g.G; ++p) {
+        const bool* row = pm + p * pm_s0;
+        int64_t lo = 0, hi = g.P;
+        while (lo < hi && !row[lo * pm_s1]) ++lo;
+        while (hi > lo && !row[(hi - 1) * pm_s1]) --hi;
+        bool holes = false;
+        for (int64_t j = lo; j < hi && !holes; ++j) holes = !row[j * pm_s1];
+        spans.push_back(Span{lo, hi, holes});
+      }
+    }
   }
   int64_t prefix_of(int64_t b) const { return index ? index[b * index_s0] : 0; }
+  Span span_of(int64_t prefix) const { return pm ? spans[static_cast<size_t>(prefix)] : Span{0, P, false}; }
 };
 
 // Own keys a block of rows [i0, i1) may need: with causal masking, none past the last row's limit.
@@ -193,23 +232,34 @@ int64_t own_keys_for(const Geometry& g, bool causal, int64_t i1) {
   return std::clamp<int64_t>(i1 - 1 + g.Lk - g.Lq + 1, 0, g.Lk);
 }
 
-// Scaled scores of rows [i0, i1) of head h of request b against the prefix (columns [0, P)) and
-// the request's own keys (columns [P, P + n_own)), into s with row stride ld.
+// Scaled scores of rows [i0, i1) of head h of request b against the prefix's visible span
+// (columns [sp.lo, sp.hi) of [0, P); the others are left for mask_row) and the request's own keys
+// (columns [P, P + n_own)), into s with row stride ld.
 void scores(const Geometry& g, const View4& Q, const View4& K, const View4& PK, int64_t b, int64_t h,
-            int64_t prefix, int64_t i0, int64_t rows, int64_t n_own, double scale, float* s, int64_t ld) {
+            int64_t prefix, const Span& sp, int64_t i0, int64_t rows, int64_t n_own, double scale, float* s,
+            int64_t ld) {
   const int64_t hk = h / g.group;
   const float* qp = Q.at(b, h, i0);
-  if (g.P > 0)
-    blas::gemm(TransposeType::Transpose, TransposeType::NoTranspose, g.P, rows, g.D, static_cast<float>(scale),
-               PK.at(prefix, hk, 0), PK.s2, qp, Q.s2, 0.0f, s, ld);
+  if (sp.size() > 0)
+    blas::gemm(TransposeType::Transpose, TransposeType::NoTranspose, sp.size(), rows, g.D, static_cast<float>(scale),
+               PK.at(prefix, hk, sp.lo), PK.s2, qp, Q.s2, 0.0f, s + sp.lo, ld);
   if (n_own > 0)
     blas::gemm(TransposeType::Transpose, TransposeType::NoTranspose, n_own, rows, g.D, static_cast<float>(scale),
                K.at(b, hk, 0), K.s2, qp, Q.s2, 0.0f, s + g.P, ld);
 }
 
-// Sets masked own entries of row i (query position qi) to -inf; returns the row's maximum over
+// Sets masked entries of row i (query position qi) to -inf: prefix keys outside the span or masked
+// inside it, own keys past the causal limit or masked by kv_mask; returns the row's maximum over
 // visible entries (-inf when it sees no key).
-float mask_row(const Geometry& g, const Masks& m, bool causal, int64_t b, int64_t qi, int64_t n_own, float* row) {
+float mask_row(const Geometry& g, const Masks& m, bool causal, int64_t b, int64_t prefix, const Span& sp, int64_t qi,
+               int64_t n_own, float* row) {
+  std::fill(row, row + sp.lo, kNegInf);
+  std::fill(row + sp.hi, row + g.P, kNegInf);
+  if (sp.holes) {
+    const bool* visible = m.pm + prefix * m.pm_s0;
+    for (int64_t j = sp.lo; j < sp.hi; ++j)
+      if (!visible[j * m.pm_s1]) row[j] = kNegInf;
+  }
   const int64_t limit = causal ? std::clamp<int64_t>(qi + g.Lk - g.Lq + 1, 0, n_own) : n_own;
   float* own = row + g.P;
   for (int64_t j = limit; j < n_own; ++j) own[j] = kNegInf;
@@ -229,13 +279,14 @@ float mask_row(const Geometry& g, const Masks& m, bool causal, int64_t b, int64_
 std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                            const at::Tensor& prefix_k, const at::Tensor& prefix_v,
                                            const c10::optional<at::Tensor>& prefix_index,
-                                           const c10::optional<at::Tensor>& kv_mask, bool causal, double scale) {
+                                           const c10::optional<at::Tensor>& kv_mask, bool causal, double scale,
+                                           const c10::optional<at::Tensor>& prefix_mask) {
   const Geometry g = checked_geometry(q, k, v, prefix_k, prefix_v);
+  const Masks m(g, prefix_index, kv_mask, prefix_mask);  // checks the masks before any early return
   auto out = at::empty({g.B, g.Lq, g.Hq, g.D}, q.options()).transpose(1, 2);
   auto lse = at::empty({g.B, g.Hq, g.Lq}, q.options());
   if (g.B == 0 || g.Hq == 0 || g.Lq == 0) return {out, lse};
   const View4 Q(q), K(k), V(v), PK(prefix_k), PV(prefix_v), O(out);
-  const Masks m(prefix_index, kv_mask);
   float* lse_p = lse.data_ptr<float>();
   const int64_t block = rows_per_block(g.P + g.Lk);
   const int64_t blocks = (g.Lq + block - 1) / block;
@@ -245,11 +296,12 @@ std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& q, const at::Tensor
       const int64_t b = item / (g.Hq * blocks), h = item / blocks % g.Hq, i0 = item % blocks * block;
       const int64_t i1 = std::min(g.Lq, i0 + block), rows = i1 - i0;
       const int64_t n_own = own_keys_for(g, causal, i1), n = g.P + n_own, prefix = m.prefix_of(b);
+      const Span sp = m.span_of(prefix);
       float* s = buf.data();
-      scores(g, Q, K, PK, b, h, prefix, i0, rows, n_own, scale, s, n);
+      scores(g, Q, K, PK, b, h, prefix, sp, i0, rows, n_own, scale, s, n);
       for (int64_t r = 0; r < rows; ++r) {
         float* row = s + r * n;
-        const float mx = mask_row(g, m, causal, b, i0 + r, n_own, row);
+        const float mx = mask_row(g, m, causal, b, prefix, sp, i0 + r, n_own, row);
         float* lse_row = lse_p + (b * g.Hq + h) * g.Lq + i0 + r;
         if (mx == kNegInf) {
           // The max skips NaN: all visible scores NaN (a NaN query) must give NaN, as the
@@ -270,16 +322,16 @@ std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& q, const at::Tensor
       }
       float* o = O.at(b, h, i0);
       const int64_t hk = h / g.group;
-      if (n == 0) {
+      if (sp.size() == 0 && n_own == 0) {  // no key to read: every row sees nothing
         for (int64_t r = 0; r < rows; ++r) std::fill(o + r * O.s2, o + r * O.s2 + g.D, 0.0f);
         continue;
       }
-      if (g.P > 0)
-        blas::gemm(TransposeType::NoTranspose, TransposeType::NoTranspose, g.D, rows, g.P, 1.0f,
-                   PV.at(prefix, hk, 0), PV.s2, s, n, 0.0f, o, O.s2);
+      if (sp.size() > 0)
+        blas::gemm(TransposeType::NoTranspose, TransposeType::NoTranspose, g.D, rows, sp.size(), 1.0f,
+                   PV.at(prefix, hk, sp.lo), PV.s2, s + sp.lo, n, 0.0f, o, O.s2);
       if (n_own > 0)
         blas::gemm(TransposeType::NoTranspose, TransposeType::NoTranspose, g.D, rows, n_own, 1.0f,
-                   V.at(b, hk, 0), V.s2, s + g.P, n, g.P > 0 ? 1.0f : 0.0f, o, O.s2);
+                   V.at(b, hk, 0), V.s2, s + g.P, n, sp.size() > 0 ? 1.0f : 0.0f, o, O.s2);
     }
   });
   return {out, lse};
@@ -294,10 +346,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
     const at::Tensor& dout, const c10::optional<at::Tensor>& dlse, const at::Tensor& q, const at::Tensor& k,
     const at::Tensor& v, const at::Tensor& prefix_k, const at::Tensor& prefix_v,
     const c10::optional<at::Tensor>& prefix_index, const c10::optional<at::Tensor>& kv_mask, const at::Tensor& out,
-    const at::Tensor& lse, bool causal, double scale) {
+    const at::Tensor& lse, bool causal, double scale, const c10::optional<at::Tensor>& prefix_mask) {
   check(dout, "dout");
   check(out, "out");
   const Geometry g = checked_geometry(q, k, v, prefix_k, prefix_v);
+  const Masks m(g, prefix_index, kv_mask, prefix_mask);
   auto dq = at::empty({g.B, g.Lq, g.Hq, g.D}, q.options()).transpose(1, 2);
   auto dk = at::zeros({g.B, g.Lk, g.Hkv, g.D}, q.options()).transpose(1, 2);
   auto dv = at::zeros({g.B, g.Lk, g.Hkv, g.D}, q.options()).transpose(1, 2);
@@ -315,7 +368,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
     return {dq, dk, dv, dpk_parts.sum(0), dpv_parts.sum(0)};
   }
   const View4 Q(q), K(k), V(v), PK(prefix_k), PV(prefix_v), O(out), dO(dout), dQ(dq), dK(dk), dV(dv);
-  const Masks m(prefix_index, kv_mask);
   auto lse_c = lse.contiguous();
   const float* lse_p = lse_c.data_ptr<float>();
   at::Tensor dlse_c;
@@ -337,6 +389,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
       float* dpv = dpv_all + chunk * prefix_numel;
       for (int64_t item = chunk * per_chunk; item < std::min(items, (chunk + 1) * per_chunk); ++item) {
         const int64_t b = item / g.Hkv, hk = item % g.Hkv, prefix = m.prefix_of(b);
+        const Span sp = m.span_of(prefix);
+        const int64_t lo = sp.lo, pn = sp.size();
         float* dpk_g = dpk + (prefix * g.Hkv + hk) * g.P * g.D;
         float* dpv_g = dpv + (prefix * g.Hkv + hk) * g.P * g.D;
         for (int64_t h = hk * g.group; h < (hk + 1) * g.group; ++h) {
@@ -344,7 +398,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
             const int64_t i1 = std::min(g.Lq, i0 + block), rows = i1 - i0;
             const int64_t n_own = own_keys_for(g, causal, i1), n = g.P + n_own;
             float* dq_rows = dQ.at(b, h, i0);
-            if (n == 0) {
+            if (pn == 0 && n_own == 0) {  // no key to read: no gradient
               for (int64_t r = 0; r < rows; ++r) std::fill(dq_rows + r * dQ.s2, dq_rows + r * dQ.s2 + g.D, 0.0f);
               continue;
             }
@@ -352,10 +406,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
             float* dp = dp_buf.data();
             const float* q_rows = Q.at(b, h, i0);
             const float* do_rows = dO.at(b, h, i0);
-            scores(g, Q, K, PK, b, h, prefix, i0, rows, n_own, scale, s, n);
+            scores(g, Q, K, PK, b, h, prefix, sp, i0, rows, n_own, scale, s, n);
             for (int64_t r = 0; r < rows; ++r) {
               float* row = s + r * n;
-              mask_row(g, m, causal, b, i0 + r, n_own, row);
+              mask_row(g, m, causal, b, prefix, sp, i0 + r, n_own, row);
               const int64_t at_row = (b * g.Hq + h) * g.Lq + i0 + r;
               const float l = lse_p[at_row];
               if (l == kNegInf) {  // saw no key in the forward: no gradient
@@ -371,40 +425,45 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
               for (int64_t c = 0; c < g.D; ++c) acc += d[c] * o[c];
               delta[r] = acc - (dlse_p ? dlse_p[at_row] : 0.0f);
             }
+            // Every product below runs over the prefix span [lo, lo + pn) and the own keys only:
+            // the columns outside the span (p = 0 there) are never read, and their prefix
+            // gradient rows are never written (exactly 0).
             // dp = dout [pv; v]^T
-            if (g.P > 0)
-              blas::gemm(TransposeType::Transpose, TransposeType::NoTranspose, g.P, rows, g.D, 1.0f,
-                         PV.at(prefix, hk, 0), PV.s2, do_rows, dO.s2, 0.0f, dp, n);
+            if (pn > 0)
+              blas::gemm(TransposeType::Transpose, TransposeType::NoTranspose, pn, rows, g.D, 1.0f,
+                         PV.at(prefix, hk, lo), PV.s2, do_rows, dO.s2, 0.0f, dp + lo, n);
             if (n_own > 0)
               blas::gemm(TransposeType::Transpose, TransposeType::NoTranspose, n_own, rows, g.D, 1.0f,
                          V.at(b, hk, 0), V.s2, do_rows, dO.s2, 0.0f, dp + g.P, n);
             // dv += p^T dout (own keys), dprefix_v += p^T dout (prefix keys)
-            if (g.P > 0)
-              blas::gemm(TransposeType::NoTranspose, TransposeType::Transpose, g.D, g.P, rows, 1.0f, do_rows, dO.s2,
-                         s, n, 1.0f, dpv_g, g.D);
+            if (pn > 0)
+              blas::gemm(TransposeType::NoTranspose, TransposeType::Transpose, g.D, pn, rows, 1.0f, do_rows, dO.s2,
+                         s + lo, n, 1.0f, dpv_g + lo * g.D, g.D);
             if (n_own > 0)
               blas::gemm(TransposeType::NoTranspose, TransposeType::Transpose, g.D, n_own, rows, 1.0f, do_rows, dO.s2,
                          s + g.P, n, 1.0f, dV.at(b, hk, 0), dV.s2);
-            // ds = p * (dp - delta), in place of p
+            // ds = p * (dp - delta), in place of p, over the span and the own keys
             for (int64_t r = 0; r < rows; ++r) {
               float* row = s + r * n;
               const float* dpr = dp + r * n;
               const float dl = delta[r];
 #pragma omp simd
-              for (int64_t j = 0; j < n; ++j) row[j] = row[j] * (dpr[j] - dl);
+              for (int64_t j = lo; j < lo + pn; ++j) row[j] = row[j] * (dpr[j] - dl);
+#pragma omp simd
+              for (int64_t j = g.P; j < n; ++j) row[j] = row[j] * (dpr[j] - dl);
             }
             // dq = scale ds [pk; k]
-            if (g.P > 0)
-              blas::gemm(TransposeType::NoTranspose, TransposeType::NoTranspose, g.D, rows, g.P,
-                         static_cast<float>(scale), PK.at(prefix, hk, 0), PK.s2, s, n, 0.0f, dq_rows, dQ.s2);
+            if (pn > 0)
+              blas::gemm(TransposeType::NoTranspose, TransposeType::NoTranspose, g.D, rows, pn,
+                         static_cast<float>(scale), PK.at(prefix, hk, lo), PK.s2, s + lo, n, 0.0f, dq_rows, dQ.s2);
             if (n_own > 0)
               blas::gemm(TransposeType::NoTranspose, TransposeType::NoTranspose, g.D, rows, n_own,
-                         static_cast<float>(scale), K.at(b, hk, 0), K.s2, s + g.P, n, g.P > 0 ? 1.0f : 0.0f,
+                         static_cast<float>(scale), K.at(b, hk, 0), K.s2, s + g.P, n, pn > 0 ? 1.0f : 0.0f,
                          dq_rows, dQ.s2);
             // dk += scale ds^T q (own keys), dprefix_k += scale ds^T q (prefix keys)
-            if (g.P > 0)
-              blas::gemm(TransposeType::NoTranspose, TransposeType::Transpose, g.D, g.P, rows,
-                         static_cast<float>(scale), q_rows, Q.s2, s, n, 1.0f, dpk_g, g.D);
+            if (pn > 0)
+              blas::gemm(TransposeType::NoTranspose, TransposeType::Transpose, g.D, pn, rows,
+                         static_cast<float>(scale), q_rows, Q.s2, s + lo, n, 1.0f, dpk_g + lo * g.D, g.D);
             if (n_own > 0)
               blas::gemm(TransposeType::NoTranspose, TransposeType::Transpose, g.D, n_own, rows,
                          static_cast<float>(scale), q_rows, Q.s2, s + g.P, n, 1.0f, dK.at(b, hk, 0), dK.s2);
@@ -423,11 +482,11 @@ TORCH_LIBRARY(prefix_kernels_cpu, m) {
   m.def("set_use_blas(bool enable) -> bool", &set_use_blas);
   m.def(
       "fwd(Tensor q, Tensor k, Tensor v, Tensor prefix_k, Tensor prefix_v, Tensor? prefix_index, "
-      "Tensor? kv_mask, bool causal, float scale) -> (Tensor, Tensor)");
+      "Tensor? kv_mask, bool causal, float scale, Tensor? prefix_mask=None) -> (Tensor, Tensor)");
   m.def(
       "bwd(Tensor dout, Tensor? dlse, Tensor q, Tensor k, Tensor v, Tensor prefix_k, Tensor prefix_v, "
-      "Tensor? prefix_index, Tensor? kv_mask, Tensor out, Tensor lse, bool causal, float scale) "
-      "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+      "Tensor? prefix_index, Tensor? kv_mask, Tensor out, Tensor lse, bool causal, float scale, "
+      "Tensor? prefix_mask=None) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(prefix_kernels_cpu, CPU, m) {

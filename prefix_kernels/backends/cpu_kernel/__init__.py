@@ -1,6 +1,7 @@
 """The one-pass CPU kernel (csrc/prefix_attention_cpu.cpp): float32 CPU tensors, forward and backward.
 
-Each query row reads its prefix and its own keys in one pass; the prefix gradient is summed in
+Each query row reads its prefix and its own keys in one pass (prefix_mask, kv_mask and causal
+masking applied in that pass; a padded prefix's keys outside its visible span are not read); the prefix gradient is summed in
 one partial per thread and reduced in a fixed order. Its matrix products use MKL's SGEMM, which
 torch's x86-64 wheels export, and a plain loop elsewhere.
 
@@ -104,8 +105,6 @@ def reasons(p: Problem) -> list[str]:
         out.append(f"CPU tensors only, got {p.device.type}")
     if p.dtype != torch.float32:
         out.append(f"float32 only, got {p.dtype}")
-    if p.has_prefix_mask:
-        out.append("prefix_mask is not implemented by the CPU kernel yet")
     if out:
         return out
     why = _unavailable_constant() if torch.compiler.is_compiling() else unavailable()
@@ -128,19 +127,23 @@ def _ops():
     return torch.ops.prefix_kernels_cpu
 
 
-def forward(q, k, v, prefix_k, prefix_v, prefix_index, kv_mask, causal: bool, scale: float):
-    """out (B, Hq, Lq, D) float32 and the natural-log lse (B, Hq, Lq)."""
+def forward(q, k, v, prefix_k, prefix_v, prefix_index, kv_mask, causal: bool, scale: float, prefix_mask=None):
+    """out (B, Hq, Lq, D) float32 and the natural-log lse (B, Hq, Lq). prefix_mask (G, P) bool, when
+    given: prefix key j of prefix g is visible iff prefix_mask[g, j] (a row that sees no key gets
+    out 0 and lse -inf)."""
     return _ops().fwd(
         *(_blas_rows(t) for t in (q, k, v, prefix_k, prefix_v)),
-        None if prefix_index is None else prefix_index.long(), kv_mask, bool(causal), float(scale))
+        None if prefix_index is None else prefix_index.long(), kv_mask, bool(causal), float(scale), prefix_mask)
 
 
-def backward(dout, dlse, q, k, v, prefix_k, prefix_v, prefix_index, kv_mask, causal, scale, out, lse):
-    """(dq, dk, dv, dprefix_k, dprefix_v), the prefix gradients reduced over the batch."""
+def backward(dout, dlse, q, k, v, prefix_k, prefix_v, prefix_index, kv_mask, causal, scale, out, lse,
+             prefix_mask=None):
+    """(dq, dk, dv, dprefix_k, dprefix_v), the prefix gradients reduced over the batch (exactly 0
+    for the prefix keys prefix_mask hides)."""
     return _ops().bwd(
         _blas_rows(dout.to(q.dtype)), dlse, *(_blas_rows(t) for t in (q, k, v, prefix_k, prefix_v)),
         None if prefix_index is None else prefix_index.long(), kv_mask, _blas_rows(out), lse,
-        bool(causal), float(scale))
+        bool(causal), float(scale), prefix_mask)
 
 
 decode_forward = forward  # the same kernel serves a decode step
