@@ -14,5 +14,5 @@ from .completion import CompletionOutput, completion_logits, distinct_prompts
 from .generate import generate
 from .patch import apply_prefix_kernels, revert_prefix_kernels, uses_prefix_kernels
 
-__all__ = ["PrefixCache", "PrefixLayer", "SharedPrefix", "apply_prefix_kernels", "generate", "revert_prefix_kernels",
-           "uses_prefix_kernels"]
+__all__ = ["CompletionOutput", "PrefixCache", "PrefixLayer", "SharedPrefix", "apply_prefix_kernels",
+           "completion_logits", "distinct_prompts", "generate", "revert_prefix_kernels", "uses_prefix_kernels"]

@@ -28,7 +28,7 @@ from transformers.cache_utils import DynamicCache
 from .._core.log import log_once
 from . import compat, delivery
 from .cache import PrefixCache
-from .patch import PROMPT_LEARNING, peft_type, transformers_model, uses_prefix_kernels
+from .models import PROMPT_LEARNING, peft_type, transformers_model, uses_prefix_kernels
 from .prompt import _returned_cache, checkpointing_off, dropout_in_training
 
 

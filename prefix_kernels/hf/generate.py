@@ -20,7 +20,8 @@ from transformers.cache_utils import DynamicCache
 
 from . import compat
 from .cache import PrefixCache
-from .patch import cache_key, peft_type, transformers_model, apply_prefix_kernels
+from .models import peft_type, transformers_model
+from .patch import apply_prefix_kernels, cache_key
 
 
 def _returned_cache(output):

@@ -22,27 +22,15 @@ from __future__ import annotations
 import functools
 
 import torch
-from torch import nn
 
 from .._core.log import log_once
-from . import attention, compat, delivery
+from . import attention, compat, delivery, trl
 from .cache import PrefixCache
+from .models import PROMPT_LEARNING, peft_type, transformers_model, uses_prefix_kernels
 from .prompt import checkpointing_off, dropout_in_training, shared_prompt_forward
 
 _originals: dict = {}  # (class, name) -> original function
 _changed_models: dict = {}  # id(model) -> (weakref-able model, previous attention implementation)
-
-
-def uses_prefix_kernels(model) -> bool:
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return getattr(getattr(base, "config", None), "_attn_implementation", None) == attention.NAME
-
-
-def peft_type(config):
-    return getattr(config.peft_type, "value", config.peft_type)
-
-
-PROMPT_LEARNING = ("PREFIX_TUNING", "PROMPT_TUNING", "P_TUNING")
 
 
 def warn_if_not_served(peft_model, config) -> None:
@@ -177,19 +165,6 @@ def _unpatch_peft() -> None:
     _originals.clear()
 
 
-def transformers_model(model) -> nn.Module:
-    from transformers import PreTrainedModel
-
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if not isinstance(base, PreTrainedModel):
-        raise TypeError(f"model must be a transformers PreTrainedModel or a PEFT model wrapping one, got {type(model).__name__}")
-    if getattr(base.config, "is_encoder_decoder", False):
-        raise ValueError(f"model: encoder-decoder models ({base.config.model_type}) are not supported, only decoders")
-    if not delivery.decoder_stacks(base):
-        raise ValueError(f"model: no decoder layers found in {type(base).__name__}; this model type is not supported")
-    return base
-
-
 def apply_prefix_kernels(model=None):
     """Route transformers attention for prefix-tuning, P-tuning v2, prompt-tuning and P-tuning
     through the shared-prefix kernels.
@@ -199,6 +174,7 @@ def apply_prefix_kernels(model=None):
     """
     attention.register()
     _patch_peft()
+    trl.patch_trl()
     if model is None:
         return None
     base = transformers_model(model)
@@ -216,6 +192,7 @@ def revert_prefix_kernels() -> None:
     built with ``attn_implementation="prefix_kernels"`` keeps it; with the PEFT patches gone it
     then sees PEFT's own per-request prefix as ordinary keys, which gives the stock results.)"""
     _unpatch_peft()
+    trl.unpatch_trl()
     for model in delivery.prepared_models():
         delivery.uninstall(model)
     for base, previous in list(_changed_models.values()):
