@@ -109,3 +109,22 @@ def test_cli_demo_reports_a_failed_child(monkeypatch, capsys):
     monkeypatch.setattr(demo, "run_demo", failing)
     assert cli.main(["demo", "--device", "cpu", "--steps", "2"]) == 1
     assert "stock run failed" in capsys.readouterr().err
+
+
+def test_grpo_demo_loss_curves_agree_and_prompts_are_shared():
+    """--task grpo: the stock concatenated rows and completion_logits give the same policy-gradient
+    losses step after step (both models train: the curves would part if a gradient differed)."""
+    from dataclasses import replace
+
+    from prefix_kernels.cli import demo_grpo
+
+    cfg = replace(demo_grpo.config_for("cpu", 3), hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128)
+    stock = demo_grpo.train(cfg, patched=False, progress=False)
+    ours = demo_grpo.train(cfg, patched=True, progress=False)
+    assert len(stock["losses"]) == len(ours["losses"]) == 3
+    for a, b in zip(stock["losses"], ours["losses"]):
+        assert abs(a - b) <= 1e-5, (stock["losses"], ours["losses"])
+    summary = {"stock_ms": 1.0, "patched_ms": 1.0, "speedup": 1.0, "stock_tok_s": 1.0, "patched_tok_s": 1.0,
+               "stock_peak_mib": 1.0, "patched_peak_mib": 1.0}
+    report = demo_grpo.format_report(cfg, stock, ours, summary, (200, 20))
+    assert "GRPO-style" in report and "loss curves agree" in report

@@ -15,7 +15,7 @@ from .._core.problem import Problem
 from ..backends import decode_choice, registry
 from ..backends import cpu_kernel
 from ..backends.cuda import build as cuda_build
-from . import demo, verify
+from . import demo, demo_grpo, verify
 
 PACKAGE_ROOT = Path(prefix_kernels.__file__).resolve().parent
 
@@ -79,7 +79,7 @@ def _make_out(args, smoke: bool) -> Path:
 def _demo(args) -> int:
 
     try:
-        demo.run_demo(args.device, args.steps)
+        (demo_grpo if args.task == "grpo" else demo).run_demo(args.device, args.steps)
     except demo.ChildRunError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -294,13 +294,18 @@ def _bench(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="prefix-kernels", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="prefix-tune a small Llama-shaped model on table-to-text, stock vs patched",
+    demo = sub.add_parser("demo", help="prefix-tuning (or --task grpo) on a small Llama-shaped model, stock vs patched",
                           description="Prefix-tunes a Llama-shaped model (random weights, built from a config) on the "
                                       "synthetic E2E-style data shipped with the package, once with stock PEFT + SDPA "
-                                      "and once patched, and prints both loss curves, step time and peak memory.")
+                                      "and once patched, and prints both loss curves, step time and peak memory. "
+                                      "--task grpo: a GRPO-style policy-gradient run on few-shot prompts of the same "
+                                      "data, 8 completions per prompt, stock concatenated rows against "
+                                      "prefix_kernels.completion_logits (each prompt once).")
     demo.add_argument("--device", type=device_arg, default=None, help="cpu or cuda (default: cuda if available)")
     demo.add_argument("--steps", type=positive_int, default=None,
-                      help="training steps per run (default: 30 on CPU, 40 on GPU)")
+                      help="training steps per run (default: 30 on CPU, 40 on GPU; --task grpo: 12 and 20)")
+    demo.add_argument("--task", choices=("prefix", "grpo"), default="prefix",
+                      help="prefix: PEFT prefix-tuning (default); grpo: shared-prompt policy gradient")
     demo.set_defaults(func=_demo)
     info = sub.add_parser("info", help="versions, device, which backends can run here and why not",
                           description="Prints versions, the device, the CUDA build cache and nvcc, and for each "
