@@ -177,8 +177,8 @@ def shared_prefix_decode(
 
         scale: multiplies q @ k^T; default 1 / sqrt(D).
         return_lse: also return the natural-log log-sum-exp of the scaled scores over every
-            visible key, float32 (B, Hq, Lq); -inf for a row that sees no key (only possible
-            with P == 0), whose output is 0.
+            visible key, float32 (B, Hq, Lq); -inf for a row that sees no key (P == 0, or every
+            prefix key masked, and no own key), whose output is 0.
         backend: "auto" (on CUDA: whichever of "cuda" and "triton" the benchmark measured
             faster for the nearest shape on this GPU, prefix_kernels/data/decode_choice.json,
             "cuda" where nothing was measured; then the other, then "torch"; on CPU: "torch"),

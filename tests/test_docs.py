@@ -30,6 +30,7 @@ README_MAX_LINES = 200
 FENCE = re.compile(r"^(?P<indent> *)```(?P<lang>[\w+-]*)\s*$")
 MARKER = re.compile(r"^#\s*doc-test:\s*(?P<what>skip|cuda)\b\s*(?P<rest>.*)$")
 PUBLIC = {"shared_prefix_attention", "shared_prefix_decode", "apply_prefix_kernels", "revert_prefix_kernels",
+          "completion_logits",
           "generate", "NoBackendError", "hf", "__version__"}
 PUBLIC_HF = {"PrefixCache"}
 # Sandbox words: the project's docs describe the project, not the machines it was developed on.
