@@ -121,10 +121,11 @@ def prefix_row_buffers(allocs, B=B, Hkv=HKV, P=P, D=D):
     return [(name, shape) for name, shape, numel in allocs if numel and numel % row == 0 and numel // row >= B]
 
 
-def run_recorded(backend, device, G, dtype=torch.float32, lse=True):
+def run_recorded(backend, device, G, dtype=torch.float32, lse=True, prefix_padding=None):
     """Forward + backward under the recorder. lse=False: no gradient into lse, which on the CPU
-    sends the torch backend through its fused backward instead of its explicit one."""
-    inp = make_inputs(B, HQ, HKV, LQ, LK, P, D, G, dtype, device, padding="left")
+    sends the torch backend through its fused backward instead of its explicit one.
+    prefix_padding: with a (G, P) prefix_mask."""
+    inp = make_inputs(B, HQ, HKV, LQ, LK, P, D, G, dtype, device, padding="left", prefix_padding=prefix_padding)
     tensors = [inp[n] for n in TENSOR_ARGS]
     rec = AllocationRecorder()
     with rec:
@@ -192,3 +193,12 @@ def test_triton_backend_makes_no_prefix_copy(G, triton_device):
         for x in shape[:-3]:
             rows *= x
         assert rows < B, shape
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["cpu_kernel", "split"])
+@pytest.mark.parametrize("lse", [True, False], ids=["explicit_bwd", "fused_bwd"])
+def test_prefix_mask_makes_no_prefix_copy(lse, dtype):
+    """A (G, P) prefix_mask (prompts of different lengths) is applied per prefix, never expanded
+    per request: float32 takes the one-pass CPU kernel, bf16 the split path."""
+    rec = run_recorded("torch", "cpu", 2, dtype=dtype, lse=lse, prefix_padding="left")
+    _assert_no_copies(rec, "torch")

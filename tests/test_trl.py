@@ -193,7 +193,8 @@ def test_rl_logps_entropies_and_gradients_match_stock(kind, model_dir, tmp_path)
     assert_close_grads(ours, results["eager"][2], gap)
 
 
-def test_dpo_loss_and_gradients_match_stock(model_dir, tmp_path):
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_dpo_loss_and_gradients_match_stock(model_dir, tmp_path, lora):
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -206,7 +207,14 @@ def test_dpo_loss_and_gradients_match_stock(model_dir, tmp_path):
     def trainer_for(attn):
         args = trl.DPOConfig(**common(tmp_path, per_device_train_batch_size=4, max_length=64,
                                       model_init_kwargs={"attn_implementation": attn}))
-        return trl.DPOTrainer(model=model_dir, args=args, train_dataset=ds, processing_class=tokenizer)
+        peft_config = None
+        if lora:  # the reference is the same model with the adapter off
+            peft = pytest.importorskip("peft")
+            peft_config = peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM",
+                                          init_lora_weights=False)
+        torch.manual_seed(7)  # the same adapter weights for every trainer
+        return trl.DPOTrainer(model=model_dir, args=args, train_dataset=ds, processing_class=tokenizer,
+                              peft_config=peft_config)
 
     ours = trainer_for("prefix_kernels")
     batch = ours.data_collator([ours.train_dataset[i] for i in range(4)])
