@@ -73,3 +73,51 @@ def test_decode_launches(gpu_launches, monkeypatch, dtype, D, Lq, T, P, G, fuse_
     monkeypatch.setitem(config.FUSE_PARTS, "triton", fuse_parts)
     inp = make_inputs(6, 4, 2, Lq, T, P, D, G, dtype, gpu_launches, padding="left", requires_grad=False)
     assert_decode_close(inp, backend="triton", causal=True)
+
+
+def _prefix_mask(G, P, device):
+    """(G, P) prefix_mask for G = 3: prefix 0 left-padded over more than half its keys (whole key
+    tiles masked, as a short prompt's padding is, and one tile masked in part), prefix 1 entirely
+    masked (the last request uses it with no own key: its rows see nothing), prefix 2 a scatter."""
+    assert G == 3
+    mask = torch.zeros(G, P, dtype=torch.bool)
+    mask[0, P // 2 + 3:] = True
+    mask[2] = torch.rand(P, generator=torch.Generator().manual_seed(1)) < 0.6
+    return mask.to(device)
+
+
+# (dtype, D, L, P): the forward / backward tile branches 128 x 64 / 32 x 64 (fp16) and
+# 32 x 16 / 32 x 16 (fp32), G = 3 prefixes with the masks above.
+TRAINING_MASKED = [
+    (torch.float16, 64, 150, 150),
+    (torch.float32, 128, 70, 50),
+]
+
+
+@pytest.mark.parametrize("dtype,D,L,P", TRAINING_MASKED, ids=lambda v: str(v).replace("torch.", ""))
+def test_training_launches_prefix_mask(gpu_launches, dtype, D, L, P):
+    inp = make_inputs(B, 4, 2, L, L, P, D, 3, dtype, gpu_launches, padding="left", transposed=True)
+    inp["prefix_mask"] = _prefix_mask(3, P, gpu_launches)
+    res = assert_close_to_reference(inp, backend="triton", causal=True)
+    assert torch.isneginf(res["truth"]["lse"]).any()  # rows that see no key are covered (checked: 0, -inf)
+    # The gradient of a masked prefix key is exactly 0 (prefix 1: every key).
+    for name in ("dprefix_k", "dprefix_v"):
+        assert torch.all(res[name].detach().transpose(1, 2)[~inp["prefix_mask"]] == 0), name
+
+
+# (dtype, D, Lq, T, P): prefix tiles of 64 keys (fp16) and 32 (fp32) under the masks above.
+DECODE_MASKED = [
+    (torch.float16, 128, 1, 300, 257),
+    (torch.float32, 64, 4, 300, 5),
+]
+
+
+@pytest.mark.parametrize("fuse_parts", [False, True], ids=["3launches", "fused"])
+@pytest.mark.parametrize("dtype,D,Lq,T,P", DECODE_MASKED, ids=lambda v: str(v).replace("torch.", ""))
+def test_decode_launches_prefix_mask(gpu_launches, monkeypatch, dtype, D, Lq, T, P, fuse_parts):
+    from prefix_kernels._core import config
+
+    monkeypatch.setitem(config.FUSE_PARTS, "triton", fuse_parts)
+    inp = make_inputs(6, 4, 2, Lq, T, P, D, 3, dtype, gpu_launches, padding="left", requires_grad=False)
+    inp["prefix_mask"] = _prefix_mask(3, P, gpu_launches)
+    assert_decode_close(inp, backend="triton", causal=True)

@@ -180,3 +180,41 @@ def test_a_backend_without_the_mask_declines_it():
     with pytest.raises(NoBackendError, match="cuda"):
         shared_prefix_decode(*tensors, prefix_index=inp["prefix_index"], prefix_mask=inp["prefix_mask"],
                              backend="cuda")
+
+
+@pytest.mark.parametrize("fuse_parts", [False, True], ids=["3launches", "fused"])
+def test_triton_a_row_that_sees_nothing(fuse_parts, triton_device, monkeypatch):
+    """Triton: every prefix key masked and no own key: out 0, lse -inf, exactly zero gradients
+    (q and the masked prefix keys), never NaN; decode (both launch forms) likewise. The mask is a
+    strided view (stride 2 along P), read in place, and gives the same bits as its copy."""
+    from prefix_kernels._core import config
+
+    monkeypatch.setitem(config.FUSE_PARTS, "triton", fuse_parts)
+    dev = triton_device
+    q = torch.randn(2, 2, 3, 16, device=dev, requires_grad=True)
+    k = torch.randn(2, 2, 0, 16, device=dev, requires_grad=True)
+    v = torch.randn(2, 2, 0, 16, device=dev, requires_grad=True)
+    pk = torch.randn(2, 2, 20, 16, device=dev, requires_grad=True)
+    pv = torch.randn(2, 2, 20, 16, device=dev, requires_grad=True)
+    wide = torch.zeros(2, 40, dtype=torch.bool, device=dev)
+    wide[1, 4:36:2] = True
+    wide[1, 10] = False
+    pidx = torch.tensor([0, 1], device=dev)
+    weight = torch.randn(2, 2, 3, 16, device=dev)
+    results = []
+    for mask in (wide[:, ::2], wide[:, ::2].contiguous()):
+        out, lse = shared_prefix_attention(q, k, v, pk, pv, prefix_index=pidx, prefix_mask=mask, return_lse=True,
+                                           backend="triton")
+        assert torch.all(out[0] == 0) and torch.all(torch.isneginf(lse[0])) and torch.isfinite(lse[1]).all()
+        grads = torch.autograd.grad((out * weight).sum() + lse[1].sum(), (q, pk, pv))
+        assert all(torch.isfinite(g).all() for g in grads)
+        assert torch.all(grads[0][0] == 0)
+        for g in grads[1:]:
+            assert torch.all(g[0] == 0) and torch.all(g[1][:, ~mask[1]] == 0) and g[1].abs().sum() > 0
+        with torch.no_grad():
+            dout, dlse = shared_prefix_decode(q, k, v, pk, pv, prefix_index=pidx, prefix_mask=mask,
+                                              return_lse=True, backend="triton")
+        assert torch.all(dout[0] == 0) and torch.all(torch.isneginf(dlse[0]))
+        torch.testing.assert_close(dout, out.detach(), rtol=1e-5, atol=1e-5)
+        results.append([out, lse, dout, *grads])
+    assert all(torch.equal(a, b) for a, b in zip(*results))

@@ -94,12 +94,20 @@ def _cubin_usage(kernel) -> dict:
             "stack_bytes": int(re.search(r"STACK:(\d+)", out).group(1))}
 
 
+ALL_ON = dict(pidx=True, mask=True, causal=True, prefix_mask=True)
+# Every flag but prefix_mask: the unmasked kernels as they were before HAS_PREFIX_MASK existed.
+NO_PREFIX_MASK = dict(ALL_ON, prefix_mask=False)
+ALL_OFF = dict(pidx=False, mask=False, causal=False, prefix_mask=False)
+
+
 def _training_cases():
     """(dtype, D, flags): every block-size branch of tiles.blocks (D = 80 is padded to a
-    128-wide block), each with every constexpr flag on, and one case with them all off."""
+    128-wide block), each with every constexpr flag on (prefix_mask too: the heaviest variant),
+    one with every flag but prefix_mask, and one with them all off."""
     for dtype, D in itertools.product((torch.float16, torch.bfloat16, torch.float32), (16, 64, 80, 128, 256)):
-        yield dtype, D, dict(pidx=True, mask=True, causal=True)
-    yield torch.bfloat16, 128, dict(pidx=False, mask=False, causal=False)
+        yield dtype, D, ALL_ON
+    yield torch.bfloat16, 128, NO_PREFIX_MASK
+    yield torch.bfloat16, 128, ALL_OFF
 
 
 def _decode_cases():
@@ -107,8 +115,9 @@ def _decode_cases():
     kernel's row block (group * Lq rows: 4 and 64 here)."""
     for dtype, D in itertools.product((torch.float16, torch.bfloat16, torch.float32), (16, 64, 128, 256)):
         for Lq in (1, 16):
-            yield dtype, D, Lq, dict(pidx=True, mask=True, causal=True)
-    yield torch.bfloat16, 128, 4, dict(pidx=False, mask=False, causal=False)
+            yield dtype, D, Lq, ALL_ON
+    yield torch.bfloat16, 128, 4, NO_PREFIX_MASK
+    yield torch.bfloat16, 128, 4, ALL_OFF
 
 
 def _fused_case(dtype, D, flags) -> bool:
@@ -126,7 +135,9 @@ def _inputs(dtype, D, Lq, Lk, flags, *, B=4, Hq=8, Hkv=2, P=300, G=2):
     pv = torch.empty_like(pk)
     pidx = torch.zeros(B, dtype=torch.long, device=dev) if flags["pidx"] else None
     mask = torch.ones(B, Lk, dtype=torch.bool, device=dev) if flags["mask"] else None
-    return q, k, v, pk, pv, pidx, mask
+    # The launchers receive prefix_mask only when there is one, as a keyword (ops._masked).
+    extra = {"prefix_mask": torch.ones(G, P, dtype=torch.bool, device=dev)} if flags["prefix_mask"] else {}
+    return q, k, v, pk, pv, pidx, mask, extra
 
 
 def run(capability: int) -> dict:
@@ -138,15 +149,15 @@ def run(capability: int) -> dict:
     tiles.on_gpu = lambda device: True
     tiles.sm_count = lambda device: SM_COUNT[capability]
     for dtype, D, flags in _training_cases():
-        q, k, v, pk, pv, pidx, mask = _inputs(dtype, D, 200, 200, flags)
-        out, lse = attention.forward(q, k, v, pk, pv, pidx, mask, flags["causal"], D ** -0.5)
+        q, k, v, pk, pv, pidx, mask, extra = _inputs(dtype, D, 200, 200, flags)
+        out, lse = attention.forward(q, k, v, pk, pv, pidx, mask, flags["causal"], D ** -0.5, **extra)
         attention.backward(torch.empty_like(out), None, q, k, v, pk, pv, pidx, mask, flags["causal"],
-                           D ** -0.5, out, lse)
+                           D ** -0.5, out, lse, **extra)
     for dtype, D, Lq, flags in _decode_cases():
-        q, k, v, pk, pv, pidx, mask = _inputs(dtype, D, Lq, 300, flags)
-        decode.forward(q, k, v, pk, pv, pidx, mask, flags["causal"], D ** -0.5)
+        q, k, v, pk, pv, pidx, mask, extra = _inputs(dtype, D, Lq, 300, flags)
+        decode.forward(q, k, v, pk, pv, pidx, mask, flags["causal"], D ** -0.5, **extra)
         if _fused_case(dtype, D, flags):
-            decode.forward(q, k, v, pk, pv, pidx, mask, flags["causal"], D ** -0.5, fuse_parts=True)
+            decode.forward(q, k, v, pk, pv, pidx, mask, flags["causal"], D ** -0.5, fuse_parts=True, **extra)
     rows, seen = [], set()
     for name, constexprs, warps, stages, kernel in compiled:
         if id(kernel) in seen:  # the same specialisation again (the JIT cache returned it)

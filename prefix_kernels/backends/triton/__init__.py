@@ -98,13 +98,8 @@ def _device_reasons(p: Problem) -> list[str]:
     return reasons
 
 
-MASK_TODO = "prefix_mask is not implemented by the Triton kernels yet"
-
-
 def train_reasons(p: Problem) -> list[str]:
     reasons = _device_reasons(p)
-    if p.has_prefix_mask:
-        reasons.append(MASK_TODO)
     if p.G > 65535:
         reasons.append(f"G={p.G} prefixes exceed the 65535 limit of a grid axis")
     return reasons
@@ -112,8 +107,6 @@ def train_reasons(p: Problem) -> list[str]:
 
 def decode_reasons(p: Problem) -> list[str]:
     reasons = _device_reasons(p)
-    if p.has_prefix_mask:
-        reasons.append(MASK_TODO)
     if not 1 <= p.Lq <= MAX_DECODE_LQ:
         reasons.append(f"the decode kernels take 1 to {MAX_DECODE_LQ} query tokens per request, got Lq={p.Lq}")
     if p.Hkv > 65535:

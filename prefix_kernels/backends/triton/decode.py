@@ -30,9 +30,12 @@ from .train import LOG2E, mask_args, precision
 from .kernels.decode import decode_merge_kernel, decode_own_kernel, decode_parts_kernel, decode_prefix_kernel
 
 def forward(q, k, v, prefix_k, prefix_v, prefix_index, kv_mask, causal: bool, scale: float,
-            fuse_parts: bool | None = None):
+            fuse_parts: bool | None = None, prefix_mask=None):
     """Returns out (B, Hq, Lq, D) in q's dtype (a (B, Lq, Hq, D) tensor transposed, as
     _core.layout) and the natural-log lse (B, Hq, Lq) float32.
+
+    prefix_mask: (G, P) bool, the prefix keys each prefix's rows may see (None: all); a row
+    that sees no key at all gets out 0 and lse -inf.
 
     fuse_parts: run the prefix and own parts as one launch (None: _core.config.FUSE_PARTS["triton"]). Same splits,
     same partials, same merge: the result is bit-identical either way."""
@@ -87,26 +90,30 @@ def forward(q, k, v, prefix_k, prefix_v, prefix_index, kv_mask, causal: bool, sc
     else:
         order = starts = bstarts = q  # unused (HAS_PIDX=False, or no prefix key)
     kvm, smb, smn = mask_args(kv_mask, q)
+    pm, spmg, spmn = mask_args(prefix_mask, q)
+    has_pm = prefix_mask is not None
     n_prefix = row_blocks * Hkv * p_splits
     n_own = B * Hkv * o_splits * own_row_blocks
     if fuse_parts and n_prefix > 0 and n_own > 0:
         decode_parts_kernel[(n_prefix + n_own,)](
-            q, k, v, kvm, prefix_k, prefix_v, order, starts, bstarts, part_out, part_lse,
-            *q.stride(), *k.stride(), *v.stride(), smb, smn, *prefix_k.stride(), *prefix_v.stride(),
+            q, k, v, kvm, prefix_k, prefix_v, pm, order, starts, bstarts, part_out, part_lse,
+            *q.stride(), *k.stride(), *v.stride(), smb, smn, *prefix_k.stride(), *prefix_v.stride(), spmg, spmn,
             B, Hq, Hkv, Lq, T, P, group, G, qk_scale, p_per, o_per, p_splits, S,
             G.bit_length(), row_blocks, n_prefix, n_own, B * Hkv, o_splits,
             HEAD_DIM=D, BLOCK_D=BLOCK_D, P_BLOCK_M=blk.prefix_m, P_BLOCK_N=blk.prefix_n,
             O_BLOCK_M=blk.own_m, O_BLOCK_N=blk.own_n, HAS_PIDX=has_pidx, HAS_KV_MASK=kv_mask is not None,
-            CAUSAL=bool(causal), PRECISION=precision_, num_warps=blk.warps, num_stages=blk.stages,
+            CAUSAL=bool(causal), PRECISION=precision_, HAS_PREFIX_MASK=has_pm,
+            num_warps=blk.warps, num_stages=blk.stages,
         )
     else:
         if n_prefix > 0:
             decode_prefix_kernel[(row_blocks, Hkv, p_splits)](
-                q, prefix_k, prefix_v, order, starts, bstarts, part_out, part_lse,
-                *q.stride(), *prefix_k.stride(), *prefix_v.stride(),
+                q, prefix_k, prefix_v, pm, order, starts, bstarts, part_out, part_lse,
+                *q.stride(), *prefix_k.stride(), *prefix_v.stride(), spmg, spmn,
                 B, Hq, Lq, P, group, G, qk_scale, p_per, 0, S, G.bit_length(),
                 HEAD_DIM=D, BLOCK_D=BLOCK_D, BLOCK_M=blk.prefix_m, BLOCK_N=blk.prefix_n,
-                HAS_PIDX=has_pidx, PRECISION=precision_, num_warps=blk.warps, num_stages=blk.stages,
+                HAS_PIDX=has_pidx, PRECISION=precision_, HAS_PREFIX_MASK=has_pm,
+                num_warps=blk.warps, num_stages=blk.stages,
             )
         if n_own > 0:
             decode_own_kernel[(B * Hkv, o_splits, own_row_blocks)](

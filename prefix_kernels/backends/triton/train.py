@@ -34,14 +34,16 @@ def precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def mask_args(kv_mask, dummy):
-    if kv_mask is None:
+def mask_args(mask, dummy):
+    """(pointer, stride 0, stride 1) of a 2-D bool mask (kv_mask (B, Lk) or prefix_mask (G, P)),
+    read as uint8; (dummy, 0, 0) for no mask (the kernel's HAS_* constexpr is then False)."""
+    if mask is None:
         return dummy, 0, 0
-    m = kv_mask.view(torch.uint8)  # bool and uint8 share a layout; no copy
+    m = mask.view(torch.uint8)  # bool and uint8 share a layout; no copy
     return m, m.stride(0), m.stride(1)
 
 
-def forward(q, k, v, prefix_k, prefix_v, prefix_index, kv_mask, causal: bool, scale: float):
+def forward(q, k, v, prefix_k, prefix_v, prefix_index, kv_mask, causal: bool, scale: float, prefix_mask=None):
     """Returns out (B, Hq, Lq, D) in q's dtype (a (B, Lq, Hq, D) tensor transposed) and the natural-log lse (B, Hq, Lq) fp32."""
     B, Hq, Lq, D = q.shape
     G, Hkv, P, _ = prefix_k.shape
@@ -50,21 +52,25 @@ def forward(q, k, v, prefix_k, prefix_v, prefix_index, kv_mask, causal: bool, sc
     lse = torch.empty((B, Hq, Lq), dtype=torch.float32, device=q.device)
     blk = tiles.blocks(D, q.dtype, q.device, backward=False)
     kvm, smb, smn = mask_args(kv_mask, q)
+    pm, spmg, spmn = mask_args(prefix_mask, q)
     grid = (B * Hq, triton.cdiv(Lq, blk.m))
     shared_prefix_fwd_kernel[grid](
-        q, k, v, prefix_k, prefix_v, q if prefix_index is None else prefix_index.contiguous(), kvm, out, lse,
-        *q.stride(), *k.stride(), *v.stride(), *prefix_k.stride(), *prefix_v.stride(), smb, smn, *out.stride(),
-        Hq, Lq, Lk, P, Hq // Hkv, scale * LOG2E,
+        q, k, v, prefix_k, prefix_v, q if prefix_index is None else prefix_index.contiguous(), kvm, pm, out, lse,
+        *q.stride(), *k.stride(), *v.stride(), *prefix_k.stride(), *prefix_v.stride(), smb, smn, spmg, spmn,
+        *out.stride(), Hq, Lq, Lk, P, Hq // Hkv, scale * LOG2E,
         HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_M=blk.m, BLOCK_N=blk.n,
         HAS_PIDX=prefix_index is not None, HAS_KV_MASK=kv_mask is not None, CAUSAL=causal,
-        PRECISION=precision(q.dtype), num_warps=blk.warps, num_stages=blk.stages,
+        PRECISION=precision(q.dtype), HAS_PREFIX_MASK=prefix_mask is not None,
+        num_warps=blk.warps, num_stages=blk.stages,
     )
     return out, lse
 
 
-def backward(dout, dlse, q, k, v, prefix_k, prefix_v, prefix_index, kv_mask, causal, scale, out, lse):
+def backward(dout, dlse, q, k, v, prefix_k, prefix_v, prefix_index, kv_mask, causal, scale, out, lse,
+             prefix_mask=None):
     """Gradients (dq, dk, dv, dprefix_k, dprefix_v) in the inputs' dtypes; dq, dk, dv in the
-    layout _core.layout describes ((B, L, H, D) memory), the prefix gradients contiguous."""
+    layout _core.layout describes ((B, L, H, D) memory), the prefix gradients contiguous. The
+    prefix gradient of a key that prefix_mask masks is exactly 0."""
     B, Hq, Lq, D = q.shape
     G, Hkv, P, _ = prefix_k.shape
     Lk = k.shape[2]
@@ -78,6 +84,8 @@ def backward(dout, dlse, q, k, v, prefix_k, prefix_v, prefix_index, kv_mask, cau
     lse = lse.contiguous()
     blk = tiles.blocks(D, q.dtype, dev, backward=True)
     kvm, smb, smn = mask_args(kv_mask, q)
+    pm, spmg, spmn = mask_args(prefix_mask, q)
+    has_pm = prefix_mask is not None
     common = dict(
         HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_M=blk.m, BLOCK_N=blk.n,
         PRECISION=precision(q.dtype), num_warps=blk.warps, num_stages=blk.stages,
@@ -87,10 +95,12 @@ def backward(dout, dlse, q, k, v, prefix_k, prefix_v, prefix_index, kv_mask, cau
     dq = bhld(B, Hq, Lq, D, q)
     corr = torch.empty_like(lse)  # per-row renormalisation of p, written by the dq kernel
     shared_prefix_bwd_dq_kernel[(B * Hq, triton.cdiv(Lq, blk.m))](
-        q, k, v, prefix_k, prefix_v, q if prefix_index is None else prefix_index.contiguous(), kvm, dout, lse, delta, dq, corr,
-        *q.stride(), *k.stride(), *v.stride(), *prefix_k.stride(), *prefix_v.stride(), smb, smn, *dout.stride(),
-        *dq.stride()[:3], Hq, Lq, Lk, P, group, qk_scale, scale,
-        HAS_PIDX=prefix_index is not None, HAS_KV_MASK=kv_mask is not None, CAUSAL=causal, **common,
+        q, k, v, prefix_k, prefix_v, q if prefix_index is None else prefix_index.contiguous(), kvm, pm, dout, lse, delta,
+        dq, corr,
+        *q.stride(), *k.stride(), *v.stride(), *prefix_k.stride(), *prefix_v.stride(), smb, smn, spmg, spmn,
+        *dout.stride(), *dq.stride()[:3], Hq, Lq, Lk, P, group, qk_scale, scale,
+        HAS_PIDX=prefix_index is not None, HAS_KV_MASK=kv_mask is not None, CAUSAL=causal,
+        HAS_PREFIX_MASK=has_pm, **common,
     )
 
     dk = bhld(B, Hkv, Lk, D, k)
@@ -115,10 +125,10 @@ def backward(dout, dlse, q, k, v, prefix_k, prefix_v, prefix_index, kv_mask, cau
         dpk = torch.empty((splits, G, Hkv, P, D), dtype=torch.float32, device=dev)
         dpv = torch.empty_like(dpk)
     shared_prefix_bwd_prefix_dkdv_kernel[(p_blocks, Hkv, G * splits)](
-        q, prefix_k, prefix_v, order, starts, dout, lse, delta, corr, dpk, dpv,
-        *q.stride(), *prefix_k.stride(), *prefix_v.stride(), *dout.stride(),
+        q, prefix_k, prefix_v, pm, order, starts, dout, lse, delta, corr, dpk, dpv,
+        *q.stride(), *prefix_k.stride(), *prefix_v.stride(), spmg, spmn, *dout.stride(),
         Hq, Hkv, Lq, P, group, G, qk_scale, scale,
-        splits, **common,
+        splits, HAS_PREFIX_MASK=has_pm, **common,
     )
     if splits > 1:
         # A fixed-order sum over the split axis: the same bits on every run, unlike atomics.

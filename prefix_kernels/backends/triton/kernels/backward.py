@@ -9,6 +9,9 @@ Three kernels, none with atomics, so every run gives bitwise the same gradients:
                  requests of split s that use prefix g, so the batch reduction of the prefix
                  gradient happens in registers. With S > 1 splits, each writes an fp32 partial
                  (S, G, Hkv, P, D) that the launcher sums in a fixed order.
+With HAS_PREFIX_MASK, prefix_mask's row g masks the prefix keys in the dq and prefix_dkdv kernels
+as kv_mask masks the own keys: a masked key's p is 0, so its gradient is exactly 0, and a prefix
+block whose keys are all masked skips its loop over the requests.
 lse arrives in natural log and is turned into log2 units here (scores are in log2 units).
 
 Row renormalisation. p = exp2(s - lse2) inherits the rounding of lse2 as a factor common to the
@@ -66,18 +69,20 @@ def _dq_segment(dq, psum, q, do, lse2, delta, K_BASE, V_BASE, skn, skd, svn, svd
 
 @triton.jit
 def shared_prefix_bwd_dq_kernel(
-    Q, K, V, PK, PV, PIDX, KVM, DO, LSE, DELTA, DQ, CORR,
+    Q, K, V, PK, PV, PIDX, KVM, PM, DO, LSE, DELTA, DQ, CORR,
     sqb, sqh, sqm, sqd,
     skb, skh, skn, skd,
     svb, svh, svn, svd,
     spkg, spkh, spkn, spkd,
     spvg, spvh, spvn, spvd,
     smb, smn,
+    spmg, spmn,
     sdob, sdoh, sdom, sdod,
     sdqb, sdqh, sdqm,
     Hq, Lq, Lk, P, group, qk_scale, scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_PIDX: tl.constexpr, HAS_KV_MASK: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_PREFIX_MASK: tl.constexpr,
 ):
     bh = tl.program_id(0).to(tl.int64)  # B * Hq on axis 0 (axes 1, 2 stop at 65535); 64-bit offsets
     pid_m = tl.program_id(1)
@@ -98,7 +103,8 @@ def shared_prefix_bwd_dq_kernel(
         g = 0
     dq, psum = _dq_segment(
         dq, psum, q, do, lse2, delta, PK + g * spkg + hk * spkh, PV + g * spvg + hk * spvh, spkn, spkd, spvn, spvd,
-        P, P, offs_m, offs_d, KVM, smn, 0, qk_scale, False, False, HEAD_DIM, BLOCK_N, PRECISION,
+        P, P, offs_m, offs_d, PM + g * spmg, spmn, 0, qk_scale, False, HAS_PREFIX_MASK, HEAD_DIM, BLOCK_N,
+        PRECISION,
     )
     q_shift = Lk - Lq
     hi = Lk
@@ -187,14 +193,15 @@ def shared_prefix_bwd_own_dkdv_kernel(
 
 @triton.jit
 def shared_prefix_bwd_prefix_dkdv_kernel(
-    Q, PK, PV, ORDER, STARTS, DO, LSE, DELTA, CORR, DPK, DPV,
+    Q, PK, PV, PM, ORDER, STARTS, DO, LSE, DELTA, CORR, DPK, DPV,
     sqb, sqh, sqm, sqd,
     spkg, spkh, spkn, spkd,
     spvg, spvh, spvn, spvd,
+    spmg, spmn,
     sdob, sdoh, sdom, sdod,
     Hq, Hkv, Lq, P, group, G, qk_scale, scale,
     SPLITS, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, HAS_PREFIX_MASK: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     hk = tl.program_id(1).to(tl.int64)
@@ -215,6 +222,11 @@ def shared_prefix_bwd_prefix_dkdv_kernel(
     chunk = (count + SPLITS - 1) // SPLITS
     lo = first + tl.minimum(split * chunk, count)
     hi = first + tl.minimum((split + 1) * chunk, count)
+    if HAS_PREFIX_MASK:
+        # A block whose keys are all masked (the padding of a short prompt) has a zero gradient:
+        # skip its requests. Otherwise masked keys get p = 0 in _dkdv_rows.
+        keep = tl.load(PM + g * spmg + offs_n * spmn, mask=offs_n < P, other=0)
+        hi = tl.where(tl.max(keep.to(tl.int32), 0) > 0, hi, lo)
     for r in range(lo, hi):
         b = tl.load(ORDER + r).to(tl.int64)
         for j in range(0, group):
@@ -222,8 +234,8 @@ def shared_prefix_bwd_prefix_dkdv_kernel(
             bh = b * Hq + h
             dk, dv = _dkdv_rows(
                 dk, dv, k, v, Q + b * sqb + h * sqh, DO + b * sdob + h * sdoh, LSE + bh * Lq, DELTA + bh * Lq,
-                CORR + bh * Lq, sqm, sqd, sdom, sdod, Lq, 0, offs_n, offs_d, P, Q, 0, 0, qk_scale,
-                False, False, HEAD_DIM, BLOCK_M, PRECISION,
+                CORR + bh * Lq, sqm, sqd, sdom, sdod, Lq, 0, offs_n, offs_d, P, PM + g * spmg, spmn, 0, qk_scale,
+                False, HAS_PREFIX_MASK, HEAD_DIM, BLOCK_M, PRECISION,
             )
     # DPK and DPV are fresh contiguous (SPLITS, G, Hkv, P, D) tensors (SPLITS == 1: the gradient).
     offs = ((split * G + g) * Hkv + hk) * P * HEAD_DIM + offs_n[:, None] * HEAD_DIM + offs_d[None, :]

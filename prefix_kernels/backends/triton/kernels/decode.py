@@ -16,6 +16,9 @@ A decode step (Lq = 1..16 new tokens per request) is split in three launches:
 decode_parts_kernel runs the first two as one launch, their programs interleaved (the launcher's
 fuse_parts; see its docstring for why).
 
+With HAS_PREFIX_MASK, prefix_mask's row g hides prefix keys in the prefix part as kv_mask hides
+own keys in the own part (the hidden keys are not loaded).
+
 Inside a split, scores are in log2 units (scale * log2(e) folded into one multiply, exp2 does the
 work), as in the forward kernel. Every partial lse written to memory, and the final lse, is in
 natural log; a split that sees no key writes out = 0 and lse = -inf.
@@ -102,13 +105,14 @@ def _store_partial(OP, LP, row_id, slot, S_total, acc, m_i, l_i, row_ok, offs_d,
 
 @triton.jit
 def _prefix_program(
-    t, hk, split, Q, PK, PV, ORDER, STARTS, BSTARTS, OP, LP,
+    t, hk, split, Q, PK, PV, PM, ORDER, STARTS, BSTARTS, OP, LP,
     sqb, sqh, sqm, sqd,
     spkg, spkh, spkn, spkd,
     spvg, spvh, spvn, spvd,
+    spmg, spmn,
     B, Hq, Lq, P, group, G, qk_scale, keys_per_split, slot0, S_total, search_steps,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_PIDX: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_PIDX: tl.constexpr, PRECISION: tl.constexpr, HAS_PREFIX_MASK: tl.constexpr,
 ):
     """The prefix part's program (t: row block, int64; hk: kv head, int64; split).
 
@@ -116,7 +120,7 @@ def _prefix_program(
     and BSTARTS[g] is the first row block of prefix g (BSTARTS[G]: their total). A program finds
     its prefix by binary search over BSTARTS; the launcher's grid is an upper bound on the total,
     so surplus programs find no rows and do nothing. Without HAS_PIDX every request uses prefix 0
-    in batch order.
+    in batch order. HAS_PREFIX_MASK: PM (uint8 (G, P), strides spmg, spmn) masks prefix g's keys.
     """
     R = group * Lq  # stacked rows per request
     if HAS_PIDX:
@@ -158,8 +162,8 @@ def _prefix_program(
     acc, m_i, l_i = _split_softmax(
         Q + b * sqb + h * sqh + row_i * sqm, sqd,
         PK + g * spkg + hk * spkh, PV + g * spvg + hk * spvh, spkn, spkd, spvn, spvd,
-        lo, hi, row_ok, row_i, offs_d, Q, 0, 0, qk_scale,
-        False, False, HEAD_DIM, BLOCK_M, BLOCK_D, BLOCK_N, PRECISION,
+        lo, hi, row_ok, row_i, offs_d, PM + g * spmg, spmn, 0, qk_scale,
+        False, HAS_PREFIX_MASK, HEAD_DIM, BLOCK_M, BLOCK_D, BLOCK_N, PRECISION,
     )
     row_id = (b * Hq + h) * Lq + row_i
     _store_partial(OP, LP, row_id, slot0 + split, S_total, acc, m_i, l_i, row_ok, offs_d, HEAD_DIM)
@@ -167,21 +171,22 @@ def _prefix_program(
 
 @triton.jit
 def decode_prefix_kernel(
-    Q, PK, PV, ORDER, STARTS, BSTARTS, OP, LP,
+    Q, PK, PV, PM, ORDER, STARTS, BSTARTS, OP, LP,
     sqb, sqh, sqm, sqd,
     spkg, spkh, spkn, spkd,
     spvg, spvh, spvn, spvd,
+    spmg, spmn,
     B, Hq, Lq, P, group, G, qk_scale, keys_per_split, slot0, S_total, search_steps,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_PIDX: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_PIDX: tl.constexpr, PRECISION: tl.constexpr, HAS_PREFIX_MASK: tl.constexpr,
 ):
     """Grid (row blocks, Hkv, prefix splits); row blocks on axis 0, which has no 65535 limit."""
     _prefix_program(
         tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64), tl.program_id(2),
-        Q, PK, PV, ORDER, STARTS, BSTARTS, OP, LP,
-        sqb, sqh, sqm, sqd, spkg, spkh, spkn, spkd, spvg, spvh, spvn, spvd,
+        Q, PK, PV, PM, ORDER, STARTS, BSTARTS, OP, LP,
+        sqb, sqh, sqm, sqd, spkg, spkh, spkn, spkd, spvg, spvh, spvn, spvd, spmg, spmn,
         B, Hq, Lq, P, group, G, qk_scale, keys_per_split, slot0, S_total, search_steps,
-        HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, HAS_PIDX, PRECISION,
+        HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, HAS_PIDX, PRECISION, HAS_PREFIX_MASK,
     )
 
 
@@ -245,18 +250,20 @@ def decode_own_kernel(
 
 @triton.jit
 def decode_parts_kernel(
-    Q, K, V, KVM, PK, PV, ORDER, STARTS, BSTARTS, OP, LP,
+    Q, K, V, KVM, PK, PV, PM, ORDER, STARTS, BSTARTS, OP, LP,
     sqb, sqh, sqm, sqd,
     skb, skh, skn, skd,
     svb, svh, svn, svd,
     smb, smn,
     spkg, spkh, spkn, spkd,
     spvg, spvh, spvn, spvd,
+    spmg, spmn,
     B, Hq, Hkv, Lq, T, P, group, G, qk_scale, p_keys_per_split, o_keys_per_split, p_splits, S_total,
     search_steps, p_row_blocks, n_prefix, n_own, own_grid0, own_grid1,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     P_BLOCK_M: tl.constexpr, P_BLOCK_N: tl.constexpr, O_BLOCK_M: tl.constexpr, O_BLOCK_N: tl.constexpr,
     HAS_PIDX: tl.constexpr, HAS_KV_MASK: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_PREFIX_MASK: tl.constexpr,
 ):
     """Both parts in one grid of n_prefix + n_own programs, alternating while both have work.
 
@@ -277,10 +284,10 @@ def decode_parts_kernel(
         _prefix_program(
             (idx % p_row_blocks).to(tl.int64), ((idx // p_row_blocks) % Hkv).to(tl.int64),
             idx // (p_row_blocks * Hkv),
-            Q, PK, PV, ORDER, STARTS, BSTARTS, OP, LP,
-            sqb, sqh, sqm, sqd, spkg, spkh, spkn, spkd, spvg, spvh, spvn, spvd,
+            Q, PK, PV, PM, ORDER, STARTS, BSTARTS, OP, LP,
+            sqb, sqh, sqm, sqd, spkg, spkh, spkn, spkd, spvg, spvh, spvn, spvd, spmg, spmn,
             B, Hq, Lq, P, group, G, qk_scale, p_keys_per_split, 0, S_total, search_steps,
-            HEAD_DIM, BLOCK_D, P_BLOCK_M, P_BLOCK_N, HAS_PIDX, PRECISION,
+            HEAD_DIM, BLOCK_D, P_BLOCK_M, P_BLOCK_N, HAS_PIDX, PRECISION, HAS_PREFIX_MASK,
         )
     else:
         _own_program(

@@ -1,8 +1,10 @@
 """Forward kernel of shared-prefix attention (only @triton.jit code).
 
 One program owns BLOCK_M query rows of one (request b, query head h). It streams two key
-segments through one online softmax: first the prefix prefix_index[b] (every key visible), then
-the request's own keys (causal bottom-right and kv_mask). Scores are kept in log2 units
+segments through one online softmax: first the prefix prefix_index[b] (every key visible, or with
+HAS_PREFIX_MASK the keys its row of prefix_mask keeps), then the request's own keys (causal
+bottom-right and kv_mask). A row that sees no key at all (P = 0, or every prefix key masked, and
+no visible own key) gets out 0 and lse -inf. Scores are kept in log2 units
 (scale * log2(e) folded into one multiply, so exp2 does the work); the stored lse is converted
 back to natural log.
 """
@@ -60,17 +62,19 @@ def _fwd_segment(acc, m_i, l_i, q, K_BASE, V_BASE, skn, skd, svn, svd, L, hi,
 
 @triton.jit
 def shared_prefix_fwd_kernel(
-    Q, K, V, PK, PV, PIDX, KVM, O, LSE,
+    Q, K, V, PK, PV, PIDX, KVM, PM, O, LSE,
     sqb, sqh, sqm, sqd,
     skb, skh, skn, skd,
     svb, svh, svn, svd,
     spkg, spkh, spkn, spkd,
     spvg, spvh, spvn, spvd,
     smb, smn,
+    spmg, spmn,
     sob, soh, som, sod,
     Hq, Lq, Lk, P, group, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_PIDX: tl.constexpr, HAS_KV_MASK: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_PREFIX_MASK: tl.constexpr,
 ):
     bh = tl.program_id(0).to(tl.int64)  # B * Hq on axis 0 (axes 1, 2 stop at 65535); 64-bit offsets
     pid_m = tl.program_id(1)
@@ -89,10 +93,12 @@ def shared_prefix_fwd_kernel(
         g = tl.load(PIDX + b).to(tl.int64)
     else:
         g = 0
+    # The prefix segment: no causal mask; prefix_mask's row g (uint8, (G, P)), when given, is
+    # the segment's key mask, read as kv_mask is for the own keys (0 outside P).
     acc, m_i, l_i = _fwd_segment(
         acc, m_i, l_i, q, PK + g * spkg + hk * spkh, PV + g * spvg + hk * spvh, spkn, spkd, spvn, spvd,
-        P, P, offs_m, offs_d, KVM, smn, 0, qk_scale,
-        False, False, HEAD_DIM, BLOCK_N, PRECISION,
+        P, P, offs_m, offs_d, PM + g * spmg, spmn, 0, qk_scale,
+        False, HAS_PREFIX_MASK, HEAD_DIM, BLOCK_N, PRECISION,
     )
     q_shift = Lk - Lq  # bottom-right causal alignment: query i sees key j <= i + q_shift
     hi = Lk
@@ -104,7 +110,7 @@ def shared_prefix_fwd_kernel(
         CAUSAL, HAS_KV_MASK, HEAD_DIM, BLOCK_N, PRECISION,
     )
 
-    empty = l_i == 0.0  # only when P == 0 and no own key is visible: output 0, lse -inf
+    empty = l_i == 0.0  # no visible key (P == 0 or every prefix key masked, no own key): out 0, lse -inf
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     lse = tl.where(empty, float("-inf"), (m_i + tl.log2(tl.where(empty, 1.0, l_i))) * LN2)
     row_ok = offs_m < Lq
