@@ -202,3 +202,8 @@ def test_prefix_mask_makes_no_prefix_copy(lse, dtype):
     per request: float32 takes the one-pass CPU kernel, bf16 the split path."""
     rec = run_recorded("torch", "cpu", 2, dtype=dtype, lse=lse, prefix_padding="left")
     _assert_no_copies(rec, "torch")
+
+
+def test_triton_prefix_mask_makes_no_prefix_copy(triton_device):
+    rec = run_recorded("triton", triton_device, 2, prefix_padding="left")
+    _assert_no_copies(rec, "triton")
