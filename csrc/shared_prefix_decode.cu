@@ -215,6 +215,7 @@ extern "C" int spd_launch(const spd_problem* pr, const spd_plan* plan, const spd
   p.pk = a->pk;
   p.pv = a->pv;
   p.mask = a->kv_mask;
+  p.pmask = a->prefix_mask;
   p.out = a->out;
   p.lse = a->lse;
   p.order = a->order;
@@ -232,6 +233,8 @@ extern "C" int spd_launch(const spd_problem* pr, const spd_plan* plan, const spd
   }
   p.sm_b = a->kv_mask_stride[0];
   p.sm_n = a->kv_mask_stride[1];
+  p.spm_g = a->prefix_mask_stride[0];
+  p.spm_n = a->prefix_mask_stride[1];
   p.rows_total = plan->rows_total;
   p.B = static_cast<int>(pr->B);
   p.Hq = static_cast<int>(pr->Hq);

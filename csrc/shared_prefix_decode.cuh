@@ -8,7 +8,8 @@
  *                    Lq, are stacked into one matrix; a block takes ROWS of those stacked rows and
  *                    one chunk of the prefix's keys. Each key tile is read from global memory once
  *                    per block and applied to all ROWS rows, so the prefix is read once per ROWS
- *                    stacked rows instead of once per request.
+ *                    stacked rows instead of once per request. prefix_mask row g applies to
+ *                    every stacked row.
  *   request_kernel   grid (B * Hkv * row blocks, request splits): flash-decoding over each
  *                    request's own keys; a block holds all (Hq/Hkv) * Lq rows of one (b, hk)
  *                    (ROWS at a time) and one chunk of the keys; kv_mask and causal masking.
@@ -18,9 +19,11 @@
  * With spd_args.fuse_parts the first two run as one launch, parts_kernel, their blocks interleaved.
  *
  * Inside an attention block, warp w owns stacked rows [16w, 16w + 16). Key tiles of N keys are
- * staged in shared memory with 16-byte cp.async copies, double-buffered. Scores and the output
- * accumulator live in registers in the mma.sync m16n8k16 accumulator layout: lane = 4 * gid + tig
- * holds rows gid and gid + 8, columns 2 * tig and 2 * tig + 1 of every 8-column tile. fp16 and bf16
+ * staged in shared memory with 16-byte cp.async copies, double-buffered; a key that its mask
+ * hides is zero-filled, never read (the keys' visibility flags are staged two tiles ahead,
+ * triple-buffered, so that the copies can skip them). Scores and the output accumulator live in
+ * registers in the mma.sync m16n8k16 accumulator layout: lane = 4 * gid + tig holds rows gid and
+ * gid + 8, columns 2 * tig and 2 * tig + 1 of every 8-column tile. fp16 and bf16
  * use the tensor cores (mma.sync, fp32 accumulation); fp32 uses CUDA-core FMAs on the same layout
  * (TF32 would be ~1000x less accurate than the float32 reference). Scores are in log2 units (the
  * scale is multiplied by log2(e) once); every lse in the workspace is base 2, and only the merge
@@ -47,7 +50,8 @@ struct Params {
   const void* v;
   const void* pk;
   const void* pv;
-  const uint8_t* mask;
+  const uint8_t* mask;   // kv_mask (B, T), NULL: none
+  const uint8_t* pmask;  // prefix_mask (G, P), NULL: none
   void* out;
   float* lse;
   const int32_t* order;
@@ -56,7 +60,8 @@ struct Params {
   float* ws_out;
   float* ws_lse;
   int64_t sq[4], sk[4], sv[4], spk[4], spv[4], so[4];
-  int64_t sm_b, sm_n;
+  int64_t sm_b, sm_n;    // kv_mask strides
+  int64_t spm_g, spm_n;  // prefix_mask strides
   int64_t rows_total;  // B * Hq * Lq
   int B, Hq, Hkv, Lq, T, G, P, D;
   int group;           // Hq / Hkv
@@ -89,8 +94,8 @@ struct Config {
   static constexpr int OFF_QOFF = 0;                                // int64 [ROWS] q element offset, -1: no row
   static constexpr int OFF_OROW = OFF_QOFF + 8 * ROWS;              // int64 [ROWS] output row
   static constexpr int OFF_LIM = OFF_OROW + 8 * ROWS;               // int32 [ROWS] causal limit
-  static constexpr int OFF_VALID = OFF_LIM + 4 * ROWS;              // uint8 [2][N] key visible (mask, range)
-  static constexpr int OFF_Q = (OFF_VALID + 2 * N + 15) / 16 * 16;  // T [ROWS][LDS]
+  static constexpr int OFF_VALID = OFF_LIM + 4 * ROWS;              // uint8 [3][N] key visible (mask, range)
+  static constexpr int OFF_Q = (OFF_VALID + 3 * N + 15) / 16 * 16;  // T [ROWS][LDS]
   static constexpr int OFF_K = OFF_Q + static_cast<int>(sizeof(T)) * ROWS * LDS;  // T [2][N][LDS]
   static constexpr int OFF_V = OFF_K + 2 * static_cast<int>(sizeof(T)) * N * LDS; // T [2][N][LDS]
   static constexpr int OFF_P = OFF_V + 2 * static_cast<int>(sizeof(T)) * N * LDS; // fp32: float [WARPS][16][PLD]
@@ -190,27 +195,49 @@ __device__ __forceinline__ uint32_t lds32(const void* p) { return *reinterpret_c
 // Tile loads (all threads of the block)
 // ------------------------------------------------------------------------------------------------
 
-// rows x D matrix at `base` (row stride rs, column stride ds) -> shared [rows][LDS]; rows at or
-// past `valid_rows` become zeros. vec: 16-byte cp.async copies (caller checked unit ds and
-// alignment), else element loads and shared stores (visible after the next __syncthreads).
-template <typename T, int D, int ROWS_TILE>
-__device__ __forceinline__ void load_rows(T* smem, const T* base, int64_t rs, int64_t ds, int valid_rows,
-                                          bool vec) {
+// One key tile: N keys of K and V (key n at kb + n * ksn, column d at + d * ksd; likewise V) ->
+// shared [N][LDS] each. Key n is staged iff vis[n] (shared memory, written and synchronised
+// before the call); any other key becomes zeros and its memory is never read, so a masked key (a
+// padding slot of a prefix or of a cache) contributes nothing, not even a NaN or Inf through
+// 0 * v. vec: 16-byte cp.async copies (caller checked unit column strides and alignment), else
+// element loads and shared stores (visible after the next __syncthreads).
+template <typename T, int D>
+__device__ __forceinline__ void load_kv(T* ks, T* vs, const uint8_t* vis, const T* kb, int64_t ksn, int64_t ksd,
+                                        const T* vb, int64_t vsn, int64_t vsd, bool vec) {
   using C = Config<T, D>;
+  constexpr int N = C::N;
   if (vec) {
-    for (int c = threadIdx.x; c < ROWS_TILE * C::CHUNKS; c += C::THREADS) {
-      const int r = c / C::CHUNKS;
-      const int col = (c % C::CHUNKS) * C::VEC;
-      const bool ok = r < valid_rows;
-      cp_async16(smem + r * C::LDS + col, ok ? base + r * rs + col : base, ok);
+    constexpr int TOTAL = N * C::CHUNKS;
+    constexpr int ITERS = (TOTAL + C::THREADS - 1) / C::THREADS;
+    static_assert(ITERS <= 32, "one bit per copy");
+    unsigned ok = 0;  // bit i: the key of this thread's i-th chunk is staged (read before any copy)
+#pragma unroll
+    for (int i = 0; i < ITERS; ++i) {
+      const int c = static_cast<int>(threadIdx.x) + i * C::THREADS;
+      if ((TOTAL % C::THREADS == 0 || c < TOTAL) && vis[c / C::CHUNKS] != 0) ok |= 1u << i;
+    }
+#pragma unroll
+    for (int i = 0; i < ITERS; ++i) {
+      const int c = static_cast<int>(threadIdx.x) + i * C::THREADS;
+      if (TOTAL % C::THREADS == 0 || c < TOTAL) {
+        const int r = c / C::CHUNKS;
+        const int col = (c % C::CHUNKS) * C::VEC;
+        const bool full = (ok >> i) & 1u;
+        cp_async16(ks + r * C::LDS + col, full ? kb + r * ksn + col : kb, full);
+        cp_async16(vs + r * C::LDS + col, full ? vb + r * vsn + col : vb, full);
+      }
     }
   } else {
-    const Bits<T>* src = reinterpret_cast<const Bits<T>*>(base);
-    Bits<T>* dst = reinterpret_cast<Bits<T>*>(smem);
-    for (int e = threadIdx.x; e < ROWS_TILE * D; e += C::THREADS) {
+    const Bits<T>* ksrc = reinterpret_cast<const Bits<T>*>(kb);
+    const Bits<T>* vsrc = reinterpret_cast<const Bits<T>*>(vb);
+    Bits<T>* kdst = reinterpret_cast<Bits<T>*>(ks);
+    Bits<T>* vdst = reinterpret_cast<Bits<T>*>(vs);
+    for (int e = threadIdx.x; e < N * D; e += C::THREADS) {
       const int r = e / D;
       const int col = e % D;
-      dst[r * C::LDS + col] = r < valid_rows ? src[r * rs + col * ds] : Bits<T>(0);
+      const bool ok = vis[r] != 0;
+      kdst[r * C::LDS + col] = ok ? ksrc[r * ksn + col * ksd] : Bits<T>(0);
+      vdst[r * C::LDS + col] = ok ? vsrc[r * vsn + col * vsd] : Bits<T>(0);
     }
   }
 }
@@ -249,7 +276,7 @@ struct KeySegment {
   const T* v;
   int64_t skn, skd;      // key and column strides of k
   int64_t svn, svd;
-  const uint8_t* mask;   // mask[key * mask_stride] != 0: visible; NULL: all visible
+  const uint8_t* mask;   // mask[key * mask_stride] != 0: visible (else never read); NULL: all visible
   int64_t mask_stride;
   bool vec;              // 16-byte copies allowed for k and v
 };
@@ -287,17 +314,23 @@ __device__ __forceinline__ void attend(const Params& p, unsigned char* smem, con
   const int nkeys = key_end > key_begin ? key_end - key_begin : 0;
   const int ntiles = (nkeys + N - 1) / N;
 
-  // Stages tile `it` into buffer `buf`: K, V (zero past the segment) and the visibility flags.
-  auto load_tile = [&](int it, int buf) {
+  // Tile `it`'s key visibility (in the segment and not masked) -> valid_s[it % 3], two tiles
+  // ahead of its use: the copies of tile `it` (one iteration later) read it to skip masked keys,
+  // so it must be synchronised before them. Slot it % 3 was last read by tile it - 3's compute.
+  auto load_flags = [&](int it) {
     const int n0 = key_begin + it * N;
     const int valid = key_end - n0 < N ? key_end - n0 : N;
-    load_rows<T, D, N>(k_s + buf * N * LDS, seg.k + n0 * seg.skn, seg.skn, seg.skd, valid, seg.vec);
-    load_rows<T, D, N>(v_s + buf * N * LDS, seg.v + n0 * seg.svn, seg.svn, seg.svd, valid, seg.vec);
     for (int n = threadIdx.x; n < N; n += C::THREADS) {
       bool ok = n < valid;
       if (ok && seg.mask != nullptr) ok = seg.mask[static_cast<int64_t>(n0 + n) * seg.mask_stride] != 0;
-      valid_s[buf * N + n] = ok ? 1 : 0;
+      valid_s[(it % 3) * N + n] = ok ? 1 : 0;
     }
+  };
+  // Stages tile `it` into buffer `buf`: K, V (zeros past the segment and for masked keys).
+  auto load_tile = [&](int it, int buf) {
+    const int n0 = key_begin + it * N;
+    load_kv<T, D>(k_s + buf * N * LDS, v_s + buf * N * LDS, valid_s + (it % 3) * N, seg.k + n0 * seg.skn,
+                  seg.skn, seg.skd, seg.v + n0 * seg.svn, seg.svn, seg.svd, seg.vec);
   };
 
   float acc[DT][4];
@@ -310,11 +343,17 @@ __device__ __forceinline__ void attend(const Params& p, unsigned char* smem, con
   float l_run[2] = {0.f, 0.f};              // this lane's part of the running sum of exp2
 
   load_q<T, D>(q_s, reinterpret_cast<const T*>(p.q), qoff_s, p.sq[3], p.vec_q != 0);
+  if (ntiles > 0) load_flags(0);
+  if (ntiles > 1) load_flags(1);
+  __syncthreads();  // the flags of tiles 0 and 1, before their copies
   if (ntiles > 0) load_tile(0, 0);
   cp_async_commit();
 
   for (int it = 0; it < ntiles; ++it) {
     const int buf = it & 1;
+    // Tile it + 2's flags go to the slot of tile it - 1, whose compute ended with __syncthreads;
+    // tile it + 1's flags were written in iteration it - 1 (or before the loop), before a barrier.
+    if (it + 2 < ntiles) load_flags(it + 2);
     // The other buffer was last read in iteration it - 1, which ended with __syncthreads.
     if (it + 1 < ntiles) load_tile(it + 1, buf ^ 1);
     cp_async_commit();
@@ -324,7 +363,7 @@ __device__ __forceinline__ void attend(const Params& p, unsigned char* smem, con
     if (active) {
       const T* kt = k_s + buf * N * LDS;
       const T* vt = v_s + buf * N * LDS;
-      const uint8_t* vis = valid_s + buf * N;
+      const uint8_t* vis = valid_s + (it % 3) * N;
       float s[NT][4];
 #pragma unroll
       for (int j = 0; j < NT; ++j) {
@@ -521,7 +560,7 @@ __device__ __forceinline__ void prefix_block(const Params& p, unsigned char* sme
     }
     qoff_s[t] = qoff;
     orow_s[t] = orow;
-    lim_s[t] = kNoLimit;  // prefix keys are visible to every query
+    lim_s[t] = kNoLimit;  // no causal limit on prefix keys (prefix_mask, if any, applies to all rows)
   }
   __syncthreads();
 
@@ -532,8 +571,8 @@ __device__ __forceinline__ void prefix_block(const Params& p, unsigned char* sme
   seg.skd = p.spk[3];
   seg.svn = p.spv[2];
   seg.svd = p.spv[3];
-  seg.mask = nullptr;
-  seg.mask_stride = 0;
+  seg.mask = p.pmask != nullptr ? p.pmask + g * p.spm_g : nullptr;
+  seg.mask_stride = p.spm_n;
   seg.vec = p.vec_p != 0;
   const int begin = split * p.prefix_chunk;
   const int end = begin + p.prefix_chunk < p.P ? begin + p.prefix_chunk : p.P;
@@ -604,8 +643,12 @@ __global__ void __launch_bounds__(Config<T, D>::THREADS) request_kernel(const Pa
 // a multiprocessor can hold a block of each (the same shared memory and threads: one Config).
 // Each part's blocks keep the order of their own launch (x fastest), so that blocks running at
 // the same time still read the same prefix tiles from L2.
+// Launch bounds: at least 2 blocks per multiprocessor (one of each part), i.e. up to 255
+// registers for 128 threads. Both parts are inlined here; ptxas then takes about 160 to 235
+// registers. Without a stated minimum, ptxas (CUDA 13, sm_90a) squeezed some instantiations into
+// 128 with a few bytes of spills, which the strict build rejects (tests/test_csrc_compile.py).
 template <typename T, int D>
-__global__ void __launch_bounds__(Config<T, D>::THREADS) parts_kernel(const Params p) {
+__global__ void __launch_bounds__(Config<T, D>::THREADS, 2) parts_kernel(const Params p) {
   extern __shared__ __align__(16) unsigned char smem[];
   const int64_t prefix_x = p.prefix_grid_x;
   const int64_t n_prefix = prefix_x * p.Hkv * p.prefix_splits;

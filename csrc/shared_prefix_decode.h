@@ -2,10 +2,12 @@
  * Shared-prefix decode attention: the C launcher API (torch-free, CUDA-header-free).
  *
  * Semantics (same as prefix_kernels.shared_prefix_attention, decode case): request b's query rows
- * attend to cat(prefix_k[prefix_index[b]], k[b]) with every prefix key visible and own key j
- * visible iff kv_mask[b, j] (when given) and, when causal, j <= i + (T - Lq) (bottom-right).
- * Query head h reads kv head h / (Hq / Hkv). out is written in q's dtype, lse (natural log) in
- * float32; a row with no visible key gets out = 0 and lse = -inf.
+ * attend to cat(prefix_k[g], k[b]), g = prefix_index[b], with prefix key j visible iff
+ * prefix_mask[g, j] (when given; every query row alike) and own key j visible iff kv_mask[b, j]
+ * (when given) and, when causal, j <= i + (T - Lq) (bottom-right). Query head h reads kv head
+ * h / (Hq / Hkv). out is written in q's dtype, lse (natural log) in float32; a row with no
+ * visible key gets out = 0 and lse = -inf. A key masked by either mask is never read (its K and
+ * V may hold anything, NaN included).
  *
  * Calling sequence (see torch_binding.cpp):
  *   1. spd_unsupported(dtype, D, Lq)       NULL, or why these kernels cannot take the case
@@ -84,6 +86,8 @@ typedef struct {
   float scale;    /* multiplies q . k (natural units) */
   int fuse_parts; /* nonzero: the prefix and per-request kernels as one launch, blocks interleaved
                      (parts_kernel); same partials, same result. Untimed: off by default. */
+  const uint8_t* prefix_mask;            /* (G, P), nonzero = may attend; NULL: every prefix key */
+  int64_t prefix_mask_stride[2];         /* its row (per prefix) and key strides */
 } spd_args;
 
 /* NULL when (dtype, D, Lq) is supported, else a static sentence saying why not. */

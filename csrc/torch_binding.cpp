@@ -1,7 +1,7 @@
 // torch binding of the shared-prefix decode kernels: checks, allocation, grouping of requests by
 // prefix (torch ops on the device, no host synchronisation) and the op registration
 //   torch.ops.prefix_kernels_cuda.decode(q, k, v, pk, pv, prefix_index?, kv_mask?, causal, scale,
-//                                        fuse_parts=False)
+//                                        fuse_parts=False, prefix_mask=None)
 //       -> (out, lse)
 // The only file of csrc/ that includes torch headers. Only c10/cuda headers are used for the
 // device guard and the current stream (not ATen/cuda/CUDAContext.h, which pulls in cuSPARSE and
@@ -34,6 +34,20 @@ void strides_of(const at::Tensor& x, int64_t* out) {
   for (int64_t i = 0; i < x.dim(); ++i) out[i] = x.size(i) == 1 ? 0 : x.stride(i);
 }
 
+// An optional (rows, cols) bool/uint8 mask on q's device, viewed as uint8 (bool is one byte).
+at::Tensor mask_bytes(const std::optional<at::Tensor>& mask, const char* name, const at::Tensor& q, int64_t rows,
+                      int64_t cols) {
+  if (!mask.has_value()) return at::Tensor();
+  const at::Tensor& m = *mask;
+  TORCH_CHECK(m.device() == q.device(), "prefix_kernels_cuda.decode: ", name, " is on ", m.device(), ", q on ",
+              q.device());
+  TORCH_CHECK(m.scalar_type() == at::kBool || m.scalar_type() == at::kByte, "prefix_kernels_cuda.decode: ", name,
+              " must be bool or uint8, got ", m.scalar_type());
+  TORCH_CHECK(m.dim() == 2 && m.size(0) == rows && m.size(1) == cols, "prefix_kernels_cuda.decode: ", name,
+              " must have shape (", rows, ", ", cols, "), got ", m.sizes());
+  return m.scalar_type() == at::kBool ? m.view(at::kByte) : m;
+}
+
 void check_4d(const at::Tensor& x, const char* name, const at::Tensor& q, std::initializer_list<int64_t> shape) {
   TORCH_CHECK(x.is_cuda(), "prefix_kernels_cuda.decode: ", name, " must be a CUDA tensor");
   TORCH_CHECK(x.device() == q.device(), "prefix_kernels_cuda.decode: ", name, " is on ", x.device(), ", q on ",
@@ -48,7 +62,7 @@ std::tuple<at::Tensor, at::Tensor> decode(const at::Tensor& q, const at::Tensor&
                                           const at::Tensor& pk, const at::Tensor& pv,
                                           const std::optional<at::Tensor>& prefix_index,
                                           const std::optional<at::Tensor>& kv_mask, bool causal, double scale,
-                                          bool fuse_parts) {
+                                          bool fuse_parts, const std::optional<at::Tensor>& prefix_mask) {
   TORCH_CHECK(q.is_cuda(), "prefix_kernels_cuda.decode: q must be a CUDA tensor");
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4 && pk.dim() == 4 && pv.dim() == 4,
               "prefix_kernels_cuda.decode: q, k, v, prefix_k, prefix_v must be 4-D");
@@ -72,14 +86,8 @@ std::tuple<at::Tensor, at::Tensor> decode(const at::Tensor& q, const at::Tensor&
     TORCH_CHECK(pi.dim() == 1 && pi.size(0) == B, "prefix_kernels_cuda.decode: prefix_index must have shape (", B,
                 ",), got ", pi.sizes());
   }
-  if (kv_mask.has_value()) {
-    const at::Tensor& m = *kv_mask;
-    TORCH_CHECK(m.device() == q.device(), "prefix_kernels_cuda.decode: kv_mask is on ", m.device());
-    TORCH_CHECK(m.scalar_type() == at::kBool || m.scalar_type() == at::kByte,
-                "prefix_kernels_cuda.decode: kv_mask must be bool or uint8, got ", m.scalar_type());
-    TORCH_CHECK(m.dim() == 2 && m.size(0) == B && m.size(1) == T, "prefix_kernels_cuda.decode: kv_mask must have shape (",
-                B, ", ", T, "), got ", m.sizes());
-  }
+  const at::Tensor mask = mask_bytes(kv_mask, "kv_mask", q, B, T);
+  const at::Tensor pmask = mask_bytes(prefix_mask, "prefix_mask", q, G, P);
 
   const c10::cuda::CUDAGuard guard(q.device());
   // Output memory is (B, Lq, Hq, D), returned as its (B, Hq, Lq, D) view (prefix_kernels.ops.out_layout).
@@ -115,9 +123,6 @@ std::tuple<at::Tensor, at::Tensor> decode(const at::Tensor& q, const at::Tensor&
     starts = starts64.to(at::kInt);
     block_starts = at::cat({at::zeros({1}, i64), at::cumsum(blocks, 0)}).to(at::kInt);
   }
-  at::Tensor mask;
-  if (kv_mask.has_value()) mask = kv_mask->scalar_type() == at::kBool ? kv_mask->view(at::kByte) : *kv_mask;
-
   const at::TensorOptions f32 = q.options().dtype(at::kFloat);
   at::Tensor ws_out = at::empty({plan.ws_out_elems > 0 ? plan.ws_out_elems : 1}, f32);
   at::Tensor ws_lse = at::empty({plan.ws_lse_elems > 0 ? plan.ws_lse_elems : 1}, f32);
@@ -148,6 +153,10 @@ std::tuple<at::Tensor, at::Tensor> decode(const at::Tensor& q, const at::Tensor&
   args.causal = causal ? 1 : 0;
   args.scale = static_cast<float>(scale);
   args.fuse_parts = fuse_parts ? 1 : 0;
+  if (pmask.defined()) {
+    args.prefix_mask = static_cast<const uint8_t*>(pmask.data_ptr());
+    strides_of(pmask, args.prefix_mask_stride);
+  }
 
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream(q.get_device()).stream();
   const int err = spd_launch(&problem, &plan, &args, static_cast<void*>(stream));
@@ -160,7 +169,7 @@ std::tuple<at::Tensor, at::Tensor> decode(const at::Tensor& q, const at::Tensor&
 TORCH_LIBRARY(prefix_kernels_cuda, m) {
   m.def(
       "decode(Tensor q, Tensor k, Tensor v, Tensor pk, Tensor pv, Tensor? prefix_index, Tensor? kv_mask, "
-      "bool causal, float scale, bool fuse_parts=False) -> (Tensor, Tensor)");
+      "bool causal, float scale, bool fuse_parts=False, Tensor? prefix_mask=None) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(prefix_kernels_cuda, CUDA, m) { m.impl("decode", &decode); }

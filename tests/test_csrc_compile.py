@@ -168,8 +168,29 @@ def test_op_schema_parses():
     parsed = torch._C.parse_schema(schema)
     assert parsed.name == "decode"
     assert [a.name for a in parsed.arguments] == [
-        "q", "k", "v", "pk", "pv", "prefix_index", "kv_mask", "causal", "scale", "fuse_parts"]
+        "q", "k", "v", "pk", "pv", "prefix_index", "kv_mask", "causal", "scale", "fuse_parts", "prefix_mask"]
     assert len(parsed.returns) == 2
+    # Arguments added later come last, with defaults, so that calls written before them still work.
+    fuse_parts, prefix_mask = parsed.arguments[-2:]
+    assert fuse_parts.default_value is False
+    assert prefix_mask.default_value is None and str(prefix_mask.type) == "Optional[Tensor]"
+
+
+def _c_struct_fields(header: str, name: str) -> list[str]:
+    body = re.search(r"typedef struct \{([^{}]*)\}\s*" + name + ";", header).group(1)
+    body = re.sub(r"/\*.*?\*/", "", body, flags=re.S)
+    return [re.search(r"(\w+)\s*(\[\d+\])?\s*$", decl).group(1) for decl in body.split(";") if decl.strip()]
+
+
+def test_emulation_mirrors_the_c_structs():
+    """tests/cuda_emu/spd_emu.py declares spd_problem, spd_plan and spd_args again for ctypes:
+    the same fields in the same order as the header (a field missed there shifts every later one)."""
+    sys.path.insert(0, str(ROOT / "tests" / "cuda_emu"))
+    import spd_emu
+
+    h = (CSRC / "shared_prefix_decode.h").read_text()
+    for struct, mirror in (("spd_problem", spd_emu.Problem), ("spd_plan", spd_emu.Plan), ("spd_args", spd_emu.Args)):
+        assert [f[0] for f in mirror._fields_] == _c_struct_fields(h, struct), struct
 
 
 def test_python_and_cpp_agree_on_limits():

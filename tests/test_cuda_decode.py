@@ -6,7 +6,9 @@ see no key (out exactly 0, lse -inf), no NaN, and the output layout (memory (B, 
 The main grid: bf16/fp16/fp32 x Lq {1, 4} x T {1, 37, 300} x P {0, 5, 257} x G {1, 2}, GQA,
 left padding with a fully padded request. Then every compiled head dim, non-causal, strided
 inputs (element loads instead of 16-byte copies), large GQA groups and many requests per prefix,
-uint8 masks and int32 indices, determinism; on a GPU also opcheck and torch.compile.
+uint8 masks and int32 indices, determinism; prefix_mask (left and right prompt padding, a prefix
+entirely masked, rows that see nothing, fused and two launches, masked keys never read, mask
+layouts); on a GPU also opcheck and torch.compile.
 
 Each kernel test runs on two implementations (the `impl` fixture):
 - "cuda": the torch binding on a GPU. Marked gpu: skipped on a machine without CUDA
@@ -31,7 +33,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import DTYPE_NAMES, check_quantity, make_inputs, run_same_dtype, run_truth
+from helpers import DTYPE_NAMES, check_quantity, lengths_to_mask, make_inputs, run_same_dtype, run_truth
 from prefix_kernels.backends.reference import reference_attention
 
 FP16, BF16, FP32 = torch.float16, torch.bfloat16, torch.float32
@@ -66,7 +68,8 @@ def _emulated_backend():
 
 @pytest.fixture(scope="module", params=[pytest.param("cuda", marks=pytest.mark.gpu), "emulated"])
 def impl(request):
-    """(decode function (q, k, v, pk, pv, prefix_index, kv_mask, causal, scale) -> (out, lse), device)."""
+    """(decode function (q, k, v, pk, pv, prefix_index, kv_mask, causal, scale, fuse_parts=,
+    prefix_mask=) -> (out, lse), device)."""
     if request.param == "cuda":
         return _cuda_backend(), "cuda"
     return _emulated_backend(), "cpu"
@@ -78,11 +81,17 @@ def cuda_backend():
     return _cuda_backend()
 
 
+def mask_kw(inp) -> dict:
+    """prefix_mask as a keyword, only when the inputs have one (as ops.py passes it)."""
+    return {} if inp.get("prefix_mask") is None else {"prefix_mask": inp["prefix_mask"]}
+
+
 def check_case(decode_forward, inp, *, causal=True, scale=None, desc=""):
     q = inp["q"]
     B, Hq, Lq, D = q.shape
     scale = 1.0 / math.sqrt(D) if scale is None else scale
-    out, lse = decode_forward(*(inp[n] for n in TENSORS), inp["prefix_index"], inp["kv_mask"], causal, scale)
+    out, lse = decode_forward(*(inp[n] for n in TENSORS), inp["prefix_index"], inp["kv_mask"], causal, scale,
+                              **mask_kw(inp))
     assert out.dtype == q.dtype and out.shape == (B, Hq, Lq, D) and out.device == q.device
     assert out.transpose(1, 2).is_contiguous(), f"[{desc}] out memory is not (B, Lq, Hq, D)"
     assert lse.dtype == torch.float32 and lse.shape == (B, Hq, Lq) and lse.is_contiguous()
@@ -226,6 +235,159 @@ def test_fused_parts(impl, dtype, B, Lq, T, P, G):
         assert torch.equal(out, out2) and torch.equal(lse, lse2)
 
 
+# ------------------------------------------------------------------------------------------------
+# prefix_mask (G, P): prompts of different lengths padded into one prefix tensor
+# ------------------------------------------------------------------------------------------------
+
+
+def prefix_masked_inputs(dtype, device, *, Lq=4, T=37, P=257, G=3, D=64, prefix_padding="left", lengths=None):
+    """Six requests with left-padded caches of (T, 10, 5, 2, 0, 0) keys (at most T) and a (G, P)
+    prefix_mask of `lengths` visible keys per prompt, by default: prefix 0 two thirds visible (its
+    masked keys fill whole tiles and part of one), prefix 1 entirely masked, prefix 2 three keys.
+    prefix_index (0, 1, 2, 1, 0, 1) % G puts requests 1, 3 and 5 on the masked prefix (G = 3):
+    request 5, with no own key either, sees nothing at all, and request 3's first rows (causal,
+    two own keys) see nothing when Lq > 2."""
+    B = 6
+    inp = make_inputs(B, 8, 2, Lq, T, P, D, G, dtype, device=device, padding="left", requires_grad=False)
+    inp["kv_mask"] = lengths_to_mask(torch.tensor([T, 10, 5, 2, 0, 0]).clamp(max=T), T, "left").to(device)
+    if lengths is None:
+        lengths = [P - P // 3, 0, min(3, P)][:G]
+    inp["prefix_mask"] = lengths_to_mask(torch.tensor(lengths), P, prefix_padding).to(device)
+    inp["prefix_index"] = torch.tensor([0, 1, 2, 1, 0, 1], device=device) % G
+    return inp
+
+
+def decode_call(decode, inp, *, fuse_parts=False, causal=True, scale=0.125, **kw):
+    return decode(*(inp[n] for n in TENSORS), inp["prefix_index"], inp["kv_mask"], causal, scale,
+                  fuse_parts=fuse_parts, **{**mask_kw(inp), **kw})
+
+
+PM_GRID = list(itertools.product((BF16, FP16, FP32), ("left", "right")))
+
+
+@pytest.mark.parametrize("dtype, prefix_padding", PM_GRID,
+                         ids=[f"{DTYPE_NAMES[d]}-{pad}" for d, pad in PM_GRID])
+def test_prefix_mask(impl, dtype, prefix_padding):
+    """Left- and right-padded prompts, G = 3 with one prefix entirely masked, rows that see only
+    their own keys and a request that sees nothing; the two launches and the fused parts_kernel
+    both against the float64 reference (and bit-identical to each other in the emulation)."""
+    decode, device = impl
+    inp = prefix_masked_inputs(dtype, device, prefix_padding=prefix_padding)
+    desc = f"prefix_mask {DTYPE_NAMES[dtype]} {prefix_padding}"
+    out, lse = check_case(functools.partial(decode, fuse_parts=False), inp, desc=desc)
+    # Not vacuous: request 5 sees nothing, request 3's rows 0-1 neither (rows 2-3 only own keys).
+    empty = torch.zeros_like(lse, dtype=torch.bool)
+    empty[5] = True
+    empty[3, :, :2] = True
+    assert torch.equal(torch.isneginf(lse), empty)
+    fused, fused_lse = check_case(functools.partial(decode, fuse_parts=True), inp, desc=desc + " fused")
+    if device == "cpu":  # a GPU compiles the two paths separately: contraction may differ there
+        assert torch.equal(out, fused) and torch.equal(lse, fused_lse)
+
+
+@pytest.mark.parametrize("dtype", (BF16, FP32), ids=lambda d: DTYPE_NAMES[d])
+@pytest.mark.parametrize("fuse_parts", (False, True), ids=("two_launches", "fused"))
+def test_prefix_mask_rows_that_see_nothing(impl, dtype, fuse_parts):
+    """Rows whose only keys are masked prefix keys: out exactly 0 and lse -inf, never NaN."""
+    decode, device = impl
+    kernel = functools.partial(decode, fuse_parts=fuse_parts)
+    # No own keys (T = 0): requests on prefix 1 see nothing, the others part of prefix 0 or 2.
+    inp = prefix_masked_inputs(dtype, device, Lq=2, T=0, P=70)
+    out, lse = check_case(kernel, inp, desc="T=0")
+    assert torch.isneginf(lse[1::2]).all() and torch.isfinite(lse[0::2]).all()
+    # Every prefix key masked, one prefix, every own key padded: nothing anywhere.
+    inp = prefix_masked_inputs(dtype, device, Lq=1, T=9, P=33, G=1, lengths=[0])
+    inp["kv_mask"] = torch.zeros_like(inp["kv_mask"])
+    out, lse = check_case(kernel, inp, desc="everything masked")
+    assert torch.all(out == 0) and torch.all(torch.isneginf(lse))
+    # One visible prefix key among many masked ones, right at a tile edge, and causal own keys.
+    inp = prefix_masked_inputs(dtype, device, Lq=4, T=3, P=129, G=2, lengths=[0, 1], prefix_padding="left")
+    check_case(kernel, inp, desc="one visible prefix key")
+
+
+@pytest.mark.parametrize("where", ("prefix_k", "prefix_v", "k", "v"))
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_masked_keys_are_never_read(impl, where, bad):
+    """A masked key contributes nothing, whatever it holds: NaN or Inf in every slot that
+    prefix_mask (prefix_k, prefix_v) or kv_mask (k, v) hides (padding memory need not be
+    initialised) changes no bit of the result, in either launch path: the kernels zero-fill
+    masked keys instead of loading them, so no 0 * NaN reaches the output. NaN or Inf in a
+    visible key reaches the rows as in the reference."""
+    decode, device = impl
+    inp = prefix_masked_inputs(FP32, device, Lq=3, T=21, P=100)
+    hidden = ~(inp["prefix_mask"] if where.startswith("prefix") else inp["kv_mask"])
+    assert hidden.any()
+    for fuse_parts in (False, True):
+        clean = decode_call(decode, inp, fuse_parts=fuse_parts)
+        x = inp[where].clone()
+        x.masked_fill_(hidden[:, None, :, None], bad)  # every masked key, head and column
+        dirty = decode_call(decode, dict(inp, **{where: x}), fuse_parts=fuse_parts)
+        assert torch.equal(clean[0], dirty[0]) and torch.equal(clean[1], dirty[1])
+        assert not torch.isnan(dirty[0]).any() and not torch.isnan(dirty[1]).any()
+    # A visible key: the last of prefix 0 (left padding; requests 0 and 4) or of request 0's cache.
+    x = inp[where].clone()
+    x[0, 1, -1, 5] = bad
+    inp[where] = x
+    out, lse = decode_call(decode, inp)
+    ref, ref_lse = reference_attention(*(inp[n] for n in TENSORS), prefix_index=inp["prefix_index"],
+                                       kv_mask=inp["kv_mask"], causal=True, scale=0.125,
+                                       prefix_mask=inp["prefix_mask"])
+    assert not torch.isfinite(ref).all()  # the case is not vacuous
+    for kind in (torch.isnan, torch.isinf):
+        assert torch.equal(kind(out), kind(ref)), f"out: {kind.__name__} pattern differs from the reference"
+    assert torch.equal(torch.isfinite(lse), torch.isfinite(ref_lse))
+    finite = torch.isfinite(ref)
+    torch.testing.assert_close(out[finite], ref[finite].to(out.dtype), rtol=1e-4, atol=1e-5)
+
+
+def test_prefix_mask_layouts(impl):
+    """uint8, strided (every other column of a wider mask) and column-major masks give the bits
+    of the bool mask; an all-True mask gives the bits of no mask."""
+    decode, device = impl
+    inp = prefix_masked_inputs(BF16, device, Lq=2, T=37, P=90, prefix_padding="right")
+    out, lse = check_case(decode, inp, desc="bool mask")
+    mask = inp["prefix_mask"]
+    wide = torch.zeros(mask.shape[0], 2 * mask.shape[1], dtype=torch.bool, device=device)
+    wide[:, ::2] = mask
+    for other in (mask.to(torch.uint8), wide[:, ::2], mask.t().contiguous().t()):
+        got = decode_call(decode, inp, scale=1 / 8, prefix_mask=other)
+        assert torch.equal(got[0], out) and torch.equal(got[1], lse), f"strides {other.stride()}, {other.dtype}"
+    plain = dict(inp, prefix_mask=None)
+    want = decode_call(decode, plain)
+    got = decode_call(decode, plain, prefix_mask=torch.ones_like(mask))
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+def test_prefix_mask_is_not_declined(monkeypatch):
+    """The CUDA decode backend takes prefix_mask: no reason names it (a GPU simulated on a CPU)."""
+    from prefix_kernels._core.problem import Problem
+    import prefix_kernels.backends.cuda as cuda
+
+    monkeypatch.setattr(cuda, "_device_unavailable", lambda device: "")
+    monkeypatch.setattr(cuda.build, "disabled", lambda: False)
+    p = Problem(B=4, Hq=8, Hkv=2, Lq=1, Lk=37, D=64, G=2, P=33, dtype=BF16, device=torch.device("cuda"),
+                has_prefix_mask=True)
+    assert cuda.decode_reasons(p) == []
+
+
+@pytest.mark.gpu
+def test_prefix_mask_through_the_public_op(cuda_backend):
+    """shared_prefix_decode(backend="cuda", prefix_mask=...) reaches the kernels with the mask."""
+    from prefix_kernels import shared_prefix_decode
+
+    inp = prefix_masked_inputs(BF16, "cuda", Lq=2, T=37, P=257)
+    with torch.inference_mode():
+        out = shared_prefix_decode(*(inp[n] for n in TENSORS), prefix_index=inp["prefix_index"],
+                                   kv_mask=inp["kv_mask"], prefix_mask=inp["prefix_mask"], backend="cuda")
+    direct, _ = cuda_backend(*(inp[n] for n in TENSORS), inp["prefix_index"], inp["kv_mask"], True, None,
+                             prefix_mask=inp["prefix_mask"])
+    assert torch.equal(out, direct)
+    ref, _ = reference_attention(*(inp[n] for n in TENSORS), prefix_index=inp["prefix_index"],
+                                 kv_mask=inp["kv_mask"], prefix_mask=inp["prefix_mask"],
+                                 compute_dtype=torch.float64)
+    torch.testing.assert_close(out.double(), ref, atol=2e-2, rtol=2e-2)
+
+
 @pytest.mark.parametrize("sms", (1, 8, 132))
 def test_split_counts_emulated(sms):
     """The plan splits keys to fill `sms` multiprocessors: 1 gives the fewest splits, 132 the most.
@@ -239,6 +401,10 @@ def test_opcheck_and_compile(cuda_backend):
     inp = make_inputs(3, 4, 2, 2, 37, 5, 64, 2, FP16, device="cuda", padding="left", requires_grad=False)
     args = (*(inp[n] for n in TENSORS), inp["prefix_index"], inp["kv_mask"], True, 0.125)
     torch.library.opcheck(torch.ops.prefix_kernels.decode_cuda.default, args)
+    masked = prefix_masked_inputs(FP16, "cuda", Lq=2, T=37, P=40)
+    torch.library.opcheck(torch.ops.prefix_kernels.decode_cuda.default,
+                          (*(masked[n] for n in TENSORS), masked["prefix_index"], masked["kv_mask"], True, 0.125,
+                           False, masked["prefix_mask"]))
 
     def step(*a):
         out, lse = cuda_backend(*a)

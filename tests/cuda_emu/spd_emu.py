@@ -52,6 +52,7 @@ class Args(ctypes.Structure):
         ("order", ctypes.c_void_p), ("starts", ctypes.c_void_p), ("block_starts", ctypes.c_void_p),
         ("ws_out", ctypes.c_void_p), ("ws_lse", ctypes.c_void_p),
         ("causal", ctypes.c_int), ("scale", ctypes.c_float), ("fuse_parts", ctypes.c_int),
+        ("prefix_mask", ctypes.c_void_p), ("prefix_mask_stride", ctypes.c_int64 * 2),
     ]
 
 
@@ -82,8 +83,10 @@ def build() -> ctypes.CDLL:
 
 
 def decode(dll, q, k, v, pk, pv, prefix_index, kv_mask, causal: bool, scale: float, sms: int = H100_SMS,
-           fuse_parts: bool = False):
-    """(out (B, Hq, Lq, D) in q's dtype, memory (B, Lq, Hq, D); lse (B, Hq, Lq) float32, natural log)."""
+           fuse_parts: bool = False, prefix_mask=None):
+    """(out (B, Hq, Lq, D) in q's dtype, memory (B, Lq, Hq, D); lse (B, Hq, Lq) float32, natural log).
+
+    prefix_mask: (G, P) bool/uint8 or None, any strides (passed as they are, like kv_mask)."""
     from prefix_kernels._core.grouping import row_block_starts as _block_starts, sorted_by_prefix
 
     B, Hq, Lq, D = q.shape
@@ -103,6 +106,7 @@ def decode(dll, q, k, v, pk, pv, prefix_index, kv_mask, causal: bool, scale: flo
     ws_out = torch.full((max(1, plan.ws_out_elems),), float("nan"))
     ws_lse = torch.full((max(1, plan.ws_lse_elems),), float("nan"))
     mask = None if kv_mask is None else kv_mask.view(torch.uint8)
+    pmask = None if prefix_mask is None else prefix_mask.view(torch.uint8)
     args = Args(
         q.data_ptr(), I64x4(*q.stride()), k.data_ptr(), I64x4(*k.stride()), v.data_ptr(), I64x4(*v.stride()),
         pk.data_ptr(), I64x4(*pk.stride()), pv.data_ptr(), I64x4(*pv.stride()),
@@ -110,6 +114,8 @@ def decode(dll, q, k, v, pk, pv, prefix_index, kv_mask, causal: bool, scale: flo
         out.data_ptr(), I64x4(*out.stride()), lse.data_ptr(),
         order.data_ptr(), starts.data_ptr(), block_starts.data_ptr(), ws_out.data_ptr(), ws_lse.data_ptr(),
         int(causal), float(scale), int(fuse_parts),
+        None if pmask is None else pmask.data_ptr(),
+        (ctypes.c_int64 * 2)(*(pmask.stride() if pmask is not None else (0, 0))),
     )
     err = dll.spd_launch(ctypes.byref(problem), ctypes.byref(plan), ctypes.byref(args), None)
     if err != 0:

@@ -3,7 +3,8 @@
 Two functions for the registry (BACKEND, below):
 
     decode_reasons(problem)  -> list[str]    why these kernels cannot take the case ([]: they can)
-    decode_forward(q, k, v, prefix_k, prefix_v, prefix_index, kv_mask, causal, scale)
+    decode_forward(q, k, v, prefix_k, prefix_v, prefix_index, kv_mask, causal, scale, fuse_parts,
+                   prefix_mask=None)
                              -> (out, lse)   out (B, Hq, Lq, D) in q's dtype (memory (B, Lq, Hq, D)),
                                              lse (B, Hq, Lq) float32, natural log
 
@@ -52,8 +53,6 @@ def _reasons(p) -> list[str]:
         reasons.append(f"dtype {p.dtype} is not float16, bfloat16 or float32")
     if p.D not in HEAD_DIMS:
         reasons.append(f"head dim {p.D} is not compiled (only {', '.join(map(str, HEAD_DIMS))})")
-    if p.has_prefix_mask:
-        reasons.append("prefix_mask is not implemented by the CUDA decode kernels yet")
     if not 1 <= p.Lq <= MAX_LQ:
         reasons.append(f"Lq={p.Lq} query rows per request: the decode kernels take 1..{MAX_LQ}")
     if p.Hkv < 1 or p.Hq % p.Hkv != 0:
@@ -93,37 +92,42 @@ def decode_reasons(problem) -> list[str]:
         return [f"CUDA decode backend could not check this case ({type(exc).__name__}: {exc})"]
 
 
-def _decode_impl(q, k, v, prefix_k, prefix_v, prefix_index, kv_mask, causal, scale, fuse_parts=False):
+def _decode_impl(q, k, v, prefix_k, prefix_v, prefix_index, kv_mask, causal, scale, fuse_parts=False,
+                 prefix_mask=None):
     why = build.ensure_loaded()
     if why:
         raise RuntimeError(f"prefix_kernels: the CUDA decode kernels are unavailable: {why}")
     op = getattr(torch.ops, build.EXTENSION).decode
-    return op(q, k, v, prefix_k, prefix_v, prefix_index, kv_mask, causal, scale, fuse_parts)
+    return op(q, k, v, prefix_k, prefix_v, prefix_index, kv_mask, causal, scale, fuse_parts, prefix_mask)
 
 
+# prefix_mask comes last, with a default, so that calls written before it existed still work.
 @torch.library.custom_op("prefix_kernels::decode_cuda", mutates_args=(), device_types="cuda")
 def _decode_cuda(
     q: Tensor, k: Tensor, v: Tensor, prefix_k: Tensor, prefix_v: Tensor,
     prefix_index: Optional[Tensor], kv_mask: Optional[Tensor], causal: bool, scale: float,
-    fuse_parts: bool = False,
+    fuse_parts: bool = False, prefix_mask: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor]:
-    return _decode_impl(q, k, v, prefix_k, prefix_v, prefix_index, kv_mask, causal, scale, fuse_parts)
+    return _decode_impl(q, k, v, prefix_k, prefix_v, prefix_index, kv_mask, causal, scale, fuse_parts, prefix_mask)
 
 
 @_decode_cuda.register_fake
-def _decode_cuda_fake(q, k, v, prefix_k, prefix_v, prefix_index, kv_mask, causal, scale, fuse_parts=False):
+def _decode_cuda_fake(q, k, v, prefix_k, prefix_v, prefix_index, kv_mask, causal, scale, fuse_parts=False,
+                      prefix_mask=None):
     B, Hq, Lq, D = q.shape
     return bhld(B, Hq, Lq, D, q), q.new_empty((B, Hq, Lq), dtype=torch.float32)
 
 
 def decode_forward(q, k, v, prefix_k, prefix_v, prefix_index=None, kv_mask=None, causal=True, scale=None,
-                   fuse_parts=None):
+                   fuse_parts=None, prefix_mask=None):
     """Shared-prefix decode attention with the CUDA kernels (forward only).
 
     q (B, Hq, Lq, D), Lq in 1..16; k, v (B, Hkv, T, D), any strides; prefix_k, prefix_v
     (G, Hkv, P, D); prefix_index (B,) integer tensor with values in [0, G), or None (prefix 0 for
     all); kv_mask (B, T) bool/uint8, True = may attend, or None; causal: own key j visible to
-    query i iff j <= i + (T - Lq); prefix keys always visible; scale default 1 / sqrt(D).
+    query i iff j <= i + (T - Lq); prefix_mask (G, P) bool/uint8, True = prefix key j of prefix g
+    may be attended (by every query row), or None (every prefix key visible); a masked key of
+    either mask is never read; scale default 1 / sqrt(D).
     Returns out (B, Hq, Lq, D) in q's dtype and lse (B, Hq, Lq) float32, natural log; a row with
     no visible key gets out 0 and lse -inf. Call decode_reasons first: this raises when the
     extension cannot be built. fuse_parts: the prefix and per-request kernels as one launch with
@@ -135,9 +139,10 @@ def decode_forward(q, k, v, prefix_k, prefix_v, prefix_index=None, kv_mask=None,
         scale = 1.0 / math.sqrt(q.shape[-1])
     if prefix_index is not None and prefix_index.dtype not in (torch.int32, torch.int64):
         prefix_index = prefix_index.to(torch.int32)  # the public op also takes int8/int16/uint8
-    return torch.ops.prefix_kernels.decode_cuda(
-        q, k, v, prefix_k, prefix_v, prefix_index, kv_mask, bool(causal), float(scale), bool(fuse_parts)
-    )
+    args = (q, k, v, prefix_k, prefix_v, prefix_index, kv_mask, bool(causal), float(scale), bool(fuse_parts))
+    if prefix_mask is None:  # the call as it was before prefix_mask existed
+        return torch.ops.prefix_kernels.decode_cuda(*args)
+    return torch.ops.prefix_kernels.decode_cuda(*args, prefix_mask)
 
 
 NAME = "cuda"
