@@ -25,6 +25,10 @@ keeps what it measured.
   generate         bench_generate.py: 64 samples of 256 tokens from a 2048-token prompt, 1B model
   attention        bench_attention.py: training shapes, forward and forward+backward
   train_step       bench_train_step.py: a prefix-tuning step on the 1B model
+  shared_prompt    bench_shared_prompt.py: a GRPO/DPO log-prob step on the 1B model, stock against
+                   prefix_grouper and prefix_kernels.completion_logits; its rows go into
+                   train_step.jsonl (a row's identity includes its workload), as the session may
+                   leave no more than 8 files
   info, verify     `prefix-kernels info` and `verify` on the card (issue 5's CLI)
   tests_compiled   the triton/decode/cuda tests that the CPU runs under the interpreter, compiled
   pytest_benchmark pytest benchmarks --benchmark-only, with short rounds
@@ -36,7 +40,8 @@ checks this at the end and reports what exceeds it):
   session.json          the GPU, versions, budget, and per step: status, seconds, exit code, the
                         last lines of its output; what is left to do and the command for it
   session.log           every step's whole output, in order
-  decode.jsonl generate.jsonl attention.jsonl train_step.jsonl    rows (benchmarks/rows.py)
+  decode.jsonl generate.jsonl attention.jsonl train_step.jsonl    rows (benchmarks/rows.py;
+                        train_step.jsonl holds the shared_prompt rows too)
   decode_choice.json    for prefix_kernels/data/
   pytest_benchmark.json
 
@@ -140,6 +145,12 @@ PLAN = (
     Step("train_step", gpu=_bench("bench_train_step.py", "train_step.jsonl", "--steps", "6"),
          rehearse=_bench("bench_train_step.py", "train_step.jsonl", "--smoke"),
          cap_s=120, floor_s=45, writes=("train_step.jsonl",)),
+    # shared prompts (GRPO G = 8, 16; DPO G = 2): 6 shapes x 3 providers x 12 steps on the 1B model,
+    # an fp32 reference forward per shape and the Triton compiles. Rows beside train_step's: the
+    # files under --out are at most 8
+    Step("shared_prompt", gpu=_bench("bench_shared_prompt.py", "train_step.jsonl", "--steps", "10"),
+         rehearse=_bench("bench_shared_prompt.py", "train_step.jsonl", "--smoke"),
+         cap_s=180, floor_s=60, writes=("train_step.jsonl",)),
     # issue 5's CLI on the card: what `info` says of the backends there, `verify`'s table
     Step("info", gpu=(PY, "-m", "prefix_kernels.cli", "info"), cap_s=40, floor_s=10, echo_lines=25),
     Step("verify", gpu=(PY, "-m", "prefix_kernels.cli", "verify"),
@@ -163,8 +174,9 @@ LOG, SUMMARY = "session.log", "session.json"
 
 
 def files_written(plan=None) -> list[str]:
-    """Every file a full session leaves under the output folder."""
-    return [SUMMARY, LOG] + [f for s in (PLAN if plan is None else plan) for f in s.writes]
+    """Every file a full session leaves under the output folder (once each: two steps may write
+    rows into one file)."""
+    return list(dict.fromkeys([SUMMARY, LOG] + [f for s in (PLAN if plan is None else plan) for f in s.writes]))
 
 
 def xdist_args() -> list[str]:

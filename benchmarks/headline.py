@@ -6,8 +6,9 @@ attention: of the bf16 matmul rate measured there; end to end: none).
 At each shape the package's fastest provider (for decode, the faster of triton and cuda: what
 `auto` picks once `decode_choice.json` is written) is set against the fastest baseline with
 status ok; a provider that was skipped is no baseline, and is listed under the table with its
-reason. Smoke rows are left out, and rows of different commits are never paired. The table gives
-the range over shapes.
+reason, as is one whose outputs did not match stock's (matches_stock false, shared_prompt).
+Smoke rows are left out, and rows of different commits are never paired. The table gives the
+range over shapes.
 
     python benchmarks/headline.py [--results benchmarks/results]     # prints markdown
 """
@@ -51,7 +52,12 @@ def headline(rows: list[dict]) -> list[dict]:
             for p, r in by_provider.items():
                 if r.get("status") == "skipped":
                     skipped.setdefault(p, (r.get("reason") or "").partition("\n")[0][:120])
-            ok = {p: r for p, r in by_provider.items() if r.get("status") == "ok"}
+                elif r.get("matches_stock") is False:  # ran, but a wrong result's speed is no speedup
+                    diff = r.get("max_abs_logit_diff")
+                    skipped.setdefault(p, "outputs did not match stock's" + (
+                        f" (max abs logit difference {diff:.3g})" if diff is not None else ""))
+            ok = {p: r for p, r in by_provider.items()
+                  if r.get("status") == "ok" and r.get("matches_stock") is not False}
             ours = [r for p, r in ok.items() if is_subject(p)]
             theirs = [r for p, r in ok.items() if not is_subject(p)]
             if not ours or not theirs:

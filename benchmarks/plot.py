@@ -3,9 +3,13 @@
   <workload>_speedup_*.png   speedup (baseline median ms / prefix_kernels median ms) of each
                              prefix_kernels provider against each baseline provider, across P
                              (attention: one panel per mode, fwd and fwd_bwd; decode: one panel per
-                             batch size B; train_step: across P; generate: across the samples N)
+                             batch size B; train_step: across P; generate: across the samples N;
+                             shared_prompt: across the completions per prompt G, one panel per
+                             completion length Lc)
   <workload>_memory_*.png    peak GPU memory against batch size, per provider, for rows that
-                             recorded it (train_step, generate on a GPU; CPU rows have none)
+                             recorded it (train_step, generate on a GPU; CPU rows have none);
+                             shared_prompt: against G, the peak above the weights (on a CPU the
+                             RSS delta of a step)
 
 Rows are grouped by (workload, device, commit, dtype): one figure per group, titled with the device
 and commit its rows came from. Rows with status "skipped" and smoke rows are ignored; a group with
@@ -40,8 +44,12 @@ SPEEDUP_AXES = {
     "decode": (("P", ("B",)), ("B", ("P",))),
     "train_step": (("P", ()),),
     "generate": (("B", ()),),
+    "shared_prompt": (("G", ("Lc",)),),
 }
-MEMORY_WORKLOADS = ("decode", "train_step", "generate")
+MEMORY_WORKLOADS = ("decode", "train_step", "generate", "shared_prompt")
+MEMORY_X = {"shared_prompt": "G"}  # the memory figure's x axis where it is not the batch size B
+X_LABELS = {("generate", "B"): "B (N sequences)", ("shared_prompt", "G"): "G (completions per prompt)"}
+MEMORY_X_LABELS = {"generate": "batch size B (samples N)", "shared_prompt": "G (completions per prompt)"}
 
 
 def pyplot():
@@ -93,12 +101,13 @@ def _describe(rest: tuple, varying: set) -> str:
 
 def speedup_series(rows: list[dict], x_field: str, panel_fields=()) -> dict:
     """{panel title: {line label: [(x, speedup), ...]}} for rows of one group. A line pairs a
-    prefix_kernels provider with a baseline at the same mode and the same shape except x."""
+    prefix_kernels provider with a baseline at the same mode and the same shape except x. Rows
+    flagged as not matching stock's outputs (matches_stock false) are left out."""
     drop = {x_field, *panel_fields}
     by_key = {}
     for row in rows:
         shape = row["shape"]
-        if x_field not in shape:
+        if x_field not in shape or row.get("matches_stock") is False:  # a wrong result's speed is no speedup
             continue
         panel = (row.get("mode"),) + tuple(shape.get(f) for f in panel_fields)
         by_key[(panel, _rest(shape, drop), shape[x_field], row["provider"])] = row["median_ms"]
@@ -122,16 +131,17 @@ def speedup_series(rows: list[dict], x_field: str, panel_fields=()) -> dict:
     return {title(p): {lbl: sorted(pts) for lbl, pts in sorted(series[p].items())} for p in sorted(series, key=order)}
 
 
-def memory_series(rows: list[dict]) -> dict:
-    """{line label: [(B, peak MiB), ...]} for rows of one group that recorded peak memory."""
-    picked = [r for r in rows if r.get("peak_mib") is not None and "B" in r["shape"]]
-    rests = {_rest(r["shape"], {"B"}) for r in picked}
+def memory_series(rows: list[dict], x_field: str = "B") -> dict:
+    """{line label: [(x, peak MiB), ...]} for rows of one group that recorded peak memory, x the
+    shape's x_field (the batch size B; shared_prompt: G)."""
+    picked = [r for r in rows if r.get("peak_mib") is not None and x_field in r["shape"]]
+    rests = {_rest(r["shape"], {x_field}) for r in picked}
     varying = {k for k in {k for r in rests for k, _ in r} if len({dict(r).get(k) for r in rests}) > 1}
     lines = defaultdict(list)
     for r in picked:
-        rest = _describe(_rest(r["shape"], {"B"}), varying)
+        rest = _describe(_rest(r["shape"], {x_field}), varying)
         label = f"{r['provider']}" + (f" [{r.get('mode')}]" if r.get("mode") else "") + (f" ({rest})" if rest else "")
-        lines[label].append((r["shape"]["B"], r["peak_mib"]))
+        lines[label].append((r["shape"][x_field], r["peak_mib"]))
     return {label: sorted(pts) for label, pts in sorted(lines.items())}
 
 
@@ -162,7 +172,7 @@ def plot_all(results: Path = RESULTS, out: Path | None = None) -> list[Path]:
                     ax.axhline(1.0, color="grey", lw=0.8, ls="--")
                     ax.set_xscale("log", base=2)
                     ax.set_ylim(bottom=0)
-                    ax.set_xlabel(x_field + (" (N sequences)" if workload == "generate" and x_field == "B" else ""))
+                    ax.set_xlabel(X_LABELS.get((workload, x_field), x_field))
                     ax.set_ylabel("speedup (baseline ms / prefix_kernels ms)")
                     ax.set_title(panel, fontsize=9)
                     ax.legend(fontsize=7)
@@ -171,12 +181,13 @@ def plot_all(results: Path = RESULTS, out: Path | None = None) -> list[Path]:
                 kind = "speedup" if i == 0 else f"speedup_by_{x_field}"  # the first keeps its old file name
                 written.append(_save(fig, out / f"{_slug(workload, kind, device, commit, dtype)}.png", plt))
         if workload in MEMORY_WORKLOADS:
-            lines = memory_series(group)
+            x_field = MEMORY_X.get(workload, "B")
+            lines = memory_series(group, x_field)
             if lines:
                 fig, ax = plt.subplots(figsize=(6.5, 4.5))
                 for label, pts in lines.items():
                     ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
-                ax.set_xlabel("batch size B" + (" (samples N)" if workload == "generate" else ""))
+                ax.set_xlabel(MEMORY_X_LABELS.get(workload, "batch size B"))
                 ax.set_ylabel("peak memory (MiB)")
                 ax.set_ylim(bottom=0)
                 ax.legend(fontsize=7)

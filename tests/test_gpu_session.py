@@ -39,6 +39,19 @@ def test_plan_fits_the_limits_on_files_under_out(gs):
     assert gs.PLAN[0].env["PREFIX_KERNELS_GPU_EXAMPLES"] == str(gs.GPU_EXAMPLES)
 
 
+def test_shared_prompt_rows_share_a_file_within_the_limit(gs):
+    """The shared-prompt step writes its rows beside train_step's (a row's identity includes its
+    workload): a ninth file would not come back from the GPU machine."""
+    step = gs.STEPS["shared_prompt"]
+    assert "benchmarks/bench_shared_prompt.py" in step.gpu and "--smoke" in step.rehearse
+    assert step.writes == gs.STEPS["train_step"].writes == ("train_step.jsonl",)
+    out = gs.argv_for(step, Path("/o"), rehearse=False)
+    assert out[out.index("--out") + 1] == "/o/train_step.jsonl"
+    assert gs.files_written().count("train_step.jsonl") == 1 and len(gs.files_written()) <= gs.MAX_FILES
+    names = [s.name for s in gs.PLAN]
+    assert names.index("train_step") < names.index("shared_prompt") < names.index("headline")
+
+
 def test_out_folder_problems_name_what_exceeds_the_limits(gs, tmp_path):
     assert gs.out_folder_problems(tmp_path) == []
     for i in range(gs.MAX_FILES):
@@ -139,16 +152,18 @@ def test_rehearsal_runs_the_real_steps_on_the_cpu(gs, tmp_path):
     """The real driver in a child process: the CUDA build stand-in, the GPU test selection
     (collected, so a bad marker or -k expression fails here), and a real benchmark at smoke size."""
     done = subprocess.run([sys.executable, str(BENCH / "gpu_session.py"), "--rehearse", "--out", str(tmp_path),
-                           "--budget", "600", "--steps", "build,tests_gpu,tests_compiled,train_step"],
+                           "--budget", "600", "--steps", "build,tests_gpu,tests_compiled,train_step,shared_prompt"],
                           capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     summary = json.loads((tmp_path / "session.json").read_text())
-    assert [r["step"] for r in summary["steps"]] == ["build", "tests_gpu", "train_step", "tests_compiled"]  # plan order
+    assert [r["step"] for r in summary["steps"]] == ["build", "tests_gpu", "train_step", "shared_prompt",
+                                                    "tests_compiled"]  # plan order
     assert all(r["status"] == "ok" for r in summary["steps"]), summary["steps"]
     tails = {r["step"]: "\n".join(r["tail"]) for r in summary["steps"]}
     assert " tests collected" in tails["tests_gpu"] and " tests collected" in tails["tests_compiled"]
     rows = [json.loads(line) for line in (tmp_path / "train_step.jsonl").read_text().splitlines()]
-    assert rows and all(r["status"] == "ok" for r in rows)
+    assert {r["workload"] for r in rows} == {"train_step", "shared_prompt"}  # both steps' rows, one file
+    assert all(r["status"] == "ok" for r in rows if r["provider"] != "prefix_grouper")
     assert summary["out_problems"] == [] and summary["left_to_do"] == [] and summary["rerun"] is None
     assert sorted(p.name for p in tmp_path.iterdir()) == ["session.json", "session.log", "train_step.jsonl"]
 

@@ -170,3 +170,41 @@ def test_a_broken_row_file_is_named(tmp_path):
         _plot().load_rows(tmp_path)
     with pytest.raises(ValueError, match=r"decode\.jsonl:2"):
         rows.upsert(path, [])
+
+
+def _shared_prompt_rows():
+    """GRPO/DPO log-prob steps across G, one panel per completion length; prefix_grouper flagged at
+    one shape for logits that did not match stock's."""
+    rows = []
+    for Lc in (128, 512):
+        for G in (2, 8, 16):
+            for prov, ms, peak in (("stock_sdpa", 10.0 * G, 100.0 * G), ("prefix_grouper", 6.0 * G, 60.0 * G),
+                                   ("prefix_kernels", 4.0 * G, 30.0 * G)):
+                row = _row("shared_prompt", "logprob_fwd_bwd", prov, ms, peak=peak, G=G, prompts=2, Lp=512, Lc=Lc)
+                row["matches_stock"] = not (prov == "prefix_grouper" and G == 16 and Lc == 512)
+                rows.append(row)
+    return rows
+
+
+def test_shared_prompt_speedup_across_g_and_memory(tmp_path):
+    plot = _plot()
+    rows = _shared_prompt_rows()
+    series = plot.speedup_series(rows, "G", ("Lc",))
+    assert list(series) == ["mode=logprob_fwd_bwd, Lc=128", "mode=logprob_fwd_bwd, Lc=512"]
+    lines = series["mode=logprob_fwd_bwd, Lc=128"]
+    assert lines == {"prefix_kernels vs prefix_grouper": [(2, 1.5), (8, 1.5), (16, 1.5)],
+                     "prefix_kernels vs stock_sdpa": [(2, 2.5), (8, 2.5), (16, 2.5)]}
+    # the flagged row is no speedup
+    assert series["mode=logprob_fwd_bwd, Lc=512"]["prefix_kernels vs prefix_grouper"] == [(2, 1.5), (8, 1.5)]
+    mem = plot.memory_series(rows, "G")
+    assert mem["prefix_kernels [logprob_fwd_bwd] (Lc=512)"] == [(2, 60.0), (8, 240.0), (16, 480.0)]
+    assert plot.memory_series(rows) == {}  # no B in these shapes: the default axis draws nothing
+    headline = benchmark_module("headline")
+    (entry,) = headline.headline(rows)
+    assert entry["shapes"] == 6 and entry["best_baselines"] == ["prefix_grouper", "stock_sdpa"]
+    assert (entry["speedup_min"], entry["speedup_max"]) == (1.5, 2.5)  # stock is the best baseline where pg is flagged
+    assert "did not match stock" in entry["skipped"]["prefix_grouper"]
+    pytest.importorskip("matplotlib")
+    _write(tmp_path / "results" / "train_step.jsonl", rows)  # a GPU session puts them beside train_step's
+    names = sorted(p.name for p in plot.plot_all(tmp_path / "results", tmp_path / "plots"))
+    assert [n.split("_NVIDIA")[0] for n in names] == ["shared_prompt_memory", "shared_prompt_speedup"]

@@ -144,7 +144,7 @@ def _verify(args) -> int:
     return 0 if verify.run(args.device, quick=args.quick, backends=args.backend) else 1
 
 
-WORKLOADS = ("attention", "decode", "train_step", "generate")
+WORKLOADS = ("attention", "decode", "train_step", "generate", "shared_prompt")
 
 
 def benchmarks_dir() -> Path:
