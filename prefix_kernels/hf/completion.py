@@ -3,10 +3,11 @@
 In RL fine-tuning (GRPO, RLOO: G completions per prompt) and preference training (DPO: chosen and
 rejected share a prompt) a causal decoder computes every prompt token the same way for each of
 its completions: the prompt's positions see only the prompt. `completion_logits` runs each
-distinct prompt once (left-padded to a common length, keeping each layer's keys and values with
-autograd), then runs all completions against those keys and values as a shared prefix
-(`PrefixCache`, the prompt's padding as the prefix mask): the kernels read each prompt once for
-all of its completions and reduce its gradient across them. The logits and the gradients of
+distinct prompt but its last token once (left-padded to a common length, keeping each layer's
+keys and values with autograd), then runs every row's last prompt token and completion against
+those keys and values as a shared prefix (`PrefixCache`, the prompt's padding as the prefix
+mask): the kernels read each prompt once for all of its completions and reduce its gradient
+across them. The logits and the gradients of
 every parameter are those of the stock forward over the concatenated rows.
 
 Where that cannot be exact, the stock concatenated forward runs instead, with a one-time
@@ -17,7 +18,6 @@ than prompt + completion, attention that is not causal, a model whose attention 
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
 from typing import Optional
 
@@ -104,13 +104,6 @@ def _why_not_shared(model, base, Lp: int, Lc: int) -> Optional[str]:
     return None
 
 
-def _accepts(model, name: str) -> bool:
-    try:
-        return name in inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
-        return False
-
-
 def completion_logits(model: nn.Module, prompt_ids: torch.Tensor, completion_ids: torch.Tensor, *,
                       prompt_mask: Optional[torch.Tensor] = None, completion_mask: Optional[torch.Tensor] = None,
                       prompt_index: Optional[torch.Tensor] = None, position_ids: Optional[torch.Tensor] = None,
@@ -192,7 +185,7 @@ def completion_logits(model: nn.Module, prompt_ids: torch.Tensor, completion_ids
     else:
         prompts, masks = prompt_ids, prompt_mask
     G = prompts.shape[0]
-    prompt_pos = completion_pos = None
+    prompt_pos = None
     if position_ids is not None:
         position_ids = position_ids.to(device)
         first = torch.empty(G, dtype=torch.long, device=device).scatter_(
@@ -201,50 +194,39 @@ def completion_logits(model: nn.Module, prompt_ids: torch.Tensor, completion_ids
         if not torch.equal(prompt_pos[prompt_index], position_ids[:, :Lp]):
             raise ValueError("position_ids: rows that share a prompt give it different positions; its states would "
                              "differ per completion, so it cannot be shared")
-        completion_pos = position_ids[:, Lp:-1]
 
     delivery.install(base)
     cache_kwarg = compat.cache_kwarg(base)
     hidden_wanted = return_hidden_states or not return_logits
-    # The prompt pass: each distinct prompt once, its cache kept with autograd. Its last position
-    # predicts the first completion token.
-    prompt_kwargs = dict(input_ids=prompts, attention_mask=masks.long(), use_cache=True, return_dict=True,
-                         **{cache_kwarg: DynamicCache()})
-    if prompt_pos is not None:
-        prompt_kwargs["position_ids"] = prompt_pos
-    with checkpointing_off(base):
-        if return_logits:
-            if _accepts(base, "logits_to_keep"):
-                prompt_kwargs["logits_to_keep"] = 1
-            out = model(**prompt_kwargs, output_hidden_states=hidden_wanted)
-            first_logits = out.logits[:, -1:]
-        else:
+    # The prompt pass: each distinct prompt but its last token, once, through the decoder stack;
+    # its cache (kept with autograd) is the shared prefix. The last prompt token runs with each
+    # completion, so that one pass gives every wanted position (no logits of the prompt pass to
+    # join to the completions'): logits[:, t] predicts completion_ids[:, t].
+    shared = Lp - 1
+    prefix = None
+    if shared > 0:
+        prompt_kwargs = dict(input_ids=prompts[:, :shared], attention_mask=masks[:, :shared].long(), use_cache=True,
+                             return_dict=True, **{cache_kwarg: DynamicCache()})
+        if prompt_pos is not None:
+            prompt_kwargs["position_ids"] = prompt_pos[:, :shared]
+        with checkpointing_off(base):
             out = _decoder(model)(**prompt_kwargs)
-        first_hidden = _last_hidden(out)[:, -1:] if hidden_wanted else None
-    prefix = PrefixCache.from_cache(_returned_cache(out), prefix_index=prompt_index, prefix_mask=masks)
-    del out
-
-    logits = hidden = None
+        prefix = PrefixCache.from_cache(_returned_cache(out), prefix_index=prompt_index,
+                                        prefix_mask=masks[:, :shared])
+        del out
+    kwargs = dict(input_ids=torch.cat([prompts[prompt_index][:, shared:], completion_ids[:, :-1]], 1),
+                  attention_mask=torch.cat([masks[prompt_index], completion_mask[:, :-1]], 1).long(),
+                  return_dict=True)
+    if prefix is not None:
+        kwargs.update(use_cache=True, **{cache_kwarg: prefix})
+    if position_ids is not None:
+        kwargs["position_ids"] = position_ids[:, shared:-1]
     if return_logits:
-        logits = first_logits[prompt_index]
-    if hidden_wanted:
-        hidden = first_hidden[prompt_index]
-    if Lc > 1:
-        # The completion pass: every completion against its prompt's keys and values. The last
-        # completion token predicts nothing that is asked for.
-        kwargs = dict(input_ids=completion_ids[:, :-1],
-                      attention_mask=torch.cat([masks[prompt_index], completion_mask[:, :-1]], 1).long(),
-                      use_cache=True, return_dict=True, **{cache_kwarg: prefix})
-        if completion_pos is not None:
-            kwargs["position_ids"] = completion_pos
-        if return_logits:
-            rest = model(**kwargs, output_hidden_states=hidden_wanted)
-            logits = torch.cat([logits, rest.logits], 1)
-        else:
-            rest = _decoder(model)(**kwargs)
-        if hidden_wanted:
-            hidden = torch.cat([hidden, _last_hidden(rest)], 1)
-    return CompletionOutput(logits, hidden if return_hidden_states or not return_logits else None, True, G)
+        out = model(**kwargs, output_hidden_states=hidden_wanted)
+        logits, hidden = out.logits, (out.hidden_states[-1] if hidden_wanted else None)
+    else:
+        logits, hidden = None, _last_hidden(_decoder(model)(**kwargs))
+    return CompletionOutput(logits, hidden, True, G)
 
 
 def _decoder(model):
