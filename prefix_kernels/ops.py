@@ -24,10 +24,15 @@ from ._core.problem import check_index_range
 from .backends import registry
 
 
-def _masked(prefix_mask) -> dict:
-    """The prefix_mask keyword for a backend function, only when there is a mask: a backend that
-    takes none is never handed the argument."""
-    return {} if prefix_mask is None else {"prefix_mask": prefix_mask}
+def _forward(kind, q, k, v, prefix_k, prefix_v, prefix_index, kv_mask, causal, scale, backend, check_index,
+             prefix_mask):
+    """The planned implementation's forward ("forward" or "decode"): (out, lse). prefix_mask is
+    passed as a keyword only when there is one, so a backend that takes none never sees it."""
+    if check_index and prefix_index is not None:
+        check_index_range(prefix_index, prefix_k.shape[0])
+    forward = registry.implementation(backend).function(kind)
+    masked = {} if prefix_mask is None else {"prefix_mask": prefix_mask}
+    return forward(q, k, v, prefix_k, prefix_v, prefix_index, kv_mask, causal, scale, **masked)
 
 
 @torch.library.custom_op("prefix_kernels::fwd", mutates_args=(), device_types=None)
@@ -36,10 +41,8 @@ def fwd(
     prefix_index: Optional[Tensor], kv_mask: Optional[Tensor], causal: bool, scale: float, backend: str,
     check_index: bool = False, prefix_mask: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor]:
-    if check_index and prefix_index is not None:
-        check_index_range(prefix_index, prefix_k.shape[0])
-    forward = registry.implementation(backend).function("forward")
-    out, lse = forward(q, k, v, prefix_k, prefix_v, prefix_index, kv_mask, causal, scale, **_masked(prefix_mask))
+    out, lse = _forward("forward", q, k, v, prefix_k, prefix_v, prefix_index, kv_mask, causal, scale, backend,
+                        check_index, prefix_mask)
     return out, lse.contiguous()  # the fake promises a contiguous lse; ATen's CPU flash lse is (B, Lq, Hq)
 
 
@@ -58,7 +61,7 @@ def bwd(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     backward = registry.implementation(backend).function("backward")
     dq, dk, dv, dpk, dpv = backward(dout, dlse, q, k, v, prefix_k, prefix_v, prefix_index, kv_mask, causal, scale,
-                                    out, lse, **_masked(prefix_mask))
+                                    out, lse, **({} if prefix_mask is None else {"prefix_mask": prefix_mask}))
     return in_bhld(dq), in_bhld(dk), in_bhld(dv), dpk.contiguous(), dpv.contiguous()
 
 
@@ -97,10 +100,8 @@ def decode(
     prefix_index: Optional[Tensor], kv_mask: Optional[Tensor], causal: bool, scale: float, backend: str,
     check_index: bool = False, prefix_mask: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor]:
-    if check_index and prefix_index is not None:
-        check_index_range(prefix_index, prefix_k.shape[0])
-    forward = registry.implementation(backend).function("decode")
-    out, lse = forward(q, k, v, prefix_k, prefix_v, prefix_index, kv_mask, causal, scale, **_masked(prefix_mask))
+    out, lse = _forward("decode", q, k, v, prefix_k, prefix_v, prefix_index, kv_mask, causal, scale, backend,
+                        check_index, prefix_mask)
     like = bhld_like(q)
     if out.stride() != like.stride():  # the fake below promises the package's layout
         out = like.copy_(out)

@@ -138,8 +138,9 @@ def _progress(items, desc: str, show: bool):
     return tqdm(items, desc=desc, leave=False)
 
 
-def _build(cfg: DemoConfig, patched: bool, vocab: int):
-    from peft import PrefixTuningConfig, get_peft_model
+def llama(cfg: DemoConfig, patched: bool, vocab: int, max_positions: int = 512):
+    """The demos' model: the Llama shape of `cfg` with random weights from cfg.seed, on SDPA
+    (stock) or on "prefix_kernels" attention after apply_prefix_kernels() (patched)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     import prefix_kernels
@@ -149,9 +150,15 @@ def _build(cfg: DemoConfig, patched: bool, vocab: int):
     torch.manual_seed(cfg.seed)
     config = LlamaConfig(vocab_size=vocab, hidden_size=cfg.hidden, intermediate_size=cfg.intermediate,
                          num_hidden_layers=cfg.layers, num_attention_heads=cfg.heads,
-                         num_key_value_heads=cfg.kv_heads, max_position_embeddings=512)
+                         num_key_value_heads=cfg.kv_heads, max_position_embeddings=max_positions)
     config._attn_implementation = "prefix_kernels" if patched else "sdpa"
-    model = LlamaForCausalLM(config).to(device=cfg.device, dtype=getattr(torch, cfg.dtype))
+    return LlamaForCausalLM(config).to(device=cfg.device, dtype=getattr(torch, cfg.dtype))
+
+
+def _build(cfg: DemoConfig, patched: bool, vocab: int):
+    from peft import PrefixTuningConfig, get_peft_model
+
+    model = llama(cfg, patched, vocab)
     torch.manual_seed(cfg.seed + 1)
     # Li & Liang's reparameterisation: an MLP maps P embeddings to every layer's K/V
     peft_cfg = PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=cfg.prefix, prefix_projection=True,
@@ -179,31 +186,60 @@ def train(cfg: DemoConfig, patched: bool, queue=None, progress: bool = True) -> 
 def _train(cfg: DemoConfig, patched: bool, progress: bool) -> dict:
     rows = load_e2e()
     tok = WordTokenizer(rows)
-    batches = make_batches(cfg, rows, tok)
     model = _build(cfg, patched, len(tok))
-    model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr)
+    return run_steps(cfg, model, make_batches(cfg, rows, tok), lambda m, batch: m(**batch).loss,
+                     lambda batch: int(batch["attention_mask"].sum()), "patched" if patched else "stock  ", progress)
+
+
+def _timed(cfg: DemoConfig, model, opt, loss_of, batch) -> tuple:
+    """One training step: (loss, seconds), the device synchronised around it."""
     cuda = cfg.device.startswith("cuda")
     if cuda:
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    loss = loss_of(model, batch)
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    if cuda:
+        torch.cuda.synchronize()
+    return loss, time.perf_counter() - t0
+
+
+def _optimizer(cfg: DemoConfig, model):
+    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr)
+
+
+def run_steps(cfg: DemoConfig, model, batches, loss_of, tokens_of, desc: str, progress: bool) -> dict:
+    """Train `model` on `batches` with loss_of(model, batch); losses, per-step seconds, tokens per
+    step (tokens_of(batch)), peak memory and the parameter count."""
+    model.train()
+    opt = _optimizer(cfg, model)
+    if cfg.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     losses, seconds, tokens = [], [], []
-    for batch in _progress(batches, "patched" if patched else "stock  ", progress):
+    for batch in _progress(batches, desc, progress):
         batch = {k: v.to(cfg.device) for k, v in batch.items()}
-        if cuda:
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        loss = model(**batch).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if cuda:
-            torch.cuda.synchronize()
-        seconds.append(time.perf_counter() - t0)
+        loss, dt = _timed(cfg, model, opt, loss_of, batch)
+        seconds.append(dt)
         losses.append(float(loss.detach()))
-        tokens.append(int(batch["attention_mask"].sum()))
+        tokens.append(tokens_of(batch))
     return {"losses": losses, "seconds": seconds, "tokens": tokens, "peak_mib": _peak_mib(cfg.device),
             "params": sum(p.numel() for p in model.parameters())}
+
+
+def alternate(cfg: DemoConfig, models: dict, batches, loss_of, rounds: int, progress: bool) -> dict:
+    """Step times of the "stock" and "patched" models, their steps alternated on the same batches
+    (the order switched every round): loss_of(model, batch, patched)."""
+    opts = {n: _optimizer(cfg, m) for n, m in models.items()}
+    seconds = {"stock": [], "patched": []}
+    for i in _progress(range(rounds), "timing both, alternated", progress):
+        batch = {k: v.to(cfg.device) for k, v in batches[i % len(batches)].items()}
+        for name in (("stock", "patched") if i % 2 == 0 else ("patched", "stock")):
+            models[name].train()
+            step_loss = (lambda m, b, patched=name == "patched": loss_of(m, b, patched))
+            seconds[name].append(_timed(cfg, models[name], opts[name], step_loss, batch)[1])
+    return seconds
 
 
 class ChildRunError(RuntimeError):
@@ -272,25 +308,7 @@ def _interleaved_seconds(cfg: DemoConfig, rounds, progress: bool) -> dict:
     tok = WordTokenizer(rows)
     batches = make_batches(cfg, rows, tok)
     models = {name: _build(cfg, name == "patched", len(tok)) for name in ("stock", "patched")}
-    opts = {n: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=cfg.lr) for n, m in models.items()}
-    cuda = cfg.device.startswith("cuda")
-    seconds = {"stock": [], "patched": []}
-    rounds = rounds or len(batches)
-    for i in _progress(range(rounds), "timing both, alternated", progress):
-        batch = {k: v.to(cfg.device) for k, v in batches[i % len(batches)].items()}
-        for name in (("stock", "patched") if i % 2 == 0 else ("patched", "stock")):
-            model = models[name]
-            model.train()
-            if cuda:
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            model(**batch).loss.backward()
-            opts[name].step()
-            opts[name].zero_grad(set_to_none=True)
-            if cuda:
-                torch.cuda.synchronize()
-            seconds[name].append(time.perf_counter() - t0)
-    return seconds
+    return alternate(cfg, models, batches, lambda m, batch, patched: m(**batch).loss, rounds or len(batches), progress)
 
 
 def summarise(cfg: DemoConfig, stock: dict, ours: dict, warmup: int = 3, timing: dict | None = None) -> dict:

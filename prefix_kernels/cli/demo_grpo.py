@@ -19,7 +19,7 @@ from dataclasses import replace
 import torch
 
 from ..data import load_e2e
-from .demo import (BOS, EOS, PAD, SEP, DemoConfig, WordTokenizer, _in_child, _peak_mib, _progress, quiet,
+from .demo import (BOS, EOS, PAD, SEP, DemoConfig, WordTokenizer, _in_child, alternate, llama, quiet, run_steps,
                    summarise)
 
 GROUPS, SAMPLES, SHOTS = 2, 8, 4  # prompts per step, completions per prompt, worked examples per prompt
@@ -60,21 +60,6 @@ def make_steps(cfg: DemoConfig, rows, tok: WordTokenizer) -> list:
     return steps
 
 
-def _build(cfg: DemoConfig, patched: bool, vocab: int):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    import prefix_kernels
-
-    if patched:
-        prefix_kernels.apply_prefix_kernels()
-    torch.manual_seed(cfg.seed)
-    config = LlamaConfig(vocab_size=vocab, hidden_size=cfg.hidden, intermediate_size=cfg.intermediate,
-                         num_hidden_layers=cfg.layers, num_attention_heads=cfg.heads,
-                         num_key_value_heads=cfg.kv_heads, max_position_embeddings=1024)
-    config._attn_implementation = "prefix_kernels" if patched else "sdpa"
-    return LlamaForCausalLM(config).to(device=cfg.device, dtype=getattr(torch, cfg.dtype))
-
-
 def policy_loss(model, step: dict, patched: bool) -> torch.Tensor:
     """-(advantage x log-prob of each completion token), averaged over the completion tokens."""
     cmask = step["completion_mask"].bool()
@@ -91,71 +76,30 @@ def policy_loss(model, step: dict, patched: bool) -> torch.Tensor:
     return -(step["advantages"].to(logp.device)[:, None] * logp * cmask).sum() / cmask.sum()
 
 
-def _to(step: dict, device: str) -> dict:
-    return {k: v.to(device) for k, v in step.items()}
+def _tokens(step: dict) -> int:
+    return int(step["prompt_mask"].sum() + step["completion_mask"].sum())
 
 
 def train(cfg: DemoConfig, patched: bool, queue=None, progress: bool = True) -> dict:
     with quiet():
         rows = load_e2e()
         tok = WordTokenizer(rows)
-        steps = make_steps(cfg, rows, tok)
-        model = _build(cfg, patched, len(tok))
-        model.train()
-        opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
-        cuda = cfg.device.startswith("cuda")
-        if cuda:
-            torch.cuda.reset_peak_memory_stats()
-        losses, seconds, tokens = [], [], []
-        import time
-
-        for step in _progress(steps, "patched" if patched else "stock  ", progress):
-            step = _to(step, cfg.device)
-            if cuda:
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            loss = policy_loss(model, step, patched)
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            if cuda:
-                torch.cuda.synchronize()
-            seconds.append(time.perf_counter() - t0)
-            losses.append(float(loss.detach()))
-            tokens.append(int(step["prompt_mask"].sum() + step["completion_mask"].sum()))
-        result = {"losses": losses, "seconds": seconds, "tokens": tokens, "peak_mib": _peak_mib(cfg.device),
-                  "params": sum(p.numel() for p in model.parameters())}
+        model = llama(cfg, patched, len(tok), max_positions=1024)
+        result = run_steps(cfg, model, make_steps(cfg, rows, tok),
+                           lambda m, step: policy_loss(m, step, patched), _tokens,
+                           "patched" if patched else "stock  ", progress)
     if queue is not None:
         queue.put(result)
     return result
 
 
 def interleaved_seconds(cfg: DemoConfig, progress: bool = True) -> dict:
-    import time
-
     with quiet():
         rows = load_e2e()
         tok = WordTokenizer(rows)
         steps = make_steps(cfg, rows, tok)
-        models = {name: _build(cfg, name == "patched", len(tok)) for name in ("stock", "patched")}
-        opts = {n: torch.optim.AdamW(m.parameters(), lr=cfg.lr) for n, m in models.items()}
-        cuda = cfg.device.startswith("cuda")
-        seconds = {"stock": [], "patched": []}
-        for i in _progress(range(len(steps)), "timing both, alternated", progress):
-            step = _to(steps[i], cfg.device)
-            for name in (("stock", "patched") if i % 2 == 0 else ("patched", "stock")):
-                model = models[name]
-                model.train()
-                if cuda:
-                    torch.cuda.synchronize()
-                t0 = time.perf_counter()
-                policy_loss(model, step, name == "patched").backward()
-                opts[name].step()
-                opts[name].zero_grad(set_to_none=True)
-                if cuda:
-                    torch.cuda.synchronize()
-                seconds[name].append(time.perf_counter() - t0)
-    return seconds
+        models = {name: llama(cfg, name == "patched", len(tok), max_positions=1024) for name in ("stock", "patched")}
+        return alternate(cfg, models, steps, policy_loss, len(steps), progress)
 
 
 def config_for(device: str, steps: int | None) -> DemoConfig:
