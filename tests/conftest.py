@@ -51,7 +51,11 @@ def seed():
 
 
 def triton_interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    """Whether TRITON_INTERPRET asks for the interpreter, read as Triton reads it (the package's
+    one parser; imported here, at test time, after the variable is set above)."""
+    from prefix_kernels._core.env import triton_interpret_requested
+
+    return triton_interpret_requested()
 
 
 @pytest.fixture
