@@ -19,7 +19,7 @@ SITE=$WORK/site
 start=$(date +%s)
 
 pip_target() { python3 -m pip install -q --disable-pip-version-check --no-warn-script-location --target "$SITE" "$@"; }
-if [[ -d $SITE/transformers-4.57.6.dist-info && -d $SITE/peft-0.17.1.dist-info ]]; then
+if [[ -d $SITE/transformers-4.57.6.dist-info && -d $SITE/peft-0.17.1.dist-info && -d $SITE/datasets-4.0.0.dist-info ]]; then
     echo "hf457: reusing $SITE"
 else
     # transformers needs no torch: pip resolves its requirements (huggingface_hub < 1.0, tokenizers 0.22, ...).
@@ -28,6 +28,10 @@ else
     # torch. Their other requirements (numpy, packaging, psutil, pyyaml, tqdm, safetensors,
     # huggingface_hub) are all in the line above. accelerate 1.15.0: tested with huggingface_hub 0.36.
     pip_target --no-deps "peft==0.17.1" "accelerate==1.15.0"
+    # datasets: the main environment's (5.x, from the trl extra) needs huggingface_hub >= 1.0, which
+    # transformers 4.57's hub shadows, and Trainer imports it; datasets 4.0.0 works with hub 0.36. Its
+    # own requirements (pyarrow, pandas, dill, multiprocess, xxhash, fsspec) come from the main environment.
+    pip_target --no-deps "datasets==4.0.0"
 fi
 installed=$(date +%s)
 
