@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Wheels for the flashinfer_cascade provider of benchmarks/bench_decode.py on the GPU box
+# Wheels for the flashinfer_cascade provider of benchmarks/bench_decode.py (and the prefix_grouper
+# provider of benchmarks/bench_shared_prompt.py) on the GPU box
 # (Python 3.12, torch 2.11.0+cu130, nvcc 13.0, no FlashInfer, no network).
 # Run from the repo root on a machine that reaches PyPI:   bash benchmarks/gpu_wheels.sh [--aot]
 # It fills .whl/ (git-ignored, ~35 MiB). A device run carries it (carry: [".whl"]) and starts with
@@ -24,6 +25,8 @@ find .whl -maxdepth 1 \( -name 'flashinfer_python-*.whl' ! -name "flashinfer_pyt
   -o -name 'apache_tvm_ffi-*.whl' ! -name "apache_tvm_ffi-$TVM-*" \) -print -delete
 python3 -m pip download -q --no-deps --only-binary=:all: "${PLAT[@]}" -d .whl \
   "flashinfer-python==$FI" "apache-tvm-ffi==$TVM"
+# bench_shared_prompt.py's Prefix Grouper baseline: pure Python, 17 kB
+python3 -m pip download -q --no-deps -d .whl "prefix-grouper==0.0.1.post1"
 
 if [[ ${1:-} == --aot ]]; then
   W=$(mktemp -d /tmp/fi-aot.XXXXXX)
