@@ -28,15 +28,6 @@ CASES = [
 ]
 
 
-def _skip_if_not_yet(backend, inp):
-    """A backend whose kernels have not been taught the mask yet declines with that reason."""
-    tensors = [inp[n] for n in ("q", "k", "v", "prefix_k", "prefix_v")]
-    p = check_inputs(*tensors, inp["prefix_index"], inp["kv_mask"], None, True, prefix_mask=inp["prefix_mask"])
-    why = registry.public_reasons(backend, p, decode=False)
-    if any("not implemented" in r for r in why):
-        pytest.skip("; ".join(why))
-
-
 @pytest.mark.parametrize("lse", [True, False], ids=["lse", "no_lse"])
 @pytest.mark.parametrize("dtype", [FP32, FP16, BF16], ids=["fp32", "fp16", "bf16"])
 @pytest.mark.parametrize("case", CASES, ids=[f"case{i}" for i in range(len(CASES))])
@@ -63,7 +54,6 @@ def test_triton_backend(case, lse, triton_device):
     B, Hq, Hkv, Lq, Lk, P, D, G, padding, prefix_padding, causal = case
     inp = make_inputs(B, Hq, Hkv, Lq, Lk, P, D, G, FP32, triton_device, padding=padding,
                       prefix_padding=prefix_padding)
-    _skip_if_not_yet("triton", inp)
     assert_close_to_reference(inp, causal=causal, return_lse=lse, backend="triton")
 
 
@@ -74,9 +64,11 @@ def test_cpu_kernel(case):
     inp = make_inputs(B, Hq, Hkv, Lq, Lk, P, D, G, FP32, padding=padding, prefix_padding=prefix_padding)
     tensors = [inp[n] for n in ("q", "k", "v", "prefix_k", "prefix_v")]
     p = check_inputs(*tensors, inp["prefix_index"], inp["kv_mask"], None, causal, prefix_mask=inp["prefix_mask"])
-    if registry.plan("torch", p) != "cpu_kernel":
-        pytest.skip("the one-pass CPU kernel does not take this case here: "
-                    + "; ".join(registry.implementation("cpu_kernel").reasons(p, decode=False)))
+    why = registry.implementation("cpu_kernel").reasons(p, decode=False)
+    assert not any("prefix_mask" in r for r in why), why  # the mask itself is never a reason
+    if why:  # no C++ compiler or ninja here
+        pytest.skip("the one-pass CPU kernel cannot be built here: " + "; ".join(why))
+    assert registry.plan("torch", p) == "cpu_kernel"
     assert_close_to_reference(inp, causal=causal, backend="torch")
 
 
@@ -94,12 +86,6 @@ def test_decode(case, backend, request):
     device = request.getfixturevalue("triton_device") if backend == "triton" else "cpu"
     inp = make_inputs(B, Hq, Hkv, Lq, T, P, D, G, FP32, device, padding=padding, prefix_padding=prefix_padding,
                       requires_grad=False)
-    if backend == "triton":
-        tensors = [inp[n] for n in ("q", "k", "v", "prefix_k", "prefix_v")]
-        p = check_inputs(*tensors, inp["prefix_index"], inp["kv_mask"], None, True, prefix_mask=inp["prefix_mask"])
-        why = registry.public_reasons("triton", p, decode=True)
-        if any("not implemented" in r for r in why):
-            pytest.skip("; ".join(why))
     with torch.no_grad():
         assert_decode_close(inp, backend=backend)
 
@@ -172,14 +158,24 @@ def test_opcheck():
                                                        False, inp["prefix_mask"]))
 
 
-def test_a_backend_without_the_mask_declines_it():
-    """A backend that has not been taught the mask declines with that reason: the mask is never
-    dropped silently. (The CUDA decode kernels also decline CPU tensors; the reason is named.)"""
+def test_no_backend_declines_the_mask():
+    """Every implementation, training and decode, takes a prefix_mask: none gives it as a reason
+    (a backend that could not take it would have to say so, never drop it)."""
     inp = make_inputs(2, 4, 2, 3, 4, 5, 16, 2, FP32, requires_grad=False, prefix_padding="left")
     tensors = [inp[n] for n in ("q", "k", "v", "prefix_k", "prefix_v")]
-    with pytest.raises(NoBackendError, match="cuda"):
+    for device in ("cpu", "cuda"):  # a CUDA problem is only described, nothing runs
+        p = check_inputs(*tensors, inp["prefix_index"], None, None, True, prefix_mask=inp["prefix_mask"])
+        p = type(p)(**{**p.__dict__, "device": torch.device(device)})
+        assert p.has_prefix_mask
+        for name, backend in registry.IMPLEMENTATIONS.items():
+            for decode in (False, True):
+                check = backend.decode_reasons if decode else backend.train_reasons
+                if check is not None and name != "cuda":
+                    assert not any("mask" in r for r in check(p)), (name, decode, check(p))
+    with pytest.raises(NoBackendError) as info:  # on CPU tensors the CUDA kernels say why, not the mask
         shared_prefix_decode(*tensors, prefix_index=inp["prefix_index"], prefix_mask=inp["prefix_mask"],
                              backend="cuda")
+    assert "not CUDA tensors" in str(info.value) and "mask" not in str(info.value)
 
 
 @pytest.mark.parametrize("fuse_parts", [False, True], ids=["3launches", "fused"])

@@ -56,17 +56,21 @@ def implementation(name: str) -> Backend:
     return IMPLEMENTATIONS[name]
 
 
-def public_reasons(name: str, p: Problem, *, decode: bool) -> list:
-    """Why the public backend `name` cannot take this case: [] when one of its implementations
-    can, else every implementation's reasons (prefixed with its name when it has several)."""
-    impls = PUBLIC[name]
-    out = []
+def _first_that_can(name: str, p: Problem, decode: bool) -> tuple:
+    """(the first implementation of the public backend `name` that can take this case, []), or
+    (None, every implementation's reasons, prefixed with its name when it has several)."""
+    impls, reasons = PUBLIC[name], []
     for impl in impls:
-        reasons = IMPLEMENTATIONS[impl].reasons(p, decode=decode)
-        if not reasons:
-            return []
-        out += reasons if len(impls) == 1 else [f"{impl}: {r}" for r in reasons]
-    return out
+        why = IMPLEMENTATIONS[impl].reasons(p, decode=decode)
+        if not why:
+            return impl, []
+        reasons += why if len(impls) == 1 else [f"{impl}: {r}" for r in why]
+    return None, reasons
+
+
+def public_reasons(name: str, p: Problem, *, decode: bool) -> list:
+    """Why the public backend `name` cannot take this case: [] when one of its implementations can."""
+    return _first_that_can(name, p, decode)[1]
 
 
 def _auto_order(p: Problem, decode: bool) -> tuple[str, ...]:
@@ -100,10 +104,9 @@ def _choose(requested: str, p: Problem, decode: bool) -> str:
     candidates = _auto_order(p, decode) if requested == "auto" else (requested,)
     declined = []
     for name in candidates:
-        for impl in PUBLIC[name]:
-            if not IMPLEMENTATIONS[impl].reasons(p, decode=decode):
-                return impl
-        reasons = public_reasons(name, p, decode=decode)
+        impl, reasons = _first_that_can(name, p, decode)
+        if impl is not None:
+            return impl
         declined.append((name, reasons))
         if requested == "auto":
             log_once(f"prefix_kernels: backend {name!r} skipped: {'; '.join(reasons)}")

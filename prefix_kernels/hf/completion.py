@@ -81,6 +81,12 @@ def distinct_prompts(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor):
     return unique[:, :Lp].to(prompt_ids.dtype), unique[:, Lp:].bool(), index
 
 
+def first_rows(index: torch.Tensor, G: int) -> torch.Tensor:
+    """(G,) for each of the G distinct prompts that `index` names, one row that has it."""
+    rows = torch.empty(G, dtype=torch.long, device=index.device)
+    return rows.scatter_(0, index, torch.arange(index.numel(), device=index.device))
+
+
 def _why_not_shared(model, base, Lp: int, Lc: int) -> Optional[str]:
     """Why the shared-prompt path would not be exact for this model and these lengths (None: it is)."""
     if not uses_prefix_kernels(model):
@@ -188,9 +194,7 @@ def completion_logits(model: nn.Module, prompt_ids: torch.Tensor, completion_ids
     prompt_pos = None
     if position_ids is not None:
         position_ids = position_ids.to(device)
-        first = torch.empty(G, dtype=torch.long, device=device).scatter_(
-            0, prompt_index, torch.arange(B, device=device))  # one row per prompt
-        prompt_pos = position_ids[first, :Lp]
+        prompt_pos = position_ids[first_rows(prompt_index, G), :Lp]
         if not torch.equal(prompt_pos[prompt_index], position_ids[:, :Lp]):
             raise ValueError("position_ids: rows that share a prompt give it different positions; its states would "
                              "differ per completion, so it cannot be shared")

@@ -41,7 +41,7 @@ from transformers.cache_utils import DynamicCache
 from .._core.log import log_once
 from . import compat, delivery
 from .cache import PrefixCache
-from .completion import _why_not_shared, distinct_prompts
+from .completion import _why_not_shared, distinct_prompts, first_rows
 from .models import transformers_model, uses_prefix_kernels
 from .prompt import _returned_cache, checkpointing_off
 
@@ -189,18 +189,19 @@ def _plan(model, args, labels, shift_labels, kwargs) -> Optional[dict]:
     first = torch.where(has, first, start)  # a row with nothing scored: any boundary will do
     if start < 2:
         return None  # a prompt of one token leaves nothing to share
-    bounds = first.tolist()
-    same_width = len(set(bounds)) == 1
+    same_width = bool((first == first[0]).all())
     prompt_len = first - 1  # the shared part: the prompt but its last token, which runs with the completion
     P = int(prompt_len.max())
-    # left-pad each row's shared part to width P
-    cols = torch.arange(P, device=ids.device)[None] - (P - prompt_len)[:, None]  # source column, < 0 on padding
+    # each row's shared part left-padded to width P: its source columns, < 0 on that padding (also
+    # the stock positions of its tokens, where widths differ)
+    cols = torch.arange(P, device=ids.device)[None] - (P - prompt_len)[:, None]
     inside = cols >= 0
     src = cols.clamp(min=0)
     pids = torch.where(inside, ids.gather(1, src), torch.zeros_like(ids[:, :1]))
-    pmask = inside & mask.gather(1, src).bool()
-    if not same_width and not bool(mask.gather(1, src).bool()[inside].all()):
+    real = mask.gather(1, src).bool()
+    if not same_width and not bool(real[inside].all()):
         return None  # prompts of several widths with their own padding: positions would not be the stock ones
+    pmask = inside & real
     unique, umask, index = distinct_prompts(pids, pmask)
     G = unique.shape[0]
     if G == N:
@@ -213,41 +214,39 @@ def _plan(model, args, labels, shift_labels, kwargs) -> Optional[dict]:
     if why is not None:
         log_once(f"prefix_kernels: TRL log-probabilities run without sharing prompts: {why}")
         return None
-    return dict(first=first, P=P, same_width=same_width, unique=unique, umask=umask, index=index, G=G,
+    return dict(first=first, same_width=same_width, unique=unique, umask=umask, index=index, G=G, src=src,
                 saved=int(pmask.sum()) - int(umask.sum()))
 
 
-def _tail(x, first, width, fill):
-    """Each row's columns first - 1 .. first - 1 + width - 1, left-aligned, `fill` past the row's end."""
-    N, L = x.shape
-    cols = (first - 1)[:, None] + torch.arange(width, device=x.device)[None]
-    inside = cols < L
-    return torch.where(inside, x.gather(1, cols.clamp(max=L - 1)), torch.full_like(x[:, :1], fill)), cols, inside
+def _tail(x, cols, inside, fill):
+    """x at the columns `cols` of each row, `fill` where `inside` is False (past the row's end)."""
+    return torch.where(inside, x.gather(1, cols.clamp(max=x.shape[1] - 1)), torch.full_like(x[:, :1], fill))
 
 
 def _run_shared(model, fused, plan, labels, num_items_in_batch, kwargs):
     ids, mask = kwargs.pop("input_ids"), kwargs.pop("attention_mask")
     N, L = ids.shape
-    first, P = plan["first"], plan["P"]
+    first = plan["first"]
     base = transformers_model(model)
     delivery.install(base)
     cache_kwarg = compat.cache_kwarg(base)
     position = {}
     if not plan["same_width"]:  # each token at its column of the stock row
-        lengths = first - 1
-        position = {"position_ids": (torch.arange(P, device=ids.device)[None] - (P - lengths)[:, None]).clamp(min=0)}
-        position["position_ids"] = position["position_ids"][_first_rows(plan["index"], plan["G"])]
+        position = {"position_ids": plan["src"][first_rows(plan["index"], plan["G"])]}
     with checkpointing_off(base):
         out = base.get_decoder()(input_ids=plan["unique"], attention_mask=plan["umask"].long(), use_cache=True,
                                  return_dict=True, **position, **{cache_kwarg: DynamicCache()})
     prefix = PrefixCache.from_cache(_returned_cache(out), prefix_index=plan["index"], prefix_mask=plan["umask"])
     del out
 
+    # each row's last prompt token and completion: columns first - 1 onwards, left-aligned
     width = L - int(first.min()) + 1
-    tail_ids, cols, inside = _tail(ids, first, width, 0)
-    tail_labels = _tail(labels, first, width, -100)[0].clone()
+    cols = (first - 1)[:, None] + torch.arange(width, device=ids.device)[None]
+    inside = cols < L
+    tail_ids = _tail(ids, cols, inside, 0)
+    tail_labels = _tail(labels, cols, inside, -100)
     tail_labels[:, 0] = -100
-    tail_mask = _tail(mask, first, width, 0)[0]
+    tail_mask = _tail(mask, cols, inside, 0)
     tail_kwargs = dict(kwargs)
     if not plan["same_width"]:
         tail_kwargs["position_ids"] = cols.clamp(max=L - 1)
@@ -257,12 +256,6 @@ def _run_shared(model, fused, plan, labels, num_items_in_batch, kwargs):
                    **{cache_kwarg: prefix}, **tail_kwargs)
     _count(N, plan)
     return _scatter_back(result, cols, inside, labels, num_items_in_batch, L)
-
-
-def _first_rows(index, G):
-    """For each of the G distinct prompts, one row that has it."""
-    rows = torch.empty(G, dtype=torch.long, device=index.device)
-    return rows.scatter_(0, index, torch.arange(index.numel(), device=index.device))
 
 
 def _scatter_back(result, cols, inside, labels, num_items_in_batch, L):

@@ -90,19 +90,24 @@ def _rows_per_head(x):
     return x.transpose(1, 2).reshape(n * L, H, X).transpose(0, 1)
 
 
+def _key_bias(prefix_mask, g, dtype=torch.float32):
+    """(P,) additive bias (0 or -inf) of prefix g's keys, or None without a mask."""
+    if prefix_mask is None:
+        return None
+    return torch.zeros(prefix_mask.shape[1], dtype=dtype, device=prefix_mask.device).masked_fill(
+        ~prefix_mask[g], float("-inf"))
+
+
 def _prefix_bias(prefix_mask, g, dtype):
-    """(1, 1, 1, P) additive bias (0 or -inf) of prefix g's mask, or None without a mask."""
-    if prefix_mask is None:
-        return None
-    return torch.zeros((), dtype=dtype, device=prefix_mask.device).masked_fill(~prefix_mask[g], float("-inf"))[
-        None, None, None]
+    """_key_bias as the fused kernel's (1, 1, 1, P) attn_mask, in the inputs' dtype."""
+    bias = _key_bias(prefix_mask, g, dtype)
+    return None if bias is None else bias[None, None, None]
 
 
-def _key_bias(prefix_mask, g):
-    """(P,) float32 bias (0 or -inf) of prefix g's keys, or None without a mask."""
-    if prefix_mask is None:
-        return None
-    return torch.zeros(prefix_mask.shape[1], device=prefix_mask.device).masked_fill(~prefix_mask[g], float("-inf"))
+def _a_prefix_fully_masked(prefix_mask, P: int) -> bool:
+    """Whether some prefix has every key masked: the fused path relies on every row seeing a
+    prefix key (P > 0), so such a call goes to the explicit path. One device sync."""
+    return prefix_mask is not None and P > 0 and not bool(prefix_mask.any(-1).all())
 
 
 def forward(q, k, v, prefix_k, prefix_v, prefix_index, kv_mask, causal, scale, prefix_mask=None):
@@ -110,7 +115,7 @@ def forward(q, k, v, prefix_k, prefix_v, prefix_index, kv_mask, causal, scale, p
     recompute it (see _finite above), or where some prefix has every key masked (the merge
     below relies on every row seeing a prefix key)."""
     fwd, _ = _cpu_flash()
-    if prefix_mask is not None and prefix_k.shape[2] > 0 and not bool(prefix_mask.any(-1).all()):
+    if _a_prefix_fully_masked(prefix_mask, prefix_k.shape[2]):
         return None
     B, Hq, Lq, D = q.shape
     G, Hkv, P, _ = prefix_k.shape
@@ -224,7 +229,7 @@ def backward(dout, q, k, v, prefix_k, prefix_v, prefix_index, kv_mask, causal, s
     where a non-finite dv shows that the explicit path must recompute them (see _finite), or
     where some prefix has every key masked (as the forward)."""
     _, bwd = _cpu_flash()
-    if prefix_mask is not None and prefix_k.shape[2] > 0 and not bool(prefix_mask.any(-1).all()):
+    if _a_prefix_fully_masked(prefix_mask, prefix_k.shape[2]):
         return None
     B, Hq, Lq, D = q.shape
     G, Hkv, P, _ = prefix_k.shape
