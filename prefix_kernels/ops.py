@@ -10,6 +10,10 @@ runs. `prefix_mask` (G, P) bool, optional, comes last so that the positional for
 arguments stays as it was. `check_index`: whether the op checks prefix_index's values itself. The public functions
 check them once before the call in eager mode and pass False; under torch.compile they cannot
 see values, pass True, and the op checks where it runs.
+
+A backend's forward or backward may return None where its kernels cannot give a call's values
+right (the composed backend: a gradient through lse; non-finite values on a CPU); the op then
+runs the explicit split path (registry.FALLBACK), which takes every case.
 """
 
 from __future__ import annotations
@@ -30,9 +34,12 @@ def _forward(kind, q, k, v, prefix_k, prefix_v, prefix_index, kv_mask, causal, s
     passed as a keyword only when there is one, so a backend that takes none never sees it."""
     if check_index and prefix_index is not None:
         check_index_range(prefix_index, prefix_k.shape[0])
-    forward = registry.implementation(backend).function(kind)
     masked = {} if prefix_mask is None else {"prefix_mask": prefix_mask}
-    return forward(q, k, v, prefix_k, prefix_v, prefix_index, kv_mask, causal, scale, **masked)
+    args = (q, k, v, prefix_k, prefix_v, prefix_index, kv_mask, causal, scale)
+    result = registry.implementation(backend).function(kind)(*args, **masked)
+    if result is None:  # the backend's kernels cannot give this call's values right: see registry.FALLBACK
+        result = registry.implementation(registry.FALLBACK).function(kind)(*args, **masked)
+    return result
 
 
 @torch.library.custom_op("prefix_kernels::fwd", mutates_args=(), device_types=None)
@@ -59,9 +66,12 @@ def bwd(
     prefix_index: Optional[Tensor], kv_mask: Optional[Tensor], out: Tensor, lse: Tensor,
     causal: bool, scale: float, backend: str, prefix_mask: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    backward = registry.implementation(backend).function("backward")
-    dq, dk, dv, dpk, dpv = backward(dout, dlse, q, k, v, prefix_k, prefix_v, prefix_index, kv_mask, causal, scale,
-                                    out, lse, **({} if prefix_mask is None else {"prefix_mask": prefix_mask}))
+    args = (dout, dlse, q, k, v, prefix_k, prefix_v, prefix_index, kv_mask, causal, scale, out, lse)
+    masked = {} if prefix_mask is None else {"prefix_mask": prefix_mask}
+    grads = registry.implementation(backend).function("backward")(*args, **masked)
+    if grads is None:  # as in _forward
+        grads = registry.implementation(registry.FALLBACK).function("backward")(*args, **masked)
+    dq, dk, dv, dpk, dpv = grads
     return in_bhld(dq), in_bhld(dk), in_bhld(dv), dpk.contiguous(), dpv.contiguous()
 
 

@@ -119,7 +119,7 @@ def test_layers():
 def test_backends_import_no_other_backend():
     """Each backend folder stands alone; only the registry (and decode_choice's user) sees them all."""
     graph = import_graph()
-    names = ("triton", "cpu_kernel", "torch_split", "cuda", "reference")
+    names = ("triton", "composed", "cpu_kernel", "torch_split", "cuda", "reference")
     wrong = []
     for module, targets in graph.items():
         for own in names:

@@ -207,9 +207,9 @@ def test_torch_backend_prefix_backward_in_chunks(case, monkeypatch):
     """The CPU path's prefix backward bounds its scores' memory by taking query rows in chunks;
     a budget of 2 * Hq * P score elements leaves two query rows to a chunk. (Cases without lse:
     a gradient through lse takes the explicit path.)"""
-    from prefix_kernels.backends.torch_split import aten_cpu
+    from prefix_kernels.backends.vendor import kernels
 
-    monkeypatch.setattr(aten_cpu, "_PREFIX_BWD_SCORES", 2 * case["Hkv"] * case["ratio"] * case["P"])
+    monkeypatch.setattr(kernels, "PREFIX_BWD_SCORES", 2 * case["Hkv"] * case["ratio"] * case["P"])
     monkeypatch.setenv("PREFIX_KERNELS_DISABLE_CPU_KERNEL", "1")  # float32 would take the one-pass kernel
     run_case(case, "torch", "cpu")
 

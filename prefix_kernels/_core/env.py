@@ -11,6 +11,7 @@ import os
 BACKEND = "PREFIX_KERNELS_BACKEND"
 DISABLE_CUDA = "PREFIX_KERNELS_DISABLE_CUDA"
 DISABLE_CPU_KERNEL = "PREFIX_KERNELS_DISABLE_CPU_KERNEL"
+COMPOSED_KERNELS = "PREFIX_KERNELS_COMPOSED_KERNELS"
 CACHE = "PREFIX_KERNELS_CACHE"
 VERBOSE_BUILD = "PREFIX_KERNELS_VERBOSE_BUILD"
 COMMIT = "PREFIX_KERNELS_COMMIT"
@@ -23,6 +24,7 @@ DESCRIPTIONS = {
     BACKEND: "overrides backend='auto'",
     DISABLE_CUDA: "CUDA decode backend off when not '' or '0'",
     DISABLE_CPU_KERNEL: "float32 CPU kernel off when not '' or '0'",
+    COMPOSED_KERNELS: "composed backend: vendor kernels to try, comma separated, best first",
     CACHE: "build cache folder",
     VERBOSE_BUILD: "compiler commands shown",
     COMMIT: "benchmarks: commit written into rows",

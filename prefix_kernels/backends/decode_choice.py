@@ -32,22 +32,30 @@ def load_table(path: Path = TABLE) -> dict:
         return {}
 
 
-def nearest_faster(entries: list, dtype: str, D=None, B=None, P=None, T=None, Lq=None) -> str | None:
+def nearest_faster(entries: list, dtype: str, D=None, B=None, P=None, T=None, Lq=None, *,
+                   choices=CHOICES) -> str | None:
     """The measured winner of the entry nearest to this shape, or None without entries.
 
     Entries of the same dtype (and head dim, when given) are preferred. Sizes given as None do
     not count; with none at all, the backend that won most of the candidates is returned."""
+    return nearest(entries, dtype, D, {"B": B, "P": P, "T": T, "Lq": Lq}, choices)
+
+
+def nearest(entries: list, dtype: str, D, sizes: dict, choices) -> str | None:
+    """nearest_faster for any table: `sizes` maps an entry's size fields to this call's values
+    (None: not known); distance is the sum of |log2(entry + 1) - log2(value + 1)|. Shared by the
+    decode and training tables (train_choice.py)."""
     if not entries:
         return None
     pool = [e for e in entries if e["dtype"] == dtype] or entries
     pool = [e for e in pool if e["D"] == D] or pool
-    sizes = [(k, v) for k, v in (("B", B), ("P", P), ("T", T), ("Lq", Lq)) if v is not None]
-    if not sizes:
+    known = [(k, v) for k, v in sizes.items() if v is not None]
+    if not known:
         wins = [e["faster"] for e in pool]
-        return max(CHOICES, key=wins.count)
+        return max(choices, key=wins.count)
 
     def distance(e):
-        return sum(abs(math.log2(e[k] + 1) - math.log2(v + 1)) for k, v in sizes)
+        return sum(abs(math.log2(e[k] + 1) - math.log2(v + 1)) for k, v in known)
 
     return min(pool, key=distance)["faster"]
 

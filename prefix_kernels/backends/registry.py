@@ -4,18 +4,21 @@ Backends (each declared beside its code, in backends/<name>/):
 
     public name   implementations, in order   paths
     "triton"      triton                      training, decode
+    "composed"    composed                    training (vendor kernels, two parts merged by lse)
     "torch"       cpu_kernel, torch_split     training, decode (cpu_kernel: float32 CPU only)
     "cuda"        cuda                        decode
     "reference"   reference                   training, decode (materialises the prefix; tests)
 
 A public name takes the first of its implementations that has no reason to decline. "auto" tries
-public names in order: training, triton then torch on CUDA tensors, torch on CPU tensors;
+public names in order: training, on CUDA tensors whichever of composed and triton the benchmark
+measured faster for the nearest shape on this GPU (train_choice.py; composed before any
+measurement), the other, then torch; on CPU tensors, torch;
 decode, on CUDA, whichever of cuda and triton the benchmark measured faster for the nearest
 shape on this GPU (decode_choice.py), the other, then torch; on CPU, torch. A public backend that
 declines under "auto" is skipped with its reasons logged once; a backend asked for by name that
 declines raises NoBackendError listing its reasons, as does a case no backend can take.
-PREFIX_KERNELS_BACKEND overrides "auto" (a name only the decode path has, "cuda", leaves the
-training op on auto).
+PREFIX_KERNELS_BACKEND overrides "auto" (a name only one path has, "cuda" for decode and
+"composed" for training, leaves the other path on auto).
 
 `plan` makes the choice once per kind of call (the problem's sizes, dtype and device, the path,
 the request and the variables that change it), so that every layer of a model and every step
@@ -33,19 +36,24 @@ import torch
 from .._core import env
 from .._core.log import log_once
 from .._core.problem import Problem
-from . import cpu_kernel, cuda, decode_choice, reference, torch_split, triton
+from . import composed, cpu_kernel, cuda, decode_choice, reference, torch_split, train_choice, triton
 from .base import Backend
 
 IMPLEMENTATIONS: dict[str, Backend] = {
-    b.name: b for b in (triton.BACKEND, cpu_kernel.BACKEND, torch_split.BACKEND, cuda.BACKEND, reference.BACKEND)
+    b.name: b for b in (triton.BACKEND, composed.BACKEND, cpu_kernel.BACKEND, torch_split.BACKEND, cuda.BACKEND,
+                        reference.BACKEND)
 }
 PUBLIC: dict[str, tuple[str, ...]] = {}
 for _b in IMPLEMENTATIONS.values():
     PUBLIC.setdefault(_b.public, ())
     PUBLIC[_b.public] += (_b.name,)
 
-BACKENDS = ("triton", "torch", "reference")  # the training op's public names
-DECODE_BACKENDS = ("cuda", "triton", "torch", "reference")  # the decode path's (a superset)
+BACKENDS = ("triton", "composed", "torch", "reference")  # the training op's public names
+DECODE_BACKENDS = ("cuda", "triton", "torch", "reference")  # the decode path's
+NAMES = BACKENDS + ("cuda",)  # every public name
+# What runs a call whose planned backend returned None (ops.py): the explicit split path, which
+# takes every case.
+FALLBACK = torch_split.NAME
 
 
 class NoBackendError(ValueError):
@@ -77,7 +85,9 @@ def _auto_order(p: Problem, decode: bool) -> tuple[str, ...]:
     if p.device.type != "cuda":
         return ("torch",)
     if not decode:
-        return ("triton", "torch")
+        first = train_choice.faster_train_backend(str(p.device), str(p.dtype).replace("torch.", ""), p.D, p.B, p.Lq,
+                                                  p.P)
+        return ("composed", "triton", "torch") if first == "composed" else ("triton", "composed", "torch")
     first = decode_choice.faster_decode_backend(str(p.device), str(p.dtype).replace("torch.", ""),
                                                 p.D, p.B, p.P, p.Lk, p.Lq)
     return ("cuda", "triton", "torch") if first == "cuda" else ("triton", "cuda", "torch")
@@ -89,8 +99,8 @@ def _requested(requested, decode: bool) -> str:
         raise TypeError(f"backend must be a str, one of 'auto', {', '.join(map(repr, names))}; got {requested!r}")
     forced = os.environ.get(env.BACKEND)
     if requested == "auto" and forced:
-        if forced not in DECODE_BACKENDS:
-            raise ValueError(f"{env.BACKEND} must be unset or one of {', '.join(map(repr, DECODE_BACKENDS))}; "
+        if forced not in NAMES:
+            raise ValueError(f"{env.BACKEND} must be unset or one of {', '.join(map(repr, NAMES))}; "
                              f"got {forced!r}")
         if forced in names:
             requested = forced

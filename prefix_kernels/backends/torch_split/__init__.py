@@ -26,8 +26,7 @@ FUSED_CPU = True
 def forward(q, k, v, prefix_k, prefix_v, prefix_index, kv_mask, causal: bool, scale: float, prefix_mask=None):
     """Returns out (B, Hq, Lq, D) in q's dtype and the natural-log lse (B, Hq, Lq) in float32."""
     if FUSED_CPU and q.device.type == "cpu":
-        fused = aten_cpu.forward(*map(aten_cpu.unit_last, (q, k, v, prefix_k, prefix_v)), prefix_index, kv_mask,
-                                 causal, scale, prefix_mask)
+        fused = aten_cpu.forward(q, k, v, prefix_k, prefix_v, prefix_index, kv_mask, causal, scale, prefix_mask)
         if fused is not None:
             return fused
     return explicit.forward(q, k, v, prefix_k, prefix_v, prefix_index, kv_mask, causal, scale, prefix_mask)
@@ -38,7 +37,6 @@ def backward(dout, dlse, q, k, v, prefix_k, prefix_v, prefix_index, kv_mask, cau
     """Gradients (dq, dk, dv, dprefix_k, dprefix_v) of forward, each in its input's dtype. A
     gradient through lse (dlse) takes the explicit path, which handles it."""
     if FUSED_CPU and dlse is None and q.device.type == "cpu":
-        dout, q, k, v, prefix_k, prefix_v, out = map(aten_cpu.unit_last, (dout, q, k, v, prefix_k, prefix_v, out))
         fused = aten_cpu.backward(dout, q, k, v, prefix_k, prefix_v, prefix_index, kv_mask, causal, scale, out, lse,
                                   prefix_mask)
         if fused is not None:
