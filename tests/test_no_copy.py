@@ -180,6 +180,15 @@ def test_torch_backend_makes_no_prefix_copy(G, lse):
     _assert_no_copies(rec, "torch")
 
 
+@pytest.mark.parametrize("prefix_padding", [None, "left"])
+@pytest.mark.parametrize("G", [1, 2])
+def test_composed_backend_makes_no_prefix_copy(G, prefix_padding):
+    """The composition folds each prefix's requests into one query: its forward and backward
+    (ATen's CPU flash kernel here; on CUDA the same code with vendor kernels) copy no prefix."""
+    rec = run_recorded("composed", "cpu", G, prefix_padding=prefix_padding)
+    _assert_no_copies(rec, "composed")
+
+
 @pytest.mark.parametrize("G", [1, 2])
 def test_triton_backend_makes_no_prefix_copy(G, triton_device):
     rec = run_recorded("triton", triton_device, G)

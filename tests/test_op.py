@@ -559,11 +559,12 @@ def test_triton_random_shapes(c, triton_device):
     _run_random(c, "triton", triton_device)
 
 
-# GPU fuzzing (skipped without CUDA): more draws, longer rows, bf16, up to 16 query heads. Both
-# backends, since on CUDA the torch backend is the explicit fallback path.
+# GPU fuzzing (skipped without CUDA): more draws, longer rows, bf16, up to 16 query heads. Every
+# training backend: on CUDA the torch backend is the explicit fallback path, and composed the
+# vendor-kernel one.
 @pytest.mark.gpu
-@pytest.mark.parametrize("backend", ["triton", "torch"])
-@settings(max_examples=gpu_examples(200), **_HYP)  # x 2 backends; each new constexpr set costs a triton compile
+@pytest.mark.parametrize("backend", ["triton", "composed", "torch"])
+@settings(max_examples=gpu_examples(200), **_HYP)  # x 3 backends; each new constexpr set costs a triton compile
 @given(c=random_case(max_L=300, max_P=300, dims=[16, 24, 40, 64, 72, 96, 112, 128, 256],
                      dtypes=[FP32, FP16, BF16], max_heads=16))
 def test_gpu_random_shapes(backend, c):

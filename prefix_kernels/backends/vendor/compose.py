@@ -205,16 +205,18 @@ def _own_forward(q, k, v, kv_mask, causal, scale):
 
 
 def _prefix_forward(q, pk, pv, bias, visible, scale, kernel):
-    """(out (n, Hq, Lq, D), lse (n, Hq, Lq), raw lse) of q's rows against one prefix (1, Hkv, P, D)."""
+    """(out (n, Hq, Lq, D), lse (n, Hq, Lq), the kernel's lse where it saw a key: what `checked`
+    checks) of q's rows against one prefix (1, Hkv, P, D)."""
     n, Hq = q.shape[:2]
     group = Hq // pk.shape[1] if not kernel.native_gqa else 1
     out, raw = kernel.forward(fold(q), _repeat_heads(pk, group), _repeat_heads(pv, group), causal=False,
                               bias=bias, scale=scale)
-    lse = raw
+    lse = checkable = raw
     if visible is not None:  # a prefix with every key masked: its rows see nothing of it
         out = torch.where(visible, out, 0.0)
         lse = torch.where(visible, raw, float("-inf"))
-    return unfold(out, n), _unfold_lse(lse, n), raw
+        checkable = torch.where(visible, raw, 0.0)  # what the kernel said of a prefix it could see
+    return unfold(out, n), _unfold_lse(lse, n), checkable
 
 
 def merge(q, out_p, lse_p, out_r, lse_r):
