@@ -662,3 +662,16 @@ def test_compile_survives_another_model_dying_meanwhile():
         gc.enable()
     want = pm(input_ids=ids, attention_mask=mask, labels=labels).loss
     torch.testing.assert_close(loss, want, rtol=1e-6, atol=0)
+
+
+def test_mask_builder_drops_a_mask_without_padding():
+    """A padding mask of ones is no mask: kernels take their unmasked path (the composed
+    backend's flash kernels take no mask at all); real padding is kept."""
+    from prefix_kernels.hf.attention import mask_forward
+
+    ones = torch.ones(2, 6, dtype=torch.long)
+    assert mask_forward(batch_size=2, kv_length=6, attention_mask=ones) is None
+    padded = ones.clone()
+    padded[1, :2] = 0
+    assert torch.equal(mask_forward(batch_size=2, kv_length=6, attention_mask=padded), padded)
+    assert mask_forward(batch_size=2, kv_length=8, attention_mask=ones)[:, 6:].eq(0).all()  # padded with False

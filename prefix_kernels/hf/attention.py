@@ -52,7 +52,7 @@ def _mask_interface_fns():
 
 
 def mask_forward(*, batch_size, kv_length, mask_function=None, attention_mask=None, **kwargs):
-    """Mask builder: (B, kv_length) bool padding mask or None when the mask is causal + padding;
+    """Mask builder: (B, kv_length) bool padding mask (None without padding) when the mask is causal + padding;
     otherwise transformers' own 4-D bool mask (B, 1, q, kv), which sends attention to the fallback."""
     sdpa_mask, causal = _mask_interface_fns()
     if mask_function is None or mask_function is causal or _same_as_causal(
@@ -64,7 +64,13 @@ def mask_forward(*, batch_size, kv_length, mask_function=None, attention_mask=No
             # As transformers' prepare_padding_mask: a mask shorter than the keys is padded with
             # False at the end (stock PEFT prompt tuning's generate() makes such masks).
             attention_mask = torch.nn.functional.pad(attention_mask, (0, kv_length - attention_mask.shape[-1]))
-        return attention_mask[:, attention_mask.shape[-1] - kv_length:]
+        mask = attention_mask[:, attention_mask.shape[-1] - kv_length:]
+        # No padding at all: no mask, so that kernels take their unmasked path (the composed
+        # backend's flash kernels take no mask). One device sync per forward, not per layer, as
+        # transformers' own sdpa mask does; under torch.compile the mask is kept.
+        if not torch.compiler.is_compiling() and bool(mask.all()):
+            return None
+        return mask
     kwargs.update(allow_is_causal_skip=False, allow_is_bidirectional_skip=False)
     return sdpa_mask(batch_size=batch_size, kv_length=kv_length, mask_function=mask_function,
                      attention_mask=attention_mask, **kwargs)
