@@ -347,3 +347,35 @@ def test_composed_each_cuda_kernel(monkeypatch, kernels, dtype):
                           prefix_padding="left" if G > 1 else None)
         assert_close_to_reference(inp, causal=True, return_lse=False, backend="composed",
                                   desc=f"composed[{kernels}]:{padding}:G{G}")
+
+
+# ---- the measured training table (benchmarks/train_choice.py) -------------------------------
+
+
+def _train_script():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "train_choice.py"
+    spec = importlib.util.spec_from_file_location("train_choice_script", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _attention_row(provider, ms, P=128, G=1, kv_mask=False, mode="fwd_bwd", status="ok"):
+    return dict(workload="attention", mode=mode, provider=provider, status=status, median_ms=ms, device="GPU X",
+                dtype="bfloat16", shape=dict(B=16, Hq=32, Hkv=8, L=1024, P=P, D=128, G=G, kv_mask=kv_mask))
+
+
+def test_train_table_keeps_the_faster_where_both_ran():
+    rows = [_attention_row("prefix_kernels_composed", 2.0), _attention_row("prefix_kernels_triton", 3.0),
+            _attention_row("prefix_kernels_composed", 2.0, P=16), _attention_row("prefix_kernels_triton", 1.0, P=16),
+            _attention_row("prefix_kernels_triton", 1.0, P=1024),  # composed missing: no entry
+            _attention_row("prefix_kernels_composed", 0.1, P=16, G=3), _attention_row("prefix_kernels_triton", 9.0,
+                                                                                       P=16, G=3),  # G > 1: not here
+            _attention_row("prefix_kernels_composed", 0.1, mode="fwd"), _attention_row("sdpa_copied", 0.1)]
+    table = _train_script().build_table(rows)
+    assert table == {"GPU X": [
+        dict(dtype="bfloat16", D=128, B=16, L=1024, P=16, faster="triton", composed_ms=2.0, triton_ms=1.0),
+        dict(dtype="bfloat16", D=128, B=16, L=1024, P=128, faster="composed", composed_ms=2.0, triton_ms=3.0)]}

@@ -12,7 +12,7 @@ import prefix_kernels
 from .. import jit
 from .._core import env
 from .._core.problem import Problem
-from ..backends import decode_choice, registry
+from ..backends import decode_choice, registry, train_choice
 from ..backends import cpu_kernel
 from ..backends.cuda import build as cuda_build
 from . import demo, demo_grpo, verify
@@ -123,6 +123,10 @@ def _info(args) -> int:
     rows.append(("decode auto order", (
         f"measured on {', '.join(sorted(measured))} ({sum(map(len, measured.values()))} shapes, {decode_choice.TABLE.name})"
         if measured else "nothing measured yet: cuda, then triton (python benchmarks/decode_choice.py)")))
+    trained = train_choice.load_table()
+    rows.append(("train auto order (CUDA)", (
+        f"measured on {', '.join(sorted(trained))} ({sum(map(len, trained.values()))} shapes, {train_choice.TABLE.name})"
+        if trained else "nothing measured yet: composed, then triton (python benchmarks/train_choice.py)")))
     rows += _environment_rows()
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
