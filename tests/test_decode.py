@@ -611,3 +611,47 @@ def test_gpu_decode_split_extremes(B, P, T):
     large enough that each part runs without splits."""
     inp = make_inputs(B, 32, 8, 1, T, P, 128, 3, FP16, "cuda", padding="left", requires_grad=False)
     assert_decode_close(inp, backend="triton", desc=f"gpu:B{B}-P{P}-T{T}")
+
+
+# ---- a decode step inside a CUDA graph -------------------------------------------------------
+
+
+def test_index_check_makes_no_host_sync_while_capturing(monkeypatch):
+    """While a CUDA graph is being captured a host sync is an error: the range check of
+    prefix_index becomes a device-side assert (simulated here on CPU tensors, where the assert
+    fires at once)."""
+    from prefix_kernels._core import problem
+
+    monkeypatch.setattr(problem, "capturing", lambda x: True)
+    monkeypatch.setattr(torch.Tensor, "__int__", lambda self: pytest.fail("host sync while capturing"))
+    problem.check_index_range(torch.tensor([0, 2, 1]), 3)
+    with pytest.raises(RuntimeError, match=r"prefix_index values must be in \[0, G\) = \[0, 2\)"):
+        problem.check_index_range(torch.tensor([0, 2, 1]), 2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_decode_step_replays_in_a_cuda_graph(backend):
+    """A decode step (two prefixes, padding, a prefix_mask) captured once and replayed with new
+    queries gives the eager result: no host sync, no allocation outside the graph's pool."""
+    if backend == "cuda" and registry.public_reasons("cuda", Problem(4, 8, 2, 1, 64, 128, 2, 96, torch.bfloat16,
+                                                                     torch.device("cuda"), True), decode=True):
+        pytest.skip("the CUDA decode extension cannot run here")
+    torch.manual_seed(0)
+    inp = make_inputs(4, 8, 2, 1, 64, 96, 128, 2, torch.bfloat16, "cuda", padding="left", requires_grad=False,
+                      prefix_padding="right")
+    args = (inp["q"], inp["k"], inp["v"], inp["prefix_k"], inp["prefix_v"])
+    kw = dict(prefix_index=inp["prefix_index"], kv_mask=inp["kv_mask"], prefix_mask=inp["prefix_mask"],
+              backend=backend)
+    static_q = inp["q"].clone()
+    for _ in range(2):  # warm: builds, compiles and plans outside the capture
+        shared_prefix_decode(static_q, *args[1:], **kw)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = shared_prefix_decode(static_q, *args[1:], **kw)
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        static_q.copy_(torch.randn_like(static_q))
+        graph.replay()
+        torch.testing.assert_close(static_out, shared_prefix_decode(static_q, *args[1:], **kw), rtol=0, atol=0)

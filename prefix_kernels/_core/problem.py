@@ -43,12 +43,24 @@ class Problem:
 
 def check_index_range(prefix_index: torch.Tensor, G: int) -> None:
     """Raise if a value lies outside [0, G): a kernel would read another tensor's memory.
-    One device sync on a GPU; callers that check once per forward pass index_checked=True on."""
+    One device sync on a GPU; callers that check once per forward pass index_checked=True on.
+    During a CUDA graph capture, a device-side assert instead (no sync)."""
     if prefix_index.device.type == "meta" or torch.compiler.is_compiling():
         return  # values unknown while tracing; the custom ops check them when they run
+    if capturing(prefix_index):
+        # Inside a CUDA graph capture a host sync is an error: the check is made on the device,
+        # and a bad value fails the replay with a device-side assert instead of reading memory.
+        torch._assert_async(((prefix_index >= 0) & (prefix_index < G)).all(),
+                            f"prefix_index values must be in [0, G) = [0, {G})")
+        return
     lo, hi = int(prefix_index.min()), int(prefix_index.max())
     if lo < 0 or hi >= G:
         raise ValueError(f"prefix_index values must be in [0, G) = [0, {G}), got range [{lo}, {hi}]")
+
+
+def capturing(x: torch.Tensor) -> bool:
+    """Whether x's CUDA stream is capturing a CUDA graph (no host sync may happen)."""
+    return x.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
 def check_prefix_index(prefix_index, B: int, G: int, device: torch.device, *, values: bool = True) -> None:
