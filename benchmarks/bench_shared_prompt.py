@@ -70,9 +70,7 @@ import argparse
 import contextlib
 import gc
 import re
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -80,6 +78,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from rows import Progress, environment, positive_int  # noqa: E402
+from timing import alternated, quantiles  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "shared_prompt.jsonl"
 PROVIDERS = ("stock_sdpa", "prefix_grouper", "prefix_kernels")
@@ -343,44 +342,7 @@ def quiet():
 # ---------------------------------------------------------------- timing
 
 
-def alternated(steps: dict, device, rounds: int, warmup: int) -> tuple[dict, dict, dict]:
-    """Time each provider's step `rounds` times after `warmup` untimed rounds, alternating the
-    providers step by step (round i starts with provider i mod n). Returns per provider the
-    sorted ms, the peak memory (MiB, GPU only: max over the timed steps of the step's peak
-    above what was allocated before it) and the exception that stopped it, if any."""
-    cuda = device.type == "cuda"
-    times = {p: [] for p in steps}
-    peaks = {p: None for p in steps}
-    failed = {}
-    names = list(steps)
-    for i in range(warmup + rounds):
-        order = names[i % len(names):] + names[:i % len(names)]
-        for p in order:
-            if p in failed:
-                continue
-            try:
-                if cuda:
-                    torch.cuda.synchronize(device)
-                    torch.cuda.reset_peak_memory_stats(device)
-                    base = torch.cuda.memory_allocated(device)
-                t0 = time.perf_counter()
-                steps[p]()
-                if cuda:
-                    torch.cuda.synchronize(device)
-                ms = (time.perf_counter() - t0) * 1e3
-            except Exception as exc:  # reported in the row, not dropped
-                failed[p] = exc
-                continue
-            if i >= warmup:
-                times[p].append(ms)
-                if cuda:
-                    peak = (torch.cuda.max_memory_allocated(device) - base) / 2**20
-                    peaks[p] = peak if peaks[p] is None else max(peaks[p], peak)
-    return {p: sorted(t) for p, t in times.items()}, peaks, failed
-
-
-def quantiles(times: list) -> tuple[float, float, float]:
-    return statistics.median(times), times[len(times) // 5], times[(4 * len(times)) // 5]
+# alternated and quantiles: timing.py (shared with bench_train_step.py)
 
 
 # ---------------------------------------------------------------- the run

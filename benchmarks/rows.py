@@ -76,6 +76,30 @@ def environment(device: torch.device, smoke: bool = False) -> dict:
     }
 
 
+# Datasheet HBM bandwidth in GB/s (1e9 bytes/s), keyed by a substring of torch.cuda.get_device_name,
+# the first that matches: NVIDIA's datasheets. The H100 SXM reports itself as "NVIDIA H100 80GB
+# HBM3"; the PCIe and NVL cards have other names and other figures, and are left out until a row
+# needs them (their rows say so) rather than matched to the SXM's figure.
+DATASHEET_HBM_GBPS = (
+    ("H200", 4800.0, "NVIDIA H200 (SXM and NVL) datasheet: 4.8 TB/s"),
+    ("H100 80GB HBM3", 3350.0, "NVIDIA H100 SXM datasheet: 3.35 TB/s"),
+    ("H100 SXM", 3350.0, "NVIDIA H100 SXM datasheet: 3.35 TB/s"),
+)
+
+
+def datasheet_hbm(device: torch.device) -> dict:
+    """hbm_datasheet_gbps (null where unknown), hbm_datasheet (the GPU and the figure's source)
+    and, when null, hbm_datasheet_reason: the row fields beside a measured copy rate."""
+    if device.type != "cuda":
+        return dict(hbm_datasheet_gbps=None, hbm_datasheet=None, hbm_datasheet_reason="no GPU: a CPU run")
+    name = torch.cuda.get_device_name(device)
+    for key, gbps, source in DATASHEET_HBM_GBPS:
+        if key in name:
+            return dict(hbm_datasheet_gbps=gbps, hbm_datasheet=f"{name}: {source}")
+    return dict(hbm_datasheet_gbps=None, hbm_datasheet=None,
+                hbm_datasheet_reason=f"{name!r} is not in rows.DATASHEET_HBM_GBPS: add its datasheet HBM bandwidth")
+
+
 def _identity(row: dict) -> tuple:
     # rows written before "smoke" existed were all measured ones: a missing field reads as False
     return tuple(json.dumps(row.get(f, False if f == "smoke" else None), sort_keys=True) for f in IDENTITY)
