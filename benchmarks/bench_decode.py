@@ -12,25 +12,42 @@ Providers (each reported as skipped with its reason when it cannot run):
   sdpa_expanded          SDPA over caches that already hold each request's copy of the prefix
                          (B, Hkv, P + T, D), built outside the timed region: a plain KV cache
                          without prefix sharing
-  flex                   FlexAttention twice, merged by log-sum-exp: the prefix as K/V of batch 1
-                         broadcast over the requests, then the own caches
+                         (the SDPA backend chosen once and pinned: sdpa.py; sdpa_backend in the row)
+  flex                   FlexAttention twice, merged by log-sum-exp, the whole step (both calls and
+                         the merge) compiled as one: the prefix as K/V of batch 1 broadcast over the
+                         requests, then the own caches; compiled before the timing under its own
+                         time limit (--compile-cap-s), its seconds in the row (compile_s)
   flashinfer_cascade     FlashInfer's MultiLevelCascadeAttentionWrapper, two levels (shared prefix
-                         pages, then each request's pages), paged cache built outside the timing
+                         pages, then each request's pages), paged cache built outside the timing.
+                         Without FlashInfer its rows say skipped with the ImportError, and the run
+                         prints a warning first (a missing baseline is not a quiet gap)
 
 Shapes from the decode issue: B in {8, 64, 256}, P in {1024, 4096, 16384}, T = 256, Lq = 1,
 Hq = 32, Hkv = 8, D = 128, bf16, one prefix, no padding. Timing: triton.testing.do_bench (CUDA
 events, L2 flushed before every run, median and 20/80 quantiles). GB/s counts the bytes the step
 must read and write: the prefix once, each request's own cache, q and out; it is also given as a
-fraction of the device-to-device copy bandwidth this script measures on the same card. Every row
-records max|out - torch backend| so that a provider computing the wrong thing shows.
+fraction of the device-to-device copy bandwidth this script measures on the same card
+(frac_copy_bw, copy_gbps) and of the card's datasheet HBM bandwidth (frac_hbm_datasheet,
+hbm_datasheet_gbps: rows.DATASHEET_HBM_GBPS, keyed by the GPU's name; null with the reason for a
+GPU not in it, or on a CPU). Every row records max|out - torch backend| so that a provider
+computing the wrong thing shows.
+
+CUDA graphs: every provider's step is also captured once in a torch.cuda.CUDAGraph after its
+warm-up and its replays timed the same way (graph_ms, graph_p20_ms, graph_p80_ms, graph_gbps,
+graph_max_abs_err_vs_torch beside the eager median_ms): what a serving loop that replays its
+decode step pays, without the launch and Python overhead. A step that cannot be captured (a host
+synchronisation, an allocation the capture refuses) keeps its eager numbers and says why in
+graph_reason; on a CPU graph_ms is null with that reason.
 
     python benchmarks/bench_decode.py             # GPU, full shapes
+    python benchmarks/bench_decode.py --compiling none    # GPU, all but the Flex provider
     python benchmarks/bench_decode.py --smoke     # CPU, tiny shapes (Triton interpreter)
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -42,13 +59,16 @@ if "--smoke" in sys.argv and not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before prefix_kernels imports triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from flex import compiled_flex_attention, timing_passes  # noqa: E402
-from rows import Progress, environment  # noqa: E402
-from timing import time_ms  # noqa: E402
+import flex  # noqa: E402
+import sdpa  # noqa: E402
+from flex import flex_with_lse, lse_merge, timing_passes  # noqa: E402
+from rows import Progress, datasheet_hbm, environment  # noqa: E402
+from timing import NO_GRAPH_ON_CPU, graph_replay_ms, time_ms, warm  # noqa: E402
 
 from prefix_kernels import shared_prefix_decode  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "decode.jsonl"
+COMPILE_CAP_S = 90.0  # default --compile-cap-s: one Flex compile (a shape) at most
 
 
 def make_inputs(B, Hq, Hkv, T, P, D, dtype, device):
@@ -105,20 +125,32 @@ def setup_sdpa_expanded(q, k, v, pk, pv):
     return lambda: F.scaled_dot_product_attention(q, keys, values, enable_gqa=True)
 
 
+def flex_step(q, k, v, pk, pv, whole):
+    """The Flex provider's step, compiled whole: the prefix (K/V of batch 1, broadcast through the
+    all-visible block mask), the own caches, and their natural-log LSE merge."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    out_p, lse_p = flex_with_lse(flex_attention, q, pk, pv, whole)
+    out_r, lse_r = flex_with_lse(flex_attention, q, k, v)
+    return lse_merge(out_p, lse_p, out_r, lse_r, q.dtype)
+
+
 def setup_flex(q, k, v, pk, pv):
     from torch.nn.attention.flex_attention import create_block_mask
 
-    flex = compiled_flex_attention()
     # Flex broadcasts K/V of batch 1 over the queries only with a block mask: an all-visible one.
     whole = create_block_mask(lambda b, h, qi, ki: ki >= 0, q.shape[0], None, q.shape[2], pk.shape[2], device=q.device)
+    step = flex.compiled(flex_step)
+    return lambda: step(q, k, v, pk, pv, whole)
 
-    def step():
-        out_p, lse_p = flex(q, pk, pv, block_mask=whole, enable_gqa=True, return_lse=True)
-        out_r, lse_r = flex(q, k, v, enable_gqa=True, return_lse=True)
-        lse = torch.logaddexp(lse_p, lse_r)
-        return (torch.exp(lse_p - lse)[..., None] * out_p + torch.exp(lse_r - lse)[..., None] * out_r).to(q.dtype)
 
-    return step
+def flashinfer_missing() -> str | None:
+    """The ImportError's text when FlashInfer cannot be imported, else None."""
+    try:
+        import flashinfer  # noqa: F401
+    except ImportError as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return None
 
 
 def setup_flashinfer_cascade(q, k, v, pk, pv):
@@ -160,6 +192,7 @@ PROVIDERS = {
     "flex": setup_flex,
     "flashinfer_cascade": setup_flashinfer_cascade,
 }
+SDPA = ("sdpa_expanded",)
 
 
 def copy_bandwidth_gbps(device) -> float | None:
@@ -173,9 +206,53 @@ def copy_bandwidth_gbps(device) -> float | None:
     return 2 * n / (ms * 1e-3) / 1e9
 
 
-def run(shapes, providers, device, dtype, results: Path, smoke: bool = False) -> list[dict]:
+def flashinfer_warning(providers) -> str | None:
+    """The loud line for a run asked to time FlashInfer where it cannot be imported (printed to
+    stderr before any timing; each of its rows also says skipped with the ImportError)."""
+    if not any(p.startswith("flashinfer") for p in providers):
+        return None
+    missing = flashinfer_missing()
+    if missing is None:
+        return None
+    return (f"WARNING: FlashInfer is not importable ({missing}): the flashinfer_cascade baseline is SKIPPED "
+            "at every shape. Install flashinfer-python (on a GPU machine without network: "
+            "bash benchmarks/gpu_wheels.sh --aot here, then carry .whl/ along).")
+
+
+def graph_fields(step, device, want, nbytes) -> dict:
+    """The CUDA-graph replay of one step: graph_ms (median), p20/p80, GB/s and its error against
+    the torch backend; or graph_ms null with graph_reason (no GPU, or why the capture failed)."""
+    if device.type != "cuda":
+        return dict(graph_ms=None, graph_reason=NO_GRAPH_ON_CPU)
+    try:
+        (med, lo, hi), err = graph_replay_ms(step, device, check=lambda out: float((out.float() - want).abs().max()))
+    except Exception as exc:  # recorded beside the eager numbers, not raised
+        try:
+            torch.cuda.synchronize(device)
+        except Exception:
+            pass
+        return dict(graph_ms=None, graph_reason=f"capture failed: {type(exc).__name__}: {str(exc)[:300]}")
+    return dict(graph_ms=med, graph_p20_ms=lo, graph_p80_ms=hi, graph_gbps=nbytes / (med * 1e-3) / 1e9,
+                graph_max_abs_err_vs_torch=err)
+
+
+def hbm_fields(device, copy_gbps) -> dict:
+    """The card's datasheet HBM bandwidth and the measured copy rate's fraction of it (null with
+    the reason where the table has no entry, or on a CPU)."""
+    sheet = datasheet_hbm(device)
+    gbps = sheet["hbm_datasheet_gbps"]
+    sheet["copy_frac_hbm_datasheet"] = copy_gbps / gbps if gbps and copy_gbps else None
+    return sheet
+
+
+def run(shapes, providers, device, dtype, results: Path, smoke: bool = False,
+        compile_cap_s: float | None = COMPILE_CAP_S) -> list[dict]:
     env = environment(device, smoke)
+    warning = flashinfer_warning(providers)
+    if warning:
+        print(warning, file=sys.stderr, flush=True)
     hbm = copy_bandwidth_gbps(device)
+    sheet = hbm_fields(device, hbm)
     progress = Progress(results, len(shapes) * len(providers), "decode")
     for names, (B, Hq, Hkv, T, P, D) in [(n, s) for n in timing_passes(providers) for s in shapes]:
         shape = dict(B=B, Hq=Hq, Hkv=Hkv, Lq=1, T=T, P=P, D=D, G=1, causal=True)
@@ -185,32 +262,61 @@ def run(shapes, providers, device, dtype, results: Path, smoke: bool = False) ->
             want = shared_prefix_decode(q, k, v, pk, pv, backend="torch").float()
             for name in names:
                 row = dict(workload="decode", mode="fwd", provider=name, shape=shape,
-                           dtype=str(dtype).replace("torch.", ""), bytes=nbytes, **env)
+                           dtype=str(dtype).replace("torch.", ""), bytes=nbytes, **sheet, **env)
                 try:
                     step = PROVIDERS[name](q, k, v, pk, pv)
-                    err = float((step().float() - want).abs().max())
-                    if device.type == "cuda":
-                        torch.cuda.synchronize(device)
-                        torch.cuda.reset_peak_memory_stats(device)
-                    med, lo, hi = time_ms(step, device)
+                    context = contextlib.nullcontext
+                    if name.startswith(flex.COMPILING):
+                        row.update(compiled="the whole step: both Flex calls and the LSE merge",
+                                   compile_cap_s=compile_cap_s)
+                        row.update(warm(step, device, compile_cap_s))
+                    if name in SDPA:
+                        backend, context, declined = sdpa.pick_backend(step, device)
+                        row.update(sdpa.fields(backend, declined))
+                    with context():
+                        err = float((step().float() - want).abs().max())
+                        if device.type == "cuda":
+                            torch.cuda.synchronize(device)
+                            torch.cuda.reset_peak_memory_stats(device)
+                        med, lo, hi = time_ms(step, device)
+                        peak_mib = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+                        graph = graph_fields(step, device, want, nbytes)
                     gbps = nbytes / (med * 1e-3) / 1e9
+                    datasheet = row["hbm_datasheet_gbps"]
                     row.update(status="ok", median_ms=med, p20_ms=lo, p80_ms=hi, gbps=gbps,
                                frac_copy_bw=(gbps / hbm if hbm else None), copy_gbps=hbm,
-                               max_abs_err_vs_torch=err,
-                               peak_mib=(torch.cuda.max_memory_allocated(device) / 2**20
-                                         if device.type == "cuda" else None))
+                               frac_hbm_datasheet=(gbps / datasheet if datasheet else None),
+                               max_abs_err_vs_torch=err, peak_mib=peak_mib, **graph)
                 except Exception as exc:  # reported, not dropped
                     row.update(status="skipped", reason=f"{type(exc).__name__}: {str(exc)[:300]}")
+                    if name.startswith("flashinfer") and isinstance(exc, ImportError):
+                        row["warning"] = "FlashInfer is not importable: this baseline is missing from the comparison"
                 finally:
                     step = None
-                progress.add(row, f"B={B:4d} P={P:6d} {name:22s} " + (
-                    f"{row['median_ms']:9.4f} ms {row['gbps']:8.1f} GB/s err {row['max_abs_err_vs_torch']:.2e}"
-                    if row["status"] == "ok" else f"skipped: {row['reason']}"))
+                progress.add(row, f"B={B:4d} P={P:6d} {name:27s} " + (_line(row) if row["status"] == "ok"
+                                                                      else f"SKIPPED: {row['reason'].splitlines()[0]}"))
         del q, k, v, pk, pv, want
         if device.type == "cuda":
             torch.cuda.empty_cache()
     progress.close()
+    if warning:
+        print(warning, file=sys.stderr, flush=True)  # again under the table, where it is read
     return progress.rows
+
+
+def _line(row: dict) -> str:
+    line = f"{row['median_ms']:9.4f} ms {row['gbps']:8.1f} GB/s err {row['max_abs_err_vs_torch']:.2e}"
+    if row.get("frac_hbm_datasheet") is not None:
+        line += f" {100 * row['frac_hbm_datasheet']:5.1f}% of HBM"
+    if row.get("graph_ms") is not None:
+        line += f" graph {row['graph_ms']:9.4f} ms"
+    elif row.get("graph_reason") and row["graph_reason"] != NO_GRAPH_ON_CPU:
+        line += f" graph: {row['graph_reason'][:80]}"
+    if row.get("sdpa_backend"):
+        line += f" [{row['sdpa_backend']}]"
+    if row.get("compile_s") is not None:
+        line += f" [compiled in {row['compile_s']:.1f} s]"
+    return line
 
 
 def main(argv=None):
@@ -218,6 +324,10 @@ def main(argv=None):
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU")
     ap.add_argument("--out", type=Path, default=RESULTS, help="JSON-lines file to upsert rows into")
     ap.add_argument("--providers", nargs="*", default=list(PROVIDERS), choices=list(PROVIDERS))
+    ap.add_argument("--compiling", choices=("all", "none", "only"), default="all",
+                    help="time the compiling (Flex) provider too, not at all, or only it (default all)")
+    ap.add_argument("--compile-cap-s", type=float, default=COMPILE_CAP_S,
+                    help=f"time limit of one Flex compile, outside the timing (default {COMPILE_CAP_S:g} s)")
     args = ap.parse_args(argv)
     if args.smoke:
         device, dtype = torch.device("cpu"), torch.float32
@@ -227,7 +337,8 @@ def main(argv=None):
             ap.error("no CUDA device: run with --smoke on a CPU")
         device, dtype = torch.device("cuda"), torch.bfloat16
         shapes = [(B, 32, 8, 256, P, 128) for B in (8, 64, 256) for P in (1024, 4096, 16384)]
-    return run(shapes, args.providers, device, dtype, args.out, smoke=args.smoke)
+    return run(shapes, flex.select(args.providers, args.compiling), device, dtype, args.out, smoke=args.smoke,
+               compile_cap_s=args.compile_cap_s)
 
 
 if __name__ == "__main__":
