@@ -20,11 +20,19 @@ keeps what it measured.
   tests_gpu        pytest -m gpu: realistic sizes, 64-bit offsets, the CUDA decode cases on the real
                    build, fuzzing with PREFIX_KERNELS_GPU_EXAMPLES draws; over pytest-xdist workers,
                    so that Triton's compiles (0.5-1 s of CPU each, hundreds of them) run in parallel
-  decode           bench_decode.py, issue 4's shapes and providers
+  decode           bench_decode.py, issue 4's shapes and providers but the compiling one (Flex)
   decode_choice    decode_choice.py: which decode backend `auto` tries first, from those rows
   generate         bench_generate.py: 64 samples of 256 tokens from a 2048-token prompt, 1B model
-  attention        bench_attention.py: training shapes, forward and forward+backward
-  train_step       bench_train_step.py: a prefix-tuning step on the 1B model
+  attention        bench_attention.py: training shapes and variants (G > 1, kv_mask), forward and
+                   forward+backward, all providers but the compiling one (Flex)
+  decode_flex, attention_flex
+                   the Flex baselines of those two (`--compiling only`), as steps of their own: each
+                   shape's torch.compile is warmed before its timing under a limit of its own
+                   (--compile-cap-s, recorded in the rows with compile_s), and the step's cap is
+                   sized for the compiles, so that they cut neither the other providers' rows nor
+                   their own after the first few shapes
+  train_step       bench_train_step.py: a prefix-tuning step on the 1B model, the providers
+                   alternated step by step, 20 timed steps each
   shared_prompt    bench_shared_prompt.py: a GRPO/DPO log-prob step on the 1B model, stock against
                    prefix_grouper and prefix_kernels.completion_logits; its rows go into
                    train_step.jsonl (a row's identity includes its workload), as the session may
@@ -121,6 +129,9 @@ def _bench(script: str, rows: str, *args) -> tuple:
 # on 16 cores for the FA3 prefill module (measured 685 s on 2 cores). Inside a step capped at
 # 150 s that would leave no decode row at all; refused, its provider is skipped with the reason.
 NO_FLASHINFER_JIT = {"FLASHINFER_DISABLE_JIT": "1"}
+# One Flex compile (a shape, and for attention a mode) at most, outside its timed region; a shape
+# past it is skipped with the reason, and the next one tried.
+FLEX_COMPILE_CAP_S = 60
 
 BUILD = Step("build", gpu=(PY, "-c", BUILD_SNIPPET),  # waited for at the end, up to the budget's end
              rehearse=(PY, "-c", "print('rehearsal: the CUDA extension is not built on a CPU')"),
@@ -130,8 +141,8 @@ PLAN = (
     Step("tests_gpu", gpu=_pytest("tests", "-m", "gpu", "--maxfail=20", "{xdist}"),
          rehearse=_pytest("tests", "-m", "gpu", "--collect-only"),
          cap_s=170, floor_s=60, env={"PREFIX_KERNELS_GPU_EXAMPLES": str(GPU_EXAMPLES)}),
-    Step("decode", gpu=_bench("bench_decode.py", "decode.jsonl"),
-         rehearse=_bench("bench_decode.py", "decode.jsonl", "--smoke"),
+    Step("decode", gpu=_bench("bench_decode.py", "decode.jsonl", "--compiling", "none"),
+         rehearse=_bench("bench_decode.py", "decode.jsonl", "--smoke", "--compiling", "none"),
          cap_s=150, floor_s=40, writes=("decode.jsonl",), env=NO_FLASHINFER_JIT),
     Step("decode_choice",
          gpu=(PY, "benchmarks/decode_choice.py", "--rows", "{out}/decode.jsonl", "--out", "{out}/decode_choice.json"),
@@ -139,12 +150,22 @@ PLAN = (
     Step("generate", gpu=_bench("bench_generate.py", "generate.jsonl", "--repeats", "2"),
          rehearse=_bench("bench_generate.py", "generate.jsonl", "--smoke", "--repeats", "1", "--modes", "sample"),
          cap_s=120, floor_s=60, writes=("generate.jsonl",)),
-    Step("attention", gpu=_bench("bench_attention.py", "attention.jsonl"),
-         rehearse=_bench("bench_attention.py", "attention.jsonl", "--smoke"),
-         cap_s=100, floor_s=30, writes=("attention.jsonl",)),
-    Step("train_step", gpu=_bench("bench_train_step.py", "train_step.jsonl", "--steps", "6"),
+    Step("attention", gpu=_bench("bench_attention.py", "attention.jsonl", "--compiling", "none"),
+         rehearse=_bench("bench_attention.py", "attention.jsonl", "--smoke", "--compiling", "none"),
+         cap_s=120, floor_s=30, writes=("attention.jsonl",)),
+    # the Flex baselines: one torch.compile per shape (and mode), each warmed outside the timing
+    # under FLEX_COMPILE_CAP_S, in steps capped for their compiles
+    Step("decode_flex", gpu=_bench("bench_decode.py", "decode.jsonl", "--compiling", "only",
+                                   "--compile-cap-s", str(FLEX_COMPILE_CAP_S)),
+         rehearse=_bench("bench_decode.py", "decode.jsonl", "--smoke", "--compiling", "only"),
+         cap_s=150, floor_s=60, writes=("decode.jsonl",)),
+    Step("attention_flex", gpu=_bench("bench_attention.py", "attention.jsonl", "--compiling", "only",
+                                      "--compile-cap-s", str(FLEX_COMPILE_CAP_S)),
+         rehearse=_bench("bench_attention.py", "attention.jsonl", "--smoke", "--compiling", "only"),
+         cap_s=180, floor_s=60, writes=("attention.jsonl",)),
+    Step("train_step", gpu=_bench("bench_train_step.py", "train_step.jsonl", "--steps", "20"),
          rehearse=_bench("bench_train_step.py", "train_step.jsonl", "--smoke"),
-         cap_s=120, floor_s=45, writes=("train_step.jsonl",)),
+         cap_s=180, floor_s=60, writes=("train_step.jsonl",)),
     # shared prompts (GRPO G = 8, 16; DPO G = 2): 6 shapes x 3 providers x 12 steps on the 1B model,
     # an fp32 reference forward per shape and the Triton compiles. Rows beside train_step's: the
     # files under --out are at most 8
