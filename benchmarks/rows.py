@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+import analytic  # benchmarks/ is on the path of every script that imports rows
 from prefix_kernels.cli.commands import positive_int  # noqa: F401  (the scripts' argparse type)
 
 # Fields that say *what* was measured; a rerun with the same values replaces the old row. "smoke"
@@ -133,6 +134,18 @@ def upsert(path: Path, rows: list[dict]) -> None:
     os.replace(tmp, path)
 
 
+def with_prediction(row: dict) -> dict:
+    """The row with the analytic model's `predicted_ms` and `predicted_bound` (analytic.py)
+    beside its measurement, for the workloads the model covers (attention, decode)."""
+    if row.get("workload") in ("attention", "decode") and "predicted_ms" not in row:
+        try:
+            prediction = analytic.for_row(row)
+        except (KeyError, TypeError) as exc:  # a row without the shape fields the model reads
+            prediction = dict(predicted_ms=None, bound=f"no prediction ({type(exc).__name__}: {exc})")
+        row["predicted_ms"], row["predicted_bound"] = prediction["predicted_ms"], prediction["bound"]
+    return row
+
+
 class Progress:
     """A benchmark's cases as they finish: each row is upserted into `results` at once (a run cut
     short keeps what it measured), its line is printed, and on a terminal a progress bar (tqdm)
@@ -157,6 +170,7 @@ class Progress:
             self.bar = None
 
     def add(self, row: dict, line: str) -> None:
+        with_prediction(row)
         self.rows.append(row)
         upsert(self.results, [row])
         if self.bar is not None and not self.bar.disable:
