@@ -239,6 +239,28 @@ def test_many_splits_merge_in_chunks(triton_device, monkeypatch):
     assert_decode_close(inp, backend="triton")
 
 
+@pytest.mark.parametrize("fuse", [False, True], ids=["3launches", "fused"])
+def test_triton_wide_row_offsets(triton_device, monkeypatch, fuse):
+    """The 64-bit row-offset variant (WIDE, taken when rows x row stride can pass 2**31, a long
+    cache) computes the same as the 32-bit one."""
+    from prefix_kernels.backends.triton import tiles
+
+    calls = []
+    monkeypatch.setattr(tiles, "needs_wide_rows", lambda *a: calls.append(a) or True)
+    monkeypatch.setitem(config.FUSE_PARTS, "triton", fuse)
+    inp = make_inputs(3, 4, 2, 2, 70, 40, 16, 2, FP16, triton_device, padding="left", requires_grad=False,
+                      prefix_padding="right")
+    assert_decode_close(inp, backend="triton")
+    assert calls
+
+
+def test_wide_rows_only_where_offsets_pass_2_31():
+    from prefix_kernels.backends.triton import tiles
+
+    assert not tiles.needs_wide_rows((16384, 8 * 128), (4096, 128))
+    assert tiles.needs_wide_rows((16384, 8 * 128), (1 << 21, 1024))  # 2M cached keys at 8 heads x 128
+
+
 # (B, Hq, Hkv, Lq, T, P, G, padding, causal): both parts with more programs in one than the other
 # (the unpaired tail of the fused grid), several prefixes, padding, and one part empty.
 FUSED = [
@@ -454,6 +476,22 @@ def test_prefix_tables_without_host_sync():
     assert starts.tolist() == [0, 0, 2, 2, 4, 7]
     # R = 3 rows per request, 4-row blocks: prefix 1 -> 6 rows (2 blocks), 3 -> 2, 4 -> 9 rows (3)
     assert _block_starts(starts, 3, 4, 5).tolist() == [0, 0, 2, 2, 4, 7]
+
+
+@pytest.mark.parametrize("B", [8, 64, 256])
+@pytest.mark.parametrize("P", [1024, 4096, 16384])
+def test_split_partials_stay_within_a_tenth_of_the_step(B, P):
+    """At the decode benchmark's shapes (Hq 32, Hkv 8, D 128, T 256, bf16) the fp32 partials of
+    every split, written and read back, weigh at most a tenth of the bytes the step reads."""
+    from prefix_kernels.backends.triton import tiles
+
+    Hq, Hkv, D, T, rows = 32, 8, 128, 256, B * 32
+    step = 2 * (Hkv * P + B * Hkv * T) * D * 2 + 2 * rows * D * 2
+    p_cap, o_cap = tiles.split_caps(step, rows, D, P, T)
+    p = tiles.choose_splits(-(-B * 4 // 64) * Hkv, P, 64, 132, p_cap)
+    o = tiles.choose_splits(B * Hkv, T, 64, 132, o_cap)
+    assert 2 * rows * (D + 1) * 4 * (p + o) <= tiles.PARTIAL_SHARE * step
+    assert p >= 2 or P < 4096  # long prefixes are still split to fill the GPU
 
 
 def test_choose_splits():

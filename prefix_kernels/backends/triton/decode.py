@@ -14,7 +14,8 @@ can overlap the memory-bound own-cache programs (benchmarks/NOTES.md, "A compute
 Off by default (_core.config.FUSE_PARTS): it has not been timed on a GPU yet.
 
 The partials are fp32 (B * Hq * Lq, S, D) and (B * Hq * Lq, S) with S = prefix splits + own
-splits; choose_splits keeps each part's partials no heavier than the keys and values it reads.
+splits; tiles.split_caps keeps all of them (written and read back) within a tenth of the bytes the
+step reads.
 """
 
 from __future__ import annotations
@@ -63,18 +64,19 @@ def forward(q, k, v, prefix_k, prefix_v, prefix_index, kv_mask, causal: bool, sc
         row_blocks = triton.cdiv(B * R, blk.prefix_m) + min(G, B)
     else:
         row_blocks = triton.cdiv(B * R, blk.prefix_m)
-    # Traffic caps: the K and V bytes a part reads over the bytes of one split's fp32 partials
-    # (B * Hq * Lq rows of D).
+    # Traffic caps: every split's fp32 partials (B * Hq * Lq rows of D + 1, written then read
+    # back by the merge) together weigh at most tiles.PARTIAL_SHARE of the bytes the step reads,
+    # shared between the parts by their keys.
     rows = B * Hq * Lq
-    kv_item, part_item = q.element_size(), 4
+    kv_item = q.element_size()
     prefixes_read = min(G, B) if has_pidx else 1
-    p_cap = (2 * prefixes_read * Hkv * P * D * kv_item) // (rows * D * part_item)
+    step_bytes = 2 * (prefixes_read * Hkv * P + B * Hkv * T) * D * kv_item + 2 * rows * D * kv_item
+    p_cap, o_cap = tiles.split_caps(step_bytes, rows, D, P, T)
     p_splits = tiles.choose_splits(row_blocks * Hkv, P, blk.prefix_n, sm, p_cap)
     p_per, p_splits = tiles.keys_per_split(P, p_splits, blk.prefix_n)
 
     # Own part: one program per (request, kv head, row block), split along the keys.
     own_row_blocks = triton.cdiv(R, blk.own_m)
-    o_cap = (2 * B * Hkv * T * D * kv_item) // (rows * D * part_item)
     o_splits = tiles.choose_splits(B * Hkv * own_row_blocks, T, blk.own_n, sm, o_cap)
     o_per, o_splits = tiles.keys_per_split(T, o_splits, blk.own_n)
 
@@ -92,6 +94,7 @@ def forward(q, k, v, prefix_k, prefix_v, prefix_index, kv_mask, causal: bool, sc
     kvm, smb, smn = mask_args(kv_mask, q)
     pm, spmg, spmn = mask_args(prefix_mask, q)
     has_pm = prefix_mask is not None
+    wide = tiles.needs_wide_rows((P, prefix_k.stride(2)), (P, prefix_v.stride(2)), (T, k.stride(2)), (T, v.stride(2)))
     n_prefix = row_blocks * Hkv * p_splits
     n_own = B * Hkv * o_splits * own_row_blocks
     if fuse_parts and n_prefix > 0 and n_own > 0:
@@ -102,7 +105,7 @@ def forward(q, k, v, prefix_k, prefix_v, prefix_index, kv_mask, causal: bool, sc
             G.bit_length(), row_blocks, n_prefix, n_own, B * Hkv, o_splits,
             HEAD_DIM=D, BLOCK_D=BLOCK_D, P_BLOCK_M=blk.prefix_m, P_BLOCK_N=blk.prefix_n,
             O_BLOCK_M=blk.own_m, O_BLOCK_N=blk.own_n, HAS_PIDX=has_pidx, HAS_KV_MASK=kv_mask is not None,
-            CAUSAL=bool(causal), PRECISION=precision_, HAS_PREFIX_MASK=has_pm,
+            CAUSAL=bool(causal), PRECISION=precision_, HAS_PREFIX_MASK=has_pm, WIDE=wide,
             num_warps=blk.warps, num_stages=blk.stages,
         )
     else:
@@ -112,7 +115,7 @@ def forward(q, k, v, prefix_k, prefix_v, prefix_index, kv_mask, causal: bool, sc
                 *q.stride(), *prefix_k.stride(), *prefix_v.stride(), spmg, spmn,
                 B, Hq, Lq, P, group, G, qk_scale, p_per, 0, S, G.bit_length(),
                 HEAD_DIM=D, BLOCK_D=BLOCK_D, BLOCK_M=blk.prefix_m, BLOCK_N=blk.prefix_n,
-                HAS_PIDX=has_pidx, PRECISION=precision_, HAS_PREFIX_MASK=has_pm,
+                HAS_PIDX=has_pidx, PRECISION=precision_, HAS_PREFIX_MASK=has_pm, WIDE=wide,
                 num_warps=blk.warps, num_stages=blk.stages,
             )
         if n_own > 0:
@@ -121,7 +124,7 @@ def forward(q, k, v, prefix_k, prefix_v, prefix_index, kv_mask, causal: bool, sc
                 *q.stride(), *k.stride(), *v.stride(), smb, smn,
                 Hq, Hkv, Lq, T, group, qk_scale, o_per, p_splits, S,
                 HEAD_DIM=D, BLOCK_D=BLOCK_D, BLOCK_M=blk.own_m, BLOCK_N=blk.own_n,
-                HAS_KV_MASK=kv_mask is not None, CAUSAL=bool(causal), PRECISION=precision_,
+                HAS_KV_MASK=kv_mask is not None, CAUSAL=bool(causal), PRECISION=precision_, WIDE=wide,
                 num_warps=blk.warps, num_stages=blk.stages,
             )
     block_s = min(16, triton.next_power_of_2(S))

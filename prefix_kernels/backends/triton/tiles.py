@@ -54,6 +54,19 @@ def blocks(D: int, dtype: torch.dtype, device: torch.device, backward: bool) -> 
     return Blocks(64, 32, 8, 2) if wide else Blocks(64, 64, 4, 3)
 
 
+def preprocess_rows(device: torch.device) -> int:
+    """Rows per program of the backward's delta kernel: 64 rows of up to 256 fp32 columns from
+    two tensors on a GPU (streaming, no shared memory); 16 under the interpreter."""
+    return 64 if on_gpu(device) else 16
+
+
+def needs_wide_rows(*rows_and_strides) -> bool:
+    """Whether a kernel's row offsets (rows x row stride, for each (rows, stride) given) can pass
+    2**31: then it takes 64-bit row offsets (a WIDE constexpr), which cost registers, and only
+    then (the decode prefix kernel spills on sm_80 with them)."""
+    return any(rows * abs(stride) >= 2**31 for rows, stride in rows_and_strides)
+
+
 def sm_count(device: torch.device) -> int:
     return _sm_count_of(device.index if device.index is not None else torch.cuda.current_device())
 
@@ -63,19 +76,28 @@ def _sm_count_of(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def prefix_splits(B: int, G: int, kv_programs: int, device: torch.device) -> int:
-    """How many splits of the batch reduce each prefix block's gradient.
+def prefix_splits(B: int, G: int, kv_programs: int, device: torch.device, group: int = 1) -> int:
+    """How many splits of each prefix's work reduce its prefix gradient.
 
     A grid over prefix blocks alone has cdiv(P, BLOCK_N) * Hkv * G programs: 8 for P = 16,
-    Hkv = 8, far below an H100's 132 SMs. Splitting each prefix's requests S ways fills the GPU;
-    the (S, G, Hkv, P, D) fp32 partials are then summed in a fixed order. S <= B / (2 G), so the
-    partial buffer never reaches the (B, Hkv, P, D) size of a per-request copy.
+    Hkv = 8, far below an H100's 132 SMs. Each prefix's work is (its requests) x (the `group`
+    query heads of a kv head) units; S splits take balanced runs of them, and the (S, G, Hkv, P,
+    D) fp32 partials are summed in a fixed order. S is the count that minimises the predicted
+    time, waves x the longest run (cdiv(kv_programs * S, 2 SMs) x cdiv(units, S)), the smaller on
+    a tie (fewer partials to write and sum), with S * G < B so that the partial buffer never
+    reaches the (B, Hkv, P, D) size of a per-request copy.
     """
-    cap = max(1, B // (2 * G))
+    cap = max(1, (B - 1) // G)
     if not on_gpu(device):
         return min(2, cap)  # exercise the split-and-sum path under the interpreter
-    target = 2 * sm_count(device)
-    return max(1, min(cap, triton.cdiv(target, kv_programs), 65535 // G))
+    slots = 2 * sm_count(device)  # registers allow two of these programs per SM
+    units = triton.cdiv(B, G) * group
+    cap = min(cap, units, 65535 // G)
+
+    def cost(s):
+        return triton.cdiv(kv_programs * s, slots) * triton.cdiv(units, s)
+
+    return min(range(1, cap + 1), key=lambda s: (cost(s), s))
 
 
 # Splits on a CPU (the interpreter): fixed and small, so that the tests exercise the split and
@@ -111,15 +133,30 @@ def decode_blocks(D: int, R: int, dtype: torch.dtype, device: torch.device) -> D
     return DecodeBlocks(fwd.m, fwd.n, own_m, fwd.n, fwd.warps, fwd.stages)
 
 
+# The most the split partials may weigh, written and read back, as a share of the bytes a decode
+# step reads (the caches and the queries): more splits fill more SMs but move more bytes, and a
+# decode step is bound by the bytes it moves.
+PARTIAL_SHARE = 0.1
+
+
+def split_caps(step_bytes: int, rows: int, D: int, P: int, T: int) -> tuple[int, int]:
+    """(prefix part, own part) split caps: all splits' fp32 partials, rows x (D + 1) floats each,
+    written then read back by the merge, within PARTIAL_SHARE of step_bytes, shared between the
+    parts in proportion to their keys (each part may always take one split)."""
+    per_split = 2 * rows * (D + 1) * 4
+    budget = int(PARTIAL_SHARE * step_bytes) // per_split
+    keys = max(1, P + T)
+    return max(1, budget * P // keys), max(1, budget * T // keys)
+
+
 def choose_splits(programs: int, keys: int, block_n: int, sm_count: int | None, traffic_cap: int) -> int:
     """How many key splits give `programs` (the grid without splits) about two waves of work.
 
     sm_count None (CPU, the interpreter): CPU_SPLITS. On a GPU a split holds a whole number of
-    tiles and at least MIN_KEYS_PER_SPLIT keys, and there are at most `traffic_cap` splits: the
-    number for which the fp32 partials written (and read back by the merge) weigh as much as
-    the keys and values the part reads. Without that cap a short prefix shared by a large batch
-    (B = 64, Hq = 32, P = 1024) would be split 8 ways and its partials would move 4x the bytes
-    of the prefix itself.
+    tiles and at least MIN_KEYS_PER_SPLIT keys, and there are at most `traffic_cap` splits
+    (split_caps: the partials of all splits within a tenth of the step's bytes). Without a cap a
+    short prefix shared by a large batch (B = 64, Hq = 32, P = 1024) would be split 8 ways and
+    its partials would move 4x the bytes of the prefix itself.
     """
     tiles = triton.cdiv(keys, block_n)
     if keys == 0:

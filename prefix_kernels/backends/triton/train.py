@@ -12,6 +12,7 @@ import triton
 
 from .kernels.backward import (
     shared_prefix_bwd_dq_kernel,
+    shared_prefix_bwd_preprocess_kernel,
     shared_prefix_bwd_own_dkdv_kernel,
     shared_prefix_bwd_prefix_dkdv_kernel,
 )
@@ -66,6 +67,20 @@ def forward(q, k, v, prefix_k, prefix_v, prefix_index, kv_mask, causal: bool, sc
     return out, lse
 
 
+def _delta(dout, out, dlse, D: int):
+    """rowsum(dout * out) - dlse, fp32 (B, Hq, Lq) contiguous, in one kernel."""
+    B, Hq, Lq, _ = out.shape
+    delta = torch.empty((B, Hq, Lq), dtype=torch.float32, device=out.device)
+    block_m = tiles.preprocess_rows(out.device)
+    dlse_ = delta if dlse is None else dlse.float().contiguous()
+    shared_prefix_bwd_preprocess_kernel[(B * Hq, triton.cdiv(Lq, block_m))](
+        out, dout, dlse_, delta, *out.stride(), *dout.stride(), Hq, Lq,
+        HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_M=block_m, HAS_DLSE=dlse is not None,
+        num_warps=4 if tiles.on_gpu(out.device) else 1,
+    )
+    return delta
+
+
 def backward(dout, dlse, q, k, v, prefix_k, prefix_v, prefix_index, kv_mask, causal, scale, out, lse,
              prefix_mask=None):
     """Gradients (dq, dk, dv, dprefix_k, dprefix_v) in the inputs' dtypes; dq, dk, dv in the
@@ -76,13 +91,9 @@ def backward(dout, dlse, q, k, v, prefix_k, prefix_v, prefix_index, kv_mask, cau
     Lk = k.shape[2]
     group = Hq // Hkv
     dev = q.device
-    # delta = rowsum(dO * O) - dlse, fp32 (B, Hq, Lq) contiguous.
-    delta = (dout.float() * out.float()).sum(-1)
-    if dlse is not None:
-        delta = delta - dlse.float()
-    delta = delta.contiguous()
     lse = lse.contiguous()
     blk = tiles.blocks(D, q.dtype, dev, backward=True)
+    delta = _delta(dout, out, dlse, D)
     kvm, smb, smn = mask_args(kv_mask, q)
     pm, spmg, spmn = mask_args(prefix_mask, q)
     has_pm = prefix_mask is not None
@@ -116,7 +127,7 @@ def backward(dout, dlse, q, k, v, prefix_k, prefix_v, prefix_index, kv_mask, cau
     if P == 0:
         return dq, dk, dv, torch.zeros_like(prefix_k), torch.zeros_like(prefix_v)
     p_blocks = triton.cdiv(P, blk.n)
-    splits = tiles.prefix_splits(B, G, p_blocks * Hkv * G, dev)
+    splits = tiles.prefix_splits(B, G, p_blocks * Hkv * G, dev, group)
     order, starts = sorted_by_prefix(prefix_index, B, G, dev)
     if splits == 1:
         dpk = torch.empty(prefix_k.shape, dtype=prefix_k.dtype, device=dev)

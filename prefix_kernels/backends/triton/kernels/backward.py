@@ -68,6 +68,31 @@ def _dq_segment(dq, psum, q, do, lse2, delta, K_BASE, V_BASE, skn, skd, svn, svd
 
 
 @triton.jit
+def shared_prefix_bwd_preprocess_kernel(
+    O, DO, DLSE, DELTA,
+    sob, soh, som, sod,
+    sdob, sdoh, sdom, sdod,
+    Hq, Lq,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, HAS_DLSE: tl.constexpr,
+):
+    """delta = rowsum(dO * O) - dlse for BLOCK_M rows of one (request, head), fp32, into the
+    contiguous (B, Hq, Lq) DELTA: one read of O and dO in any layout, instead of the fp32 copies
+    and the product an eager expression materialises."""
+    bh = tl.program_id(0).to(tl.int64)
+    pid_m = tl.program_id(1)
+    b = bh // Hq
+    h = bh % Hq
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    o = _load_rows(O + b * sob + h * soh, som, sod, offs_m, offs_d, Lq, HEAD_DIM).to(tl.float32)
+    do = _load_rows(DO + b * sdob + h * sdoh, sdom, sdod, offs_m, offs_d, Lq, HEAD_DIM).to(tl.float32)
+    delta = tl.sum(o * do, 1)
+    if HAS_DLSE:
+        delta -= tl.load(DLSE + bh * Lq + offs_m, mask=offs_m < Lq, other=0.0)
+    tl.store(DELTA + bh * Lq + offs_m, delta, mask=offs_m < Lq)
+
+
+@triton.jit
 def shared_prefix_bwd_dq_kernel(
     Q, K, V, PK, PV, PIDX, KVM, PM, DO, LSE, DELTA, DQ, CORR,
     sqb, sqh, sqm, sqd,
@@ -119,7 +144,7 @@ def shared_prefix_bwd_dq_kernel(
     dq = dq * corr[:, None]
     tl.store(CORR + bh * Lq + offs_m, corr, mask=offs_m < Lq)  # fp32 (B, Hq, Lq), contiguous
     # DQ is a fresh (B, Hq, Lq, D) tensor, unit stride along D.
-    dq_ptrs = DQ + b * sdqb + h * sdqh + offs_m[:, None] * sdqm + offs_d[None, :]
+    dq_ptrs = DQ + b * sdqb + h * sdqh + offs_m.to(tl.int64)[:, None] * sdqm + offs_d[None, :]
     tl.store(dq_ptrs, (dq * scale).to(DQ.dtype.element_ty), mask=(offs_m < Lq)[:, None] & (offs_d < HEAD_DIM)[None, :])
 
 
@@ -185,7 +210,7 @@ def shared_prefix_bwd_own_dkdv_kernel(
             CAUSAL, HAS_KV_MASK, HEAD_DIM, BLOCK_M, PRECISION,
         )
     # DK and DV are fresh (B, Hkv, Lk, D) tensors of one layout, unit stride along D.
-    offs = b * sdkb + hk * sdkh + offs_n[:, None] * sdkn + offs_d[None, :]
+    offs = b * sdkb + hk * sdkh + offs_n.to(tl.int64)[:, None] * sdkn + offs_d[None, :]
     mask = (offs_n < Lk)[:, None] & (offs_d < HEAD_DIM)[None, :]
     tl.store(DK + offs, (dk * scale).to(DK.dtype.element_ty), mask=mask)
     tl.store(DV + offs, dv.to(DV.dtype.element_ty), mask=mask)
@@ -215,30 +240,29 @@ def shared_prefix_bwd_prefix_dkdv_kernel(
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
 
-    # Requests sorted by prefix: ORDER[STARTS[g]:STARTS[g + 1]] use prefix g. Split `split` takes
-    # a contiguous chunk of them, always in the same order.
+    # Requests sorted by prefix: ORDER[STARTS[g]:STARTS[g + 1]] use prefix g. The work of prefix
+    # g is count * group units (a request and one query head of kv head hk); split `split` takes
+    # a contiguous run of them, the runs balanced to within one unit, always in the same order.
     first = tl.load(STARTS + g)
-    count = tl.load(STARTS + g + 1) - first
-    chunk = (count + SPLITS - 1) // SPLITS
-    lo = first + tl.minimum(split * chunk, count)
-    hi = first + tl.minimum((split + 1) * chunk, count)
+    units = (tl.load(STARTS + g + 1) - first) * group
+    lo = split * units // SPLITS
+    hi = (split + 1) * units // SPLITS
     if HAS_PREFIX_MASK:
         # A block whose keys are all masked (the padding of a short prompt) has a zero gradient:
         # skip its requests. Otherwise masked keys get p = 0 in _dkdv_rows.
         keep = tl.load(PM + g * spmg + offs_n * spmn, mask=offs_n < P, other=0)
         hi = tl.where(tl.max(keep.to(tl.int32), 0) > 0, hi, lo)
-    for r in range(lo, hi):
-        b = tl.load(ORDER + r).to(tl.int64)
-        for j in range(0, group):
-            h = hk * group + j
-            bh = b * Hq + h
-            dk, dv = _dkdv_rows(
-                dk, dv, k, v, Q + b * sqb + h * sqh, DO + b * sdob + h * sdoh, LSE + bh * Lq, DELTA + bh * Lq,
-                CORR + bh * Lq, sqm, sqd, sdom, sdod, Lq, 0, offs_n, offs_d, P, PM + g * spmg, spmn, 0, qk_scale,
-                False, HAS_PREFIX_MASK, HEAD_DIM, BLOCK_M, PRECISION,
-            )
+    for u in range(lo, hi):
+        b = tl.load(ORDER + first + u // group).to(tl.int64)
+        h = hk * group + u % group
+        bh = b * Hq + h
+        dk, dv = _dkdv_rows(
+            dk, dv, k, v, Q + b * sqb + h * sqh, DO + b * sdob + h * sdoh, LSE + bh * Lq, DELTA + bh * Lq,
+            CORR + bh * Lq, sqm, sqd, sdom, sdod, Lq, 0, offs_n, offs_d, P, PM + g * spmg, spmn, 0, qk_scale,
+            False, HAS_PREFIX_MASK, HEAD_DIM, BLOCK_M, PRECISION,
+        )
     # DPK and DPV are fresh contiguous (SPLITS, G, Hkv, P, D) tensors (SPLITS == 1: the gradient).
-    offs = ((split * G + g) * Hkv + hk) * P * HEAD_DIM + offs_n[:, None] * HEAD_DIM + offs_d[None, :]
+    offs = ((split * G + g) * Hkv + hk) * P * HEAD_DIM + offs_n.to(tl.int64)[:, None] * HEAD_DIM + offs_d[None, :]
     mask = (offs_n < P)[:, None] & (offs_d < HEAD_DIM)[None, :]
     tl.store(DPK + offs, (dk * scale).to(DPK.dtype.element_ty), mask=mask)
     tl.store(DPV + offs, dv.to(DPV.dtype.element_ty), mask=mask)

@@ -34,7 +34,7 @@ LN2 = tl.constexpr(0.6931471805599453)  # natural log = log2 * ln(2)
 def _softmax_tiles(acc, m_i, l_i, q, K_BASE, V_BASE, skn, skd, svn, svd, lo, hi,
                    row_ok, row_i, offs_d, MASK_BASE, stride_mask, q_shift, qk_scale,
                    CAUSAL: tl.constexpr, HAS_KV_MASK: tl.constexpr, HEAD_DIM: tl.constexpr,
-                   BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+                   BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, WIDE: tl.constexpr):
     """Online softmax of the rows in q over the keys [lo, hi) of one (L, HEAD_DIM) segment.
 
     A key is visible when it lies in [lo, hi), is not masked out by kv_mask (HAS_KV_MASK) and,
@@ -50,7 +50,11 @@ def _softmax_tiles(acc, m_i, l_i, q, K_BASE, V_BASE, skn, skd, svn, svd, lo, hi,
             keep = tl.load(MASK_BASE + offs_n * stride_mask, mask=key_ok, other=0)
             key_ok = key_ok & (keep != 0)
         ld_mask = key_ok[:, None] & d_ok[None, :]
-        k = tl.load(K_BASE + offs_n[:, None] * skn + offs_d[None, :] * skd, mask=ld_mask, other=0.0)
+        if WIDE:  # row offsets past 2**31 (a long cache): 64-bit, at the cost of registers
+            rows = offs_n.to(tl.int64)[:, None]
+        else:
+            rows = offs_n[:, None]
+        k = tl.load(K_BASE + rows * skn + offs_d[None, :] * skd, mask=ld_mask, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
         ok = row_ok[:, None] & key_ok[None, :]
         if CAUSAL:
@@ -63,7 +67,7 @@ def _softmax_tiles(acc, m_i, l_i, q, K_BASE, V_BASE, skn, skd, svn, svd, lo, hi,
         p = tl.exp2(s - m_safe[:, None])
         alpha = tl.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(V_BASE + offs_n[:, None] * svn + offs_d[None, :] * svd, mask=ld_mask, other=0.0)
+        v = tl.load(V_BASE + rows * svn + offs_d[None, :] * svd, mask=ld_mask, other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
     return acc, m_i, l_i
@@ -74,7 +78,7 @@ def _split_softmax(Q_ROWS, sqd, K_BASE, V_BASE, skn, skd, svn, svd, lo, hi,
                    row_ok, row_i, offs_d, MASK_BASE, stride_mask, q_shift, qk_scale,
                    CAUSAL: tl.constexpr, HAS_KV_MASK: tl.constexpr, HEAD_DIM: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-                   PRECISION: tl.constexpr):
+                   PRECISION: tl.constexpr, WIDE: tl.constexpr):
     """One split of either part: load the rows' queries (Q_ROWS: a pointer per row), then the
     online softmax over keys [lo, hi) from an empty state. Returns (acc, m_i, l_i)."""
     q = tl.load(Q_ROWS[:, None] + offs_d[None, :] * sqd,
@@ -84,7 +88,7 @@ def _split_softmax(Q_ROWS, sqd, K_BASE, V_BASE, skn, skd, svn, svd, lo, hi,
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     return _softmax_tiles(acc, m_i, l_i, q, K_BASE, V_BASE, skn, skd, svn, svd, lo, hi,
                           row_ok, row_i, offs_d, MASK_BASE, stride_mask, q_shift, qk_scale,
-                          CAUSAL, HAS_KV_MASK, HEAD_DIM, BLOCK_N, PRECISION)
+                          CAUSAL, HAS_KV_MASK, HEAD_DIM, BLOCK_N, PRECISION, WIDE)
 
 
 @triton.jit
@@ -112,7 +116,7 @@ def _prefix_program(
     spmg, spmn,
     B, Hq, Lq, P, group, G, qk_scale, keys_per_split, slot0, S_total, search_steps,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_PIDX: tl.constexpr, PRECISION: tl.constexpr, HAS_PREFIX_MASK: tl.constexpr,
+    HAS_PIDX: tl.constexpr, PRECISION: tl.constexpr, HAS_PREFIX_MASK: tl.constexpr, WIDE: tl.constexpr,
 ):
     """The prefix part's program (t: row block, int64; hk: kv head, int64; split).
 
@@ -163,7 +167,7 @@ def _prefix_program(
         Q + b * sqb + h * sqh + row_i * sqm, sqd,
         PK + g * spkg + hk * spkh, PV + g * spvg + hk * spvh, spkn, spkd, spvn, spvd,
         lo, hi, row_ok, row_i, offs_d, PM + g * spmg, spmn, 0, qk_scale,
-        False, HAS_PREFIX_MASK, HEAD_DIM, BLOCK_M, BLOCK_D, BLOCK_N, PRECISION,
+        False, HAS_PREFIX_MASK, HEAD_DIM, BLOCK_M, BLOCK_D, BLOCK_N, PRECISION, WIDE,
     )
     row_id = (b * Hq + h) * Lq + row_i
     _store_partial(OP, LP, row_id, slot0 + split, S_total, acc, m_i, l_i, row_ok, offs_d, HEAD_DIM)
@@ -178,7 +182,7 @@ def decode_prefix_kernel(
     spmg, spmn,
     B, Hq, Lq, P, group, G, qk_scale, keys_per_split, slot0, S_total, search_steps,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_PIDX: tl.constexpr, PRECISION: tl.constexpr, HAS_PREFIX_MASK: tl.constexpr,
+    HAS_PIDX: tl.constexpr, PRECISION: tl.constexpr, HAS_PREFIX_MASK: tl.constexpr, WIDE: tl.constexpr,
 ):
     """Grid (row blocks, Hkv, prefix splits); row blocks on axis 0, which has no 65535 limit."""
     _prefix_program(
@@ -186,7 +190,7 @@ def decode_prefix_kernel(
         Q, PK, PV, PM, ORDER, STARTS, BSTARTS, OP, LP,
         sqb, sqh, sqm, sqd, spkg, spkh, spkn, spkd, spvg, spvh, spvn, spvd, spmg, spmn,
         B, Hq, Lq, P, group, G, qk_scale, keys_per_split, slot0, S_total, search_steps,
-        HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, HAS_PIDX, PRECISION, HAS_PREFIX_MASK,
+        HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, HAS_PIDX, PRECISION, HAS_PREFIX_MASK, WIDE,
     )
 
 
@@ -199,7 +203,7 @@ def _own_program(
     smb, smn,
     Hq, Hkv, Lq, T, group, qk_scale, keys_per_split, slot0, S_total,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_KV_MASK: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_KV_MASK: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr, WIDE: tl.constexpr,
 ):
     """The own part's program (bk = b * Hkv + hk, int64; split; rb: row block).
 
@@ -221,7 +225,7 @@ def _own_program(
         Q + b * sqb + h * sqh + row_i * sqm, sqd,
         K + b * skb + hk * skh, V + b * svb + hk * svh, skn, skd, svn, svd,
         lo, hi, row_ok, row_i, offs_d, KVM + b * smb, smn, T - Lq, qk_scale,
-        CAUSAL, HAS_KV_MASK, HEAD_DIM, BLOCK_M, BLOCK_D, BLOCK_N, PRECISION,
+        CAUSAL, HAS_KV_MASK, HEAD_DIM, BLOCK_M, BLOCK_D, BLOCK_N, PRECISION, WIDE,
     )
     row_id = (b * Hq + h) * Lq + row_i
     _store_partial(OP, LP, row_id, slot0 + split, S_total, acc, m_i, l_i, row_ok, offs_d, HEAD_DIM)
@@ -236,7 +240,7 @@ def decode_own_kernel(
     smb, smn,
     Hq, Hkv, Lq, T, group, qk_scale, keys_per_split, slot0, S_total,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_KV_MASK: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_KV_MASK: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr, WIDE: tl.constexpr,
 ):
     """Grid (B * Hkv, key splits, row blocks of group * Lq); B * Hkv on axis 0 (no 65535 limit)."""
     _own_program(
@@ -244,7 +248,7 @@ def decode_own_kernel(
         Q, K, V, KVM, OP, LP,
         sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, smb, smn,
         Hq, Hkv, Lq, T, group, qk_scale, keys_per_split, slot0, S_total,
-        HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, HAS_KV_MASK, CAUSAL, PRECISION,
+        HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, HAS_KV_MASK, CAUSAL, PRECISION, WIDE,
     )
 
 
@@ -263,7 +267,7 @@ def decode_parts_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     P_BLOCK_M: tl.constexpr, P_BLOCK_N: tl.constexpr, O_BLOCK_M: tl.constexpr, O_BLOCK_N: tl.constexpr,
     HAS_PIDX: tl.constexpr, HAS_KV_MASK: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
-    HAS_PREFIX_MASK: tl.constexpr,
+    HAS_PREFIX_MASK: tl.constexpr, WIDE: tl.constexpr,
 ):
     """Both parts in one grid of n_prefix + n_own programs, alternating while both have work.
 
@@ -287,7 +291,7 @@ def decode_parts_kernel(
             Q, PK, PV, PM, ORDER, STARTS, BSTARTS, OP, LP,
             sqb, sqh, sqm, sqd, spkg, spkh, spkn, spkd, spvg, spvh, spvn, spvd, spmg, spmn,
             B, Hq, Lq, P, group, G, qk_scale, p_keys_per_split, 0, S_total, search_steps,
-            HEAD_DIM, BLOCK_D, P_BLOCK_M, P_BLOCK_N, HAS_PIDX, PRECISION, HAS_PREFIX_MASK,
+            HEAD_DIM, BLOCK_D, P_BLOCK_M, P_BLOCK_N, HAS_PIDX, PRECISION, HAS_PREFIX_MASK, WIDE,
         )
     else:
         _own_program(
@@ -295,7 +299,7 @@ def decode_parts_kernel(
             Q, K, V, KVM, OP, LP,
             sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, smb, smn,
             Hq, Hkv, Lq, T, group, qk_scale, o_keys_per_split, p_splits, S_total,
-            HEAD_DIM, BLOCK_D, O_BLOCK_M, O_BLOCK_N, HAS_KV_MASK, CAUSAL, PRECISION,
+            HEAD_DIM, BLOCK_D, O_BLOCK_M, O_BLOCK_N, HAS_KV_MASK, CAUSAL, PRECISION, WIDE,
         )
 
 

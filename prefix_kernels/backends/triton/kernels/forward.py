@@ -17,9 +17,10 @@ LN2 = tl.constexpr(0.6931471805599453)  # natural-log lse = log2-units lse * ln(
 
 @triton.jit
 def _load_rows(base, stride_l, stride_d, offs_l, offs_d, L, HEAD_DIM: tl.constexpr):
-    """(len(offs_l), BLOCK_D) tile of a (L, HEAD_DIM) matrix, zero outside."""
+    """(len(offs_l), BLOCK_D) tile of a (L, HEAD_DIM) matrix, zero outside. Row offsets in 64
+    bits: a row stride of H * D (transformers' layout) times a long L passes 2**31."""
     mask = (offs_l[:, None] < L) & (offs_d[None, :] < HEAD_DIM)
-    return tl.load(base + offs_l[:, None] * stride_l + offs_d[None, :] * stride_d, mask=mask, other=0.0)
+    return tl.load(base + offs_l.to(tl.int64)[:, None] * stride_l + offs_d[None, :] * stride_d, mask=mask, other=0.0)
 
 
 @triton.jit
@@ -114,6 +115,6 @@ def shared_prefix_fwd_kernel(
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     lse = tl.where(empty, float("-inf"), (m_i + tl.log2(tl.where(empty, 1.0, l_i))) * LN2)
     row_ok = offs_m < Lq
-    o_ptrs = O + b * sob + h * soh + offs_m[:, None] * som + offs_d[None, :] * sod
+    o_ptrs = O + b * sob + h * soh + offs_m.to(tl.int64)[:, None] * som + offs_d[None, :] * sod
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
     tl.store(LSE + bh * Lq + offs_m, lse, mask=row_ok)
