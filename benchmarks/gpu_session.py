@@ -129,6 +129,9 @@ def _bench(script: str, rows: str, *args) -> tuple:
 # on 16 cores for the FA3 prefill module (measured 685 s on 2 cores). Inside a step capped at
 # 150 s that would leave no decode row at all; refused, its provider is skipped with the reason.
 NO_FLASHINFER_JIT = {"FLASHINFER_DISABLE_JIT": "1"}
+# Where tune_triton writes its table during a session: not the package's (the steps after it
+# measure the default tiles) and not under --out (the table is built from the rows afterwards).
+TUNED_SCRATCH = "/tmp/prefix_kernels_triton_tuned.json"
 # One Flex compile (a shape, and for attention a mode) at most, outside its timed region; a shape
 # past it is skipped with the reason, and the next one tried.
 FLEX_COMPILE_CAP_S = 60
@@ -153,6 +156,12 @@ PLAN = (
     Step("attention", gpu=_bench("bench_attention.py", "attention.jsonl", "--compiling", "none"),
          rehearse=_bench("bench_attention.py", "attention.jsonl", "--smoke", "--compiling", "none"),
          cap_s=120, floor_s=30, writes=("attention.jsonl",)),
+    # the Triton tile candidates the offline compile tables allow, timed (issue 18's autotuning);
+    # rows beside attention's (the files under --out are at most 8), the table built afterwards:
+    # python benchmarks/tune_triton.py --table-only --rows <out>/attention.jsonl
+    Step("tune_triton", gpu=_bench("tune_triton.py", "attention.jsonl", "--table", TUNED_SCRATCH),
+         rehearse=_bench("tune_triton.py", "attention.jsonl", "--smoke", "--table", TUNED_SCRATCH),
+         cap_s=150, floor_s=60, writes=("attention.jsonl",)),
     # the Flex baselines: one torch.compile per shape (and mode), each warmed outside the timing
     # under FLEX_COMPILE_CAP_S, in steps capped for their compiles
     Step("decode_flex", gpu=_bench("bench_decode.py", "decode.jsonl", "--compiling", "only",

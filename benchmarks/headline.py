@@ -24,6 +24,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from plot import RESULTS, is_subject, load_rows  # noqa: E402
 
+# Rows that compare no provider with a baseline: tune_triton's tile timings (rows of one kernel).
+NOT_COMPARED = ("tune",)
 # The row field that says how close to the hardware a provider came, per workload.
 # Timed beside the defaults to decide a default, not what a user gets without asking: left out
 # of the headline (the rows and plots keep them).
@@ -42,6 +44,8 @@ def headline(rows: list[dict]) -> list[dict]:
     never paired (a rerun of ours alone would otherwise be set against an older baseline)."""
     cases = defaultdict(lambda: defaultdict(dict))
     for r in rows:
+        if r["workload"] in NOT_COMPARED:
+            continue
         group = (r["workload"], r.get("mode"), r.get("device"), r.get("dtype"), r.get("commit"))
         cases[group][_shape_key(r["shape"])][r["provider"]] = r
     table = []

@@ -171,6 +171,63 @@ def run(capability: int) -> dict:
             "commit": _commit(), "launches": rows}
 
 
+# What the candidates' search keeps: no more shared memory than the card has and at most this
+# many stack bytes per thread (tests/test_triton_gpu_compile.py's limit for the defaults).
+STACK_LIMIT = 256
+KIND_OF = {"shared_prefix_fwd_kernel": "forward", "shared_prefix_bwd_dq_kernel": "dq",
+           "shared_prefix_bwd_own_dkdv_kernel": "dkdv", "shared_prefix_bwd_prefix_dkdv_kernel": "dkdv"}
+
+
+def run_candidates(capability: int) -> dict:
+    """Compile every tile candidate (tiles.CANDIDATES) of the forward, dq and dK/dV launches at
+    each head-dim block, with every constexpr flag on (the heaviest variant), and keep those
+    that fit: {"capability", "allowed": {"<dtype class>/<block_d>/<kind>": [[m, n, warps,
+    stages], ...]}, "rejected": {key: ["m,n,w,s: why", ...]}}."""
+    from prefix_kernels.backends.triton import tiles
+    from prefix_kernels.backends.triton import train as attention
+
+    compiled: list = []
+    _install(capability, compiled)
+    tiles.on_gpu = lambda device: True
+    tiles.sm_count = lambda device: SM_COUNT[capability]
+    default_kernel_blocks = tiles.kernel_blocks
+    allowed, rejected = {}, {}
+    for dtype, D in itertools.product((torch.bfloat16, torch.float32), (64, 128, 256)):
+        cls = tiles.dtype_class(dtype)
+        lists = tiles.CANDIDATES[cls]
+        for i in range(max(map(len, lists.values()))):
+            def pick(kind, D_, dtype_, device, i=i):
+                options = lists[kind]
+                return tiles.Blocks(*options[i]) if i < len(options) else default_kernel_blocks(kind, D_, dtype_, device)
+            tiles.kernel_blocks = pick
+            compiled.clear()
+            q, k, v, pk, pv, pidx, mask, extra = _inputs(dtype, D, 300, 300, ALL_ON)
+            out, lse = attention.forward(q, k, v, pk, pv, pidx, mask, True, D ** -0.5, **extra)
+            attention.backward(torch.empty_like(out), None, q, k, v, pk, pv, pidx, mask, True, D ** -0.5, out, lse,
+                               **extra)
+            verdict = {}
+            for name, constexprs, warps, stages, kernel in compiled:
+                kind = KIND_OF.get(name)
+                if kind is None or i >= len(lists[kind]):
+                    continue
+                usage = _cubin_usage(kernel)
+                why = []
+                if kernel.metadata.shared > MAX_SHARED[capability]:
+                    why.append(f"shared memory {kernel.metadata.shared} B > {MAX_SHARED[capability]}")
+                if usage["stack_bytes"] > STACK_LIMIT:
+                    why.append(f"{name}: stack {usage['stack_bytes']} B/thread (spills)")
+                verdict.setdefault(kind, []).extend(why)
+            for kind, why in verdict.items():
+                key = f"{cls}/{tiles.block_d(D)}/{kind}"
+                config = list(lists[kind][i])
+                if why:
+                    rejected.setdefault(key, []).append(",".join(map(str, config)) + ": " + "; ".join(why))
+                else:
+                    allowed.setdefault(key, []).append(config)
+    tiles.kernel_blocks = default_kernel_blocks
+    return {"capability": capability, "triton": triton.__version__, "allowed": allowed, "rejected": rejected}
+
+
 def _commit() -> str:
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent,
@@ -183,8 +240,10 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--arch", type=int, choices=sorted(SM_COUNT), required=True, help="compute capability x10")
     ap.add_argument("--out", type=Path, help="write the JSON here as well as to stdout")
+    ap.add_argument("--candidates", action="store_true",
+                    help="compile the tile candidates (tiles.CANDIDATES) instead, and say which fit")
     args = ap.parse_args(argv)
-    result = run(args.arch)
+    result = run_candidates(args.arch) if args.candidates else run(args.arch)
     text = json.dumps(result, indent=1)
     if args.out:
         args.out.write_text(text)

@@ -10,8 +10,10 @@ benchmarks/NOTES.md.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
 
 import torch
 import triton
@@ -54,10 +56,13 @@ def blocks(D: int, dtype: torch.dtype, device: torch.device, backward: bool) -> 
     return Blocks(64, 32, 8, 2) if wide else Blocks(64, 64, 4, 3)
 
 
-def preprocess_rows(device: torch.device) -> int:
-    """Rows per program of the backward's delta kernel: 64 rows of up to 256 fp32 columns from
-    two tensors on a GPU (streaming, no shared memory); 16 under the interpreter."""
-    return 64 if on_gpu(device) else 16
+def preprocess_rows(device: torch.device, D: int) -> int:
+    """Rows per program of the backward's delta kernel on a GPU (streaming, no shared memory):
+    64 rows, 32 past a 128-wide head dim (64 x 256 fp32 values of two tensors took 240
+    registers on sm_90); 16 under the interpreter."""
+    if not on_gpu(device):
+        return 16
+    return 64 if block_d(D) <= 128 else 32
 
 
 def needs_wide_rows(*rows_and_strides) -> bool:
@@ -65,6 +70,84 @@ def needs_wide_rows(*rows_and_strides) -> bool:
     2**31: then it takes 64-bit row offsets (a WIDE constexpr), which cost registers, and only
     then (the decode prefix kernel spills on sm_80 with them)."""
     return any(rows * abs(stride) >= 2**31 for rows, stride in rows_and_strides)
+
+
+# The launches whose tiles are chosen separately: the forward, the backward's dq kernel (BLOCK_M
+# query rows per program, BLOCK_N keys per step) and its dK/dV kernels (BLOCK_N keys per
+# program, BLOCK_M query rows per step).
+KINDS = ("forward", "dq", "dkdv")
+TUNED = Path(__file__).resolve().parents[2] / "data" / "triton_tuned.json"
+CONFIGS = Path(__file__).resolve().parents[2] / "data" / "triton_configs.json"
+
+
+def dtype_class(dtype: torch.dtype) -> str:
+    """fp16 and bf16 share their tiles (same bytes, same tensor-core rate); fp32 has its own."""
+    return "float32" if dtype == torch.float32 else "16bit"
+
+
+def block_d(D: int) -> int:
+    """The padded head-dim block the kernels use (and the key of the tile tables)."""
+    return max(16, triton.next_power_of_2(D))
+
+
+# The configurations tune_triton.py times, per launch kind and dtype class: (BLOCK_M, BLOCK_N,
+# warps, stages). tests/triton_offline_compile.py --candidates compiles each at every head-dim
+# block for sm_80 and sm_90 and keeps those within the card's shared memory and without spills
+# (prefix_kernels/data/triton_configs.json); only those are timed. The defaults of `blocks` are
+# among them. dq: 128-row tiles on 8 warps (wgmma needs 64-row warpgroups); dK/dV: 128-key
+# tiles on 8 warps with deeper pipelines.
+CANDIDATES = {
+    "16bit": {
+        "forward": [(64, 64, 4, 3), (128, 64, 4, 3), (128, 64, 8, 3), (128, 32, 8, 3), (64, 32, 4, 4),
+                    (128, 128, 8, 2), (64, 32, 8, 2), (16, 32, 4, 1)],
+        "dq": [(32, 64, 4, 2), (64, 64, 4, 2), (128, 64, 8, 2), (128, 32, 8, 3), (64, 32, 4, 3), (16, 32, 4, 1)],
+        "dkdv": [(32, 64, 4, 2), (32, 128, 8, 2), (64, 128, 8, 3), (32, 128, 8, 4), (16, 128, 8, 5), (64, 64, 4, 2),
+                 (16, 32, 4, 1)],
+    },
+    "float32": {
+        "forward": [(32, 32, 8, 2), (32, 16, 8, 2), (64, 32, 8, 2), (32, 64, 8, 2)],
+        "dq": [(32, 16, 8, 1), (32, 32, 8, 1), (64, 16, 8, 1)],
+        "dkdv": [(32, 16, 8, 1), (16, 32, 8, 1), (32, 32, 8, 1)],
+    },
+}
+
+
+def allowed_candidates(kind: str, D: int, dtype: torch.dtype, capability: int) -> list:
+    """The candidates the offline compile tables allow for this launch on this architecture
+    (compute capability x10), as Blocks; every candidate when no table was built."""
+    key = f"{dtype_class(dtype)}/{block_d(D)}/{kind}"
+    table = load_json(CONFIGS).get(str(capability))
+    if table is None or key not in table:
+        return [Blocks(*c) for c in CANDIDATES[dtype_class(dtype)][kind]]
+    return [Blocks(*c) for c in table[key]]
+
+
+def kernel_blocks(kind: str, D: int, dtype: torch.dtype, device: torch.device) -> Blocks:
+    """The tiles of one launch: the entry `benchmarks/tune_triton.py` measured fastest on this
+    GPU (prefix_kernels/data/triton_tuned.json, chosen among the configurations the offline
+    compile tables allow), else `blocks`' defaults. Nothing is tuned at run time."""
+    if device.type == "cuda":  # a real GPU (the offline compile runs GPU tiles on CPU tensors)
+        tuned = _tuned_for(device.index if device.index is not None else torch.cuda.current_device())
+        entry = tuned.get(f"{dtype_class(dtype)}/{block_d(D)}/{kind}")
+        if entry is not None:
+            return Blocks(*entry)
+    return blocks(D, dtype, device, backward=kind != "forward")
+
+
+@lru_cache(maxsize=None)
+def load_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+
+
+@lru_cache(maxsize=None)
+def _tuned_for(index: int) -> dict:
+    table = load_json(TUNED)
+    if not table:  # nothing tuned: no need to ask the GPU its name
+        return {}
+    return table.get(torch.cuda.get_device_name(index), {})
 
 
 def sm_count(device: torch.device) -> int:

@@ -51,7 +51,7 @@ def forward(q, k, v, prefix_k, prefix_v, prefix_index, kv_mask, causal: bool, sc
     Lk = k.shape[2]
     out = bhld(B, Hq, Lq, D, q)
     lse = torch.empty((B, Hq, Lq), dtype=torch.float32, device=q.device)
-    blk = tiles.blocks(D, q.dtype, q.device, backward=False)
+    blk = tiles.kernel_blocks("forward", D, q.dtype, q.device)
     kvm, smb, smn = mask_args(kv_mask, q)
     pm, spmg, spmn = mask_args(prefix_mask, q)
     grid = (B * Hq, triton.cdiv(Lq, blk.m))
@@ -71,11 +71,11 @@ def _delta(dout, out, dlse, D: int):
     """rowsum(dout * out) - dlse, fp32 (B, Hq, Lq) contiguous, in one kernel."""
     B, Hq, Lq, _ = out.shape
     delta = torch.empty((B, Hq, Lq), dtype=torch.float32, device=out.device)
-    block_m = tiles.preprocess_rows(out.device)
+    block_m = tiles.preprocess_rows(out.device, D)
     dlse_ = delta if dlse is None else dlse.float().contiguous()
     shared_prefix_bwd_preprocess_kernel[(B * Hq, triton.cdiv(Lq, block_m))](
         out, dout, dlse_, delta, *out.stride(), *dout.stride(), Hq, Lq,
-        HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_M=block_m, HAS_DLSE=dlse is not None,
+        HEAD_DIM=D, BLOCK_D=tiles.block_d(D), BLOCK_M=block_m, HAS_DLSE=dlse is not None,
         num_warps=4 if tiles.on_gpu(out.device) else 1,
     )
     return delta
@@ -92,15 +92,18 @@ def backward(dout, dlse, q, k, v, prefix_k, prefix_v, prefix_index, kv_mask, cau
     group = Hq // Hkv
     dev = q.device
     lse = lse.contiguous()
-    blk = tiles.blocks(D, q.dtype, dev, backward=True)
+    blk = tiles.kernel_blocks("dq", D, q.dtype, dev)
+    kv_blk = tiles.kernel_blocks("dkdv", D, q.dtype, dev)
     delta = _delta(dout, out, dlse, D)
     kvm, smb, smn = mask_args(kv_mask, q)
     pm, spmg, spmn = mask_args(prefix_mask, q)
     has_pm = prefix_mask is not None
     common = dict(
-        HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_M=blk.m, BLOCK_N=blk.n,
+        HEAD_DIM=D, BLOCK_D=tiles.block_d(D), BLOCK_M=blk.m, BLOCK_N=blk.n,
         PRECISION=precision(q.dtype), num_warps=blk.warps, num_stages=blk.stages,
     )
+    kv_common = dict(common, BLOCK_M=kv_blk.m, BLOCK_N=kv_blk.n, num_warps=kv_blk.warps,
+                     num_stages=kv_blk.stages)
     qk_scale = scale * LOG2E
 
     dq = bhld(B, Hq, Lq, D, q)
@@ -117,16 +120,16 @@ def backward(dout, dlse, q, k, v, prefix_k, prefix_v, prefix_index, kv_mask, cau
     dk = bhld(B, Hkv, Lk, D, k)
     dv = bhld(B, Hkv, Lk, D, v)
     if Lk > 0:
-        shared_prefix_bwd_own_dkdv_kernel[(B * Hkv, triton.cdiv(Lk, blk.n))](
+        shared_prefix_bwd_own_dkdv_kernel[(B * Hkv, triton.cdiv(Lk, kv_blk.n))](
             q, k, v, kvm, dout, lse, delta, corr, dk, dv,
             *q.stride(), *k.stride(), *v.stride(), smb, smn, *dout.stride(),
             *dk.stride()[:3], Hq, Hkv, Lq, Lk, group, qk_scale, scale,
-            HAS_KV_MASK=kv_mask is not None, CAUSAL=causal, **common,
+            HAS_KV_MASK=kv_mask is not None, CAUSAL=causal, **kv_common,
         )
 
     if P == 0:
         return dq, dk, dv, torch.zeros_like(prefix_k), torch.zeros_like(prefix_v)
-    p_blocks = triton.cdiv(P, blk.n)
+    p_blocks = triton.cdiv(P, kv_blk.n)
     splits = tiles.prefix_splits(B, G, p_blocks * Hkv * G, dev, group)
     order, starts = sorted_by_prefix(prefix_index, B, G, dev)
     if splits == 1:
@@ -139,7 +142,7 @@ def backward(dout, dlse, q, k, v, prefix_k, prefix_v, prefix_index, kv_mask, cau
         q, prefix_k, prefix_v, pm, order, starts, dout, lse, delta, corr, dpk, dpv,
         *q.stride(), *prefix_k.stride(), *prefix_v.stride(), spmg, spmn, *dout.stride(),
         Hq, Hkv, Lq, P, group, G, qk_scale, scale,
-        splits, HAS_PREFIX_MASK=has_pm, **common,
+        splits, HAS_PREFIX_MASK=has_pm, **kv_common,
     )
     if splits > 1:
         # A fixed-order sum over the split axis: the same bits on every run, unlike atomics.

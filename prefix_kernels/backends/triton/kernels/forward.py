@@ -37,17 +37,20 @@ def _visible(offs_m, offs_n, L, MASK_BASE, stride_mask, q_shift,
 
 
 @triton.jit
-def _fwd_segment(acc, m_i, l_i, q, K_BASE, V_BASE, skn, skd, svn, svd, L, hi,
+def _fwd_segment(acc, m_i, l_i, q, K_BASE, V_BASE, skn, skd, svn, svd, L, lo, hi,
                  offs_m, offs_d, MASK_BASE, stride_mask, q_shift, qk_scale,
                  CAUSAL: tl.constexpr, HAS_KV_MASK: tl.constexpr, HEAD_DIM: tl.constexpr,
-                 BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
-    """Online softmax over keys [0, hi) of one segment (prefix or per-request) of length L."""
-    for start in range(0, hi, BLOCK_N):
+                 BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, MASKED: tl.constexpr):
+    """Online softmax over keys [lo, hi) of one segment (prefix or per-request) of length L.
+    MASKED=False: the caller guarantees every key of these tiles exists and is visible to every
+    row (whole tiles, no mask, below the causal diagonal), so no mask is computed."""
+    for start in range(lo, hi, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
         k = _load_rows(K_BASE, skn, skd, offs_n, offs_d, L, HEAD_DIM)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-        ok = _visible(offs_m, offs_n, L, MASK_BASE, stride_mask, q_shift, CAUSAL, HAS_KV_MASK)
-        s = tl.where(ok, s, float("-inf"))
+        if MASKED:
+            ok = _visible(offs_m, offs_n, L, MASK_BASE, stride_mask, q_shift, CAUSAL, HAS_KV_MASK)
+            s = tl.where(ok, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # A row with nothing visible yet keeps m = -inf; exponentiate against 0 instead so that
         # exp2(-inf - -inf) never produces a NaN.
@@ -79,6 +82,8 @@ def shared_prefix_fwd_kernel(
 ):
     bh = tl.program_id(0).to(tl.int64)  # B * Hq on axis 0 (axes 1, 2 stop at 65535); 64-bit offsets
     pid_m = tl.program_id(1)
+    if CAUSAL:  # the last query blocks see the most keys: launch them first
+        pid_m = tl.num_programs(1) - 1 - pid_m
     b = bh // Hq
     h = bh % Hq
     hk = h // group
@@ -95,20 +100,39 @@ def shared_prefix_fwd_kernel(
     else:
         g = 0
     # The prefix segment: no causal mask; prefix_mask's row g (uint8, (G, P)), when given, is
-    # the segment's key mask, read as kv_mask is for the own keys (0 outside P).
+    # the segment's key mask, read as kv_mask is for the own keys (0 outside P). Its whole tiles
+    # need no mask without a prefix_mask; the last, partial one does.
+    PK_G, PV_G = PK + g * spkg + hk * spkh, PV + g * spvg + hk * spvh
+    p_full = 0
+    if not HAS_PREFIX_MASK:
+        p_full = (P // BLOCK_N) * BLOCK_N
     acc, m_i, l_i = _fwd_segment(
-        acc, m_i, l_i, q, PK + g * spkg + hk * spkh, PV + g * spvg + hk * spvh, spkn, spkd, spvn, spvd,
-        P, P, offs_m, offs_d, PM + g * spmg, spmn, 0, qk_scale,
-        False, HAS_PREFIX_MASK, HEAD_DIM, BLOCK_N, PRECISION,
+        acc, m_i, l_i, q, PK_G, PV_G, spkn, spkd, spvn, spvd, P, 0, p_full, offs_m, offs_d, PM + g * spmg, spmn, 0,
+        qk_scale, False, False, HEAD_DIM, BLOCK_N, PRECISION, False,
+    )
+    acc, m_i, l_i = _fwd_segment(
+        acc, m_i, l_i, q, PK_G, PV_G, spkn, spkd, spvn, spvd, P, p_full, P, offs_m, offs_d, PM + g * spmg, spmn, 0,
+        qk_scale, False, HAS_PREFIX_MASK, HEAD_DIM, BLOCK_N, PRECISION, True,
     )
     q_shift = Lk - Lq  # bottom-right causal alignment: query i sees key j <= i + q_shift
     hi = Lk
+    # Own keys every row of this block sees, in whole tiles: no mask there. Keys below the
+    # block's first row's diagonal, without kv_mask; the tiles from there to hi are masked.
+    full = Lk
     if CAUSAL:
         hi = tl.minimum(Lk, (pid_m + 1) * BLOCK_M + q_shift)
+        full = tl.minimum(Lk, pid_m * BLOCK_M + q_shift + 1)
+    o_full = tl.maximum(full, 0) // BLOCK_N * BLOCK_N
+    if HAS_KV_MASK:
+        o_full = 0
+    K_B, V_B = K + b * skb + hk * skh, V + b * svb + hk * svh
     acc, m_i, l_i = _fwd_segment(
-        acc, m_i, l_i, q, K + b * skb + hk * skh, V + b * svb + hk * svh, skn, skd, svn, svd,
-        Lk, hi, offs_m, offs_d, KVM + b * smb, smn, q_shift, qk_scale,
-        CAUSAL, HAS_KV_MASK, HEAD_DIM, BLOCK_N, PRECISION,
+        acc, m_i, l_i, q, K_B, V_B, skn, skd, svn, svd, Lk, 0, o_full, offs_m, offs_d, KVM + b * smb, smn, q_shift,
+        qk_scale, False, False, HEAD_DIM, BLOCK_N, PRECISION, False,
+    )
+    acc, m_i, l_i = _fwd_segment(
+        acc, m_i, l_i, q, K_B, V_B, skn, skd, svn, svd, Lk, o_full, hi, offs_m, offs_d, KVM + b * smb, smn, q_shift,
+        qk_scale, CAUSAL, HAS_KV_MASK, HEAD_DIM, BLOCK_N, PRECISION, True,
     )
 
     empty = l_i == 0.0  # no visible key (P == 0 or every prefix key masked, no own key): out 0, lse -inf
