@@ -56,8 +56,10 @@ bool shape_of(spd_dtype dtype, int64_t D, Shape* s) {
 }
 
 // Splits of a segment of `keys` keys so that about `target` blocks run when `base` blocks exist
-// without splitting; every split holds at least one tile and the same number of tiles.
-void split_keys(int64_t keys, int64_t tile, int64_t base, int64_t target, int64_t* splits, int64_t* chunk) {
+// without splitting, and at most `cap`; every split holds at least one tile and the same number
+// of tiles.
+void split_keys(int64_t keys, int64_t tile, int64_t base, int64_t target, int64_t cap, int64_t* splits,
+                int64_t* chunk) {
   if (keys <= 0) {
     *splits = 0;
     *chunk = tile;
@@ -67,6 +69,7 @@ void split_keys(int64_t keys, int64_t tile, int64_t base, int64_t target, int64_
   int64_t want = cdiv(target, base > 0 ? base : 1);
   if (want < 1) want = 1;
   if (want > tiles) want = tiles;
+  if (want > cap) want = cap;
   if (want > kMaxGridY) want = kMaxGridY;
   *chunk = cdiv(tiles, want) * tile;
   *splits = cdiv(keys, *chunk);
@@ -181,11 +184,25 @@ extern "C" const char* spd_make_plan(const spd_problem* pr, int num_sms, spd_pla
   // prefix g needs ceil(count_g * group_rows / rows) blocks, at most B * group_rows / rows + min(G, B).
   const int64_t prefix_row_blocks = spd::cdiv(pr->B * plan->group_rows, s.rows);
   plan->prefix_grid_x = prefix_row_blocks + (pr->G < pr->B ? pr->G : pr->B);
-  spd::split_keys(pr->P, s.keys, prefix_row_blocks * pr->Hkv, target, &plan->prefix_splits, &plan->prefix_chunk);
+  // Split partials: every split's fp32 rows (D values and an lse), written then read back by the
+  // merge, together within a tenth of the bytes the step reads (the caches once, q and out),
+  // shared between the parts by their keys; each part may always take one split. More splits
+  // fill more multiprocessors but move more bytes, and a decode step is bound by its bytes.
+  const int64_t elem = pr->dtype == SPD_FLOAT32 ? 4 : 2;
+  const int64_t prefixes = pr->G < pr->B ? pr->G : pr->B;
+  const int64_t step_bytes = 2 * (prefixes * pr->Hkv * pr->P + pr->B * pr->Hkv * pr->T) * pr->D * elem +
+                             2 * rows_total * pr->D * elem;
+  const int64_t per_split = 2 * rows_total * (pr->D + 1) * 4;
+  const int64_t budget = step_bytes / 10 / per_split;
+  const int64_t keys = pr->P + pr->T > 0 ? pr->P + pr->T : 1;
+  const int64_t prefix_cap = budget * pr->P / keys > 1 ? budget * pr->P / keys : 1;
+  const int64_t request_cap = budget * pr->T / keys > 1 ? budget * pr->T / keys : 1;
+  spd::split_keys(pr->P, s.keys, prefix_row_blocks * pr->Hkv, target, prefix_cap, &plan->prefix_splits,
+                  &plan->prefix_chunk);
 
   plan->request_row_blocks = spd::cdiv(plan->group_rows, s.rows);
-  spd::split_keys(pr->T, s.keys, pr->B * pr->Hkv * plan->request_row_blocks, target, &plan->request_splits,
-                  &plan->request_chunk);
+  spd::split_keys(pr->T, s.keys, pr->B * pr->Hkv * plan->request_row_blocks, target, request_cap,
+                  &plan->request_splits, &plan->request_chunk);
 
   if (plan->prefix_grid_x > INT_MAX || pr->B * pr->Hkv * plan->request_row_blocks > INT_MAX ||
       spd::cdiv(rows_total, spd::kMergeWarps) > INT_MAX) {

@@ -430,3 +430,29 @@ def test_small_index_dtypes_reach_the_binding_as_int32(monkeypatch):
     for dtype in (torch.int8, torch.int16, torch.uint8, torch.int32, torch.int64):
         cuda.decode_forward(*(inp[n] for n in TENSORS), inp["prefix_index"].to(dtype), None)
     assert seen == [torch.int32] * 4 + [torch.int64]
+
+
+@pytest.mark.parametrize("B", [8, 64, 256])
+@pytest.mark.parametrize("P", [1024, 4096, 16384])
+def test_plan_split_partials_within_a_tenth_of_the_step(B, P):
+    """The CUDA plan (spd_make_plan, compiled for the emulation) at the decode benchmark's shapes
+    (bf16, Hq 32, Hkv 8, D 128, T 256, an H100's 132 SMs): every split's fp32 partials, written
+    and read back, weigh at most a tenth of the bytes the step reads, and long prefixes are still
+    split to fill the GPU."""
+    import ctypes
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent / "cuda_emu"))
+    import spd_emu
+
+    if spd_emu.compiler() is None:
+        pytest.skip("no g++ to build the emulation")
+    dll = spd_emu.build()
+    Hq, Hkv, D, T = 32, 8, 128, 256
+    plan = spd_emu.Plan()
+    problem = spd_emu.Problem(spd_emu.DTYPES[torch.bfloat16], B, Hq, Hkv, 1, T, D, 1, P)
+    assert dll.spd_make_plan(ctypes.byref(problem), spd_emu.H100_SMS, ctypes.byref(plan)) is None
+    rows = B * Hq
+    step = 2 * (Hkv * P + B * Hkv * T) * D * 2 + 2 * rows * D * 2
+    assert 2 * rows * (D + 1) * 4 * (plan.prefix_splits + plan.request_splits) <= 0.1 * step
+    if B == 8 and P >= 4096:
+        assert plan.prefix_splits > 1
