@@ -68,7 +68,7 @@ def kernel_for(dtype, D: int, device: torch.device, *, bias: bool):
     reasons = []
     for kernel in order(device):
         why = list(kernel.reasons(dtype, D, device))
-        if bias and not kernel.takes_bias:
+        if bias and not kernel.takes_bias and not why:
             why.append("takes no bias (kv_mask, prefix_mask or non-square causal)")
         if not why:
             return kernel, []
@@ -83,7 +83,7 @@ def reasons(dtype, D: int, device: torch.device) -> list:
     for bias in (False, True):
         kernel, declined = kernel_for(dtype, D, device, bias=bias)
         if kernel is None:
-            why.append(f"{'a masked' if bias else 'an unmasked'} part has no kernel ({'; '.join(declined)})")
+            why.append(f"no kernel for a part {'with' if bias else 'without'} a bias ({'; '.join(declined)})")
     return why
 
 

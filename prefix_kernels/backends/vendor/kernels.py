@@ -60,7 +60,10 @@ def _cuda_reasons(device, min_capability=(8, 0)) -> list:
         return [f"runs on CUDA tensors, got {device.type}"]
     if torch.version.hip:
         return ["not wired for ROCm"]
-    cap = _capability(device)
+    try:
+        cap = _capability(device)
+    except Exception as exc:  # a CPU-only torch asked about a CUDA problem; a broken driver
+        return [f"could not query the GPU ({type(exc).__name__}: {exc})"]
     if cap < min_capability:
         return [f"needs compute capability >= {min_capability[0]}.{min_capability[1]}, this GPU has {cap[0]}.{cap[1]}"]
     return []
