@@ -379,3 +379,20 @@ def test_train_table_keeps_the_faster_where_both_ran():
     assert table == {"GPU X": [
         dict(dtype="bfloat16", D=128, B=16, L=1024, P=16, faster="triton", composed_ms=2.0, triton_ms=1.0),
         dict(dtype="bfloat16", D=128, B=16, L=1024, P=128, faster="composed", composed_ms=2.0, triton_ms=3.0)]}
+
+
+def test_deterministic_mode_rules_out_the_efficient_kernel(monkeypatch):
+    """torch.use_deterministic_algorithms(True): the memory-efficient kernel (atomics in its
+    backward; ATen raises there) says why it declines, and a choice made before is not reused."""
+    monkeypatch.setattr(K, "_cuda_reasons", lambda device, min_capability=(8, 0): [])  # as on a GPU
+    cuda = torch.device("cuda")
+    assert K.ATEN_EFFICIENT.reasons(BF16, 64, cuda) == []
+    before = registry._variables()
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert registry._variables() != before
+        assert K.ATEN_EFFICIENT.reasons(BF16, 64, cuda) == [
+            "its backward accumulates with atomics, and torch.use_deterministic_algorithms(True) is set"]
+        assert K.ATEN_FLASH.reasons(BF16, 64, cuda) == [] or not torch.backends.cuda.is_flash_attention_available()
+    finally:
+        torch.use_deterministic_algorithms(False)

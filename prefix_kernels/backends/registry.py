@@ -130,8 +130,10 @@ def _planned(requested: str, p: Problem, decode: bool, variables: tuple) -> str:
 
 
 def _variables() -> tuple:
-    """The variables that change a choice: part of a plan's key."""
-    return tuple(os.environ.get(name) for name in (env.DISABLE_CUDA, env.DISABLE_CPU_KERNEL))
+    """The variables that change a choice: part of a plan's key (torch's deterministic mode rules
+    out a kernel whose backward uses atomics)."""
+    return (*(os.environ.get(name) for name in (env.DISABLE_CUDA, env.DISABLE_CPU_KERNEL)),
+            torch.are_deterministic_algorithms_enabled())
 
 
 def plan(requested, p: Problem, *, decode: bool = False) -> str:

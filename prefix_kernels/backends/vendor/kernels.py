@@ -190,6 +190,8 @@ def _aten_efficient_reasons(dtype, D, device) -> list:
     why = _cuda_reasons(device, min_capability=(5, 0))
     if why:
         return why
+    if torch.are_deterministic_algorithms_enabled() and not torch.is_deterministic_algorithms_warn_only_enabled():
+        why.append("its backward accumulates with atomics, and torch.use_deterministic_algorithms(True) is set")
     align = 4 if dtype == torch.float32 else 8
     if D % align:
         why.append(f"the memory-efficient kernel takes a head dim that is a multiple of {align} in {dtype}, got {D}")
