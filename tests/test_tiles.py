@@ -41,3 +41,30 @@ def test_prefix_gradient_grid_fills_the_gpu(h100, P):
 def test_prefix_splits_on_the_interpreter_stay_small():
     assert tiles.prefix_splits(8, 1, 4, torch.device("cpu"), 4) == 2
     assert tiles.prefix_splits(1, 1, 4, torch.device("cpu"), 4) == 1
+
+
+def test_head_pack():
+    assert tiles.head_pack(1, 128) == 1
+    assert tiles.head_pack(4, 128) == 4
+    assert tiles.head_pack(8, 128) == 8
+    assert tiles.head_pack(16, 128) == 8  # at most 8
+    assert tiles.head_pack(6, 128) == 2  # a power of two dividing the group
+    assert tiles.head_pack(8, 32) == 2  # at least 16 positions per head
+    assert tiles.head_pack(4, 16) == 1  # the interpreter's 16-row tiles: no packing
+
+
+@pytest.mark.parametrize("Hq,Hkv", [(8, 1), (8, 2), (6, 2), (4, 4)], ids=["pack8", "pack4", "pack1-of-3", "mha"])
+@pytest.mark.parametrize("Lq,dLk", [(37, 0), (5, 9)])
+def test_dq_packs_the_heads_of_a_kv_group(monkeypatch, triton_device, Hq, Hkv, Lq, dLk):
+    """dq programs of 128 rows stacking up to 8 query heads of one kv head (16 positions each),
+    against the float64 reference: several position blocks, a partial last one, Lq shorter than
+    a block, causal, two prefixes, left padding."""
+    from helpers import assert_close_to_reference, make_inputs
+
+    default = tiles.kernel_blocks
+    monkeypatch.setattr(tiles, "kernel_blocks",
+                        lambda kind, *a: tiles.Blocks(128, 32, 8, 3) if kind == "dq" else default(kind, *a))
+    torch.manual_seed(Hq * 100 + Lq)
+    inp = make_inputs(3, Hq, Hkv, Lq, Lq + dLk, 21, 32, 2, torch.float16, triton_device, padding="left",
+                      transposed=True)
+    assert_close_to_reference(inp, backend="triton", causal=True, desc=f"pack Hq={Hq} Hkv={Hkv}")

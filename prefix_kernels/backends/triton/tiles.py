@@ -150,6 +150,16 @@ def _tuned_for(index: int) -> dict:
     return table.get(torch.cuda.get_device_name(index), {})
 
 
+def head_pack(group: int, block_m: int) -> int:
+    """How many query heads of one kv group a dq program stacks in its block_m rows: the largest
+    power of two dividing `group` (they must share the kv head) that leaves at least 16 query
+    positions (tl.dot's smallest tile) per head, at most 8."""
+    pack = 1
+    while pack < 8 and group % (2 * pack) == 0 and block_m // (2 * pack) >= 16:
+        pack *= 2
+    return pack
+
+
 def sm_count(device: torch.device) -> int:
     return _sm_count_of(device.index if device.index is not None else torch.cuda.current_device())
 

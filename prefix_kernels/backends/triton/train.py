@@ -108,13 +108,14 @@ def backward(dout, dlse, q, k, v, prefix_k, prefix_v, prefix_index, kv_mask, cau
 
     dq = bhld(B, Hq, Lq, D, q)
     corr = torch.empty_like(lse)  # per-row renormalisation of p, written by the dq kernel
-    shared_prefix_bwd_dq_kernel[(B * Hq, triton.cdiv(Lq, blk.m))](
+    pack = tiles.head_pack(group, blk.m)
+    shared_prefix_bwd_dq_kernel[(B * Hq // pack, triton.cdiv(Lq, blk.m // pack))](
         q, k, v, prefix_k, prefix_v, q if prefix_index is None else prefix_index.contiguous(), kvm, pm, dout, lse, delta,
         dq, corr,
         *q.stride(), *k.stride(), *v.stride(), *prefix_k.stride(), *prefix_v.stride(), smb, smn, spmg, spmn,
         *dout.stride(), *dq.stride()[:3], Hq, Lq, Lk, P, group, qk_scale, scale,
         HAS_PIDX=prefix_index is not None, HAS_KV_MASK=kv_mask is not None, CAUSAL=causal,
-        HAS_PREFIX_MASK=has_pm, **common,
+        HAS_PREFIX_MASK=has_pm, PACK=pack, **common,
     )
 
     dk = bhld(B, Hkv, Lk, D, k)

@@ -107,18 +107,30 @@ def shared_prefix_bwd_dq_kernel(
     Hq, Lq, Lk, P, group, qk_scale, scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_PIDX: tl.constexpr, HAS_KV_MASK: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
-    HAS_PREFIX_MASK: tl.constexpr,
+    HAS_PREFIX_MASK: tl.constexpr, PACK: tl.constexpr,
 ):
-    bh = tl.program_id(0).to(tl.int64)  # B * Hq on axis 0 (axes 1, 2 stop at 65535); 64-bit offsets
+    """dq of BLOCK_M rows: PACK query heads of one kv head (they read the same keys and share
+    one causal limit) x BLOCK_M / PACK query positions, so that each K/V tile loaded serves PACK
+    heads and short queries still fill a large tile. Row r is head h0 + r // POS at position
+    pid_m * POS + r % POS."""
+    POS: tl.constexpr = BLOCK_M // PACK
+    pid = tl.program_id(0).to(tl.int64)  # B * Hq / PACK on axis 0 (axes 1, 2 stop at 65535); 64-bit offsets
     pid_m = tl.program_id(1)
-    b = bh // Hq
-    h = bh % Hq
-    hk = h // group
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    packs = Hq // PACK
+    b = pid // packs
+    h0 = (pid % packs) * PACK
+    hk = h0 // group
+    offs_r = tl.arange(0, BLOCK_M)
+    h = h0 + offs_r // POS
+    pos = pid_m * POS + offs_r % POS
+    row_ok = pos < Lq
     offs_d = tl.arange(0, BLOCK_D)
-    q = _load_rows(Q + b * sqb + h * sqh, sqm, sqd, offs_m, offs_d, Lq, HEAD_DIM)
-    do = _load_rows(DO + b * sdob + h * sdoh, sdom, sdod, offs_m, offs_d, Lq, HEAD_DIM)
-    lse2, delta = _row_stats(LSE + bh * Lq, DELTA + bh * Lq, offs_m, Lq)
+    ld = row_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
+    rows = pos.to(tl.int64)[:, None]
+    q = tl.load(Q + b * sqb + h[:, None] * sqh + rows * sqm + offs_d[None, :] * sqd, mask=ld, other=0.0)
+    do = tl.load(DO + b * sdob + h[:, None] * sdoh + rows * sdom + offs_d[None, :] * sdod, mask=ld, other=0.0)
+    bh = b * Hq + h  # per row
+    lse2, delta = _row_stats(LSE + bh * Lq, DELTA + bh * Lq, pos, Lq)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     psum = tl.zeros([BLOCK_M], dtype=tl.float32)
 
@@ -128,24 +140,24 @@ def shared_prefix_bwd_dq_kernel(
         g = 0
     dq, psum = _dq_segment(
         dq, psum, q, do, lse2, delta, PK + g * spkg + hk * spkh, PV + g * spvg + hk * spvh, spkn, spkd, spvn, spvd,
-        P, P, offs_m, offs_d, PM + g * spmg, spmn, 0, qk_scale, False, HAS_PREFIX_MASK, HEAD_DIM, BLOCK_N,
+        P, P, pos, offs_d, PM + g * spmg, spmn, 0, qk_scale, False, HAS_PREFIX_MASK, HEAD_DIM, BLOCK_N,
         PRECISION,
     )
     q_shift = Lk - Lq
     hi = Lk
     if CAUSAL:
-        hi = tl.minimum(Lk, (pid_m + 1) * BLOCK_M + q_shift)
+        hi = tl.minimum(Lk, (pid_m + 1) * POS + q_shift)
     dq, psum = _dq_segment(
         dq, psum, q, do, lse2, delta, K + b * skb + hk * skh, V + b * svb + hk * svh, skn, skd, svn, svd,
-        Lk, hi, offs_m, offs_d, KVM + b * smb, smn, q_shift, qk_scale,
+        Lk, hi, pos, offs_d, KVM + b * smb, smn, q_shift, qk_scale,
         CAUSAL, HAS_KV_MASK, HEAD_DIM, BLOCK_N, PRECISION,
     )
     corr = _renormaliser(psum)
     dq = dq * corr[:, None]
-    tl.store(CORR + bh * Lq + offs_m, corr, mask=offs_m < Lq)  # fp32 (B, Hq, Lq), contiguous
+    tl.store(CORR + bh * Lq + pos, corr, mask=row_ok)  # fp32 (B, Hq, Lq), contiguous
     # DQ is a fresh (B, Hq, Lq, D) tensor, unit stride along D.
-    dq_ptrs = DQ + b * sdqb + h * sdqh + offs_m.to(tl.int64)[:, None] * sdqm + offs_d[None, :]
-    tl.store(dq_ptrs, (dq * scale).to(DQ.dtype.element_ty), mask=(offs_m < Lq)[:, None] & (offs_d < HEAD_DIM)[None, :])
+    dq_ptrs = DQ + b * sdqb + h[:, None] * sdqh + rows * sdqm + offs_d[None, :]
+    tl.store(dq_ptrs, (dq * scale).to(DQ.dtype.element_ty), mask=ld)
 
 
 @triton.jit
