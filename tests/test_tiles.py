@@ -55,16 +55,18 @@ def test_head_pack():
 
 @pytest.mark.parametrize("Hq,Hkv", [(8, 1), (8, 2), (6, 2), (4, 4)], ids=["pack8", "pack4", "pack1-of-3", "mha"])
 @pytest.mark.parametrize("Lq,dLk", [(37, 0), (5, 9)])
-def test_dq_packs_the_heads_of_a_kv_group(monkeypatch, triton_device, Hq, Hkv, Lq, dLk):
-    """dq programs of 128 rows stacking up to 8 query heads of one kv head (16 positions each),
-    against the float64 reference: several position blocks, a partial last one, Lq shorter than
-    a block, causal, two prefixes, left padding."""
+@pytest.mark.parametrize("kind", ["forward", "dq"])
+def test_programs_pack_the_heads_of_a_kv_group(monkeypatch, triton_device, Hq, Hkv, Lq, dLk, kind):
+    """Forward and dq programs of 128 rows stacking up to 8 query heads of one kv head (16
+    positions each), against the float64 reference: several position blocks, a partial last one,
+    Lq shorter than a block, causal, two prefixes, left padding."""
     from helpers import assert_close_to_reference, make_inputs
 
     default = tiles.kernel_blocks
     monkeypatch.setattr(tiles, "kernel_blocks",
-                        lambda kind, *a: tiles.Blocks(128, 32, 8, 3) if kind == "dq" else default(kind, *a))
+                        lambda k, *a: tiles.Blocks(128, 32, 8, 3) if k == kind else default(k, *a))
     torch.manual_seed(Hq * 100 + Lq)
     inp = make_inputs(3, Hq, Hkv, Lq, Lq + dLk, 21, 32, 2, torch.float16, triton_device, padding="left",
                       transposed=True)
-    assert_close_to_reference(inp, backend="triton", causal=True, desc=f"pack Hq={Hq} Hkv={Hkv}")
+    assert_close_to_reference(inp, backend="triton", causal=True, return_lse=kind == "forward",
+                              desc=f"{kind} pack Hq={Hq} Hkv={Hkv}")

@@ -54,14 +54,15 @@ def forward(q, k, v, prefix_k, prefix_v, prefix_index, kv_mask, causal: bool, sc
     blk = tiles.kernel_blocks("forward", D, q.dtype, q.device)
     kvm, smb, smn = mask_args(kv_mask, q)
     pm, spmg, spmn = mask_args(prefix_mask, q)
-    grid = (B * Hq, triton.cdiv(Lq, blk.m))
+    pack = tiles.head_pack(Hq // Hkv, blk.m)
+    grid = (B * Hq // pack, triton.cdiv(Lq, blk.m // pack))
     shared_prefix_fwd_kernel[grid](
         q, k, v, prefix_k, prefix_v, q if prefix_index is None else prefix_index.contiguous(), kvm, pm, out, lse,
         *q.stride(), *k.stride(), *v.stride(), *prefix_k.stride(), *prefix_v.stride(), smb, smn, spmg, spmn,
         *out.stride(), Hq, Lq, Lk, P, Hq // Hkv, scale * LOG2E,
         HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_M=blk.m, BLOCK_N=blk.n,
         HAS_PIDX=prefix_index is not None, HAS_KV_MASK=kv_mask is not None, CAUSAL=causal,
-        PRECISION=precision(q.dtype), HAS_PREFIX_MASK=prefix_mask is not None,
+        PRECISION=precision(q.dtype), HAS_PREFIX_MASK=prefix_mask is not None, PACK=pack,
         num_warps=blk.warps, num_stages=blk.stages,
     )
     return out, lse

@@ -26,7 +26,7 @@ error left is that of s itself, as in any float32 softmax.
 import triton
 import triton.language as tl
 
-from .forward import _load_rows, _visible
+from .forward import _load_rows, _packed_rows, _visible
 
 LOG2E = tl.constexpr(1.4426950408889634)
 
@@ -109,24 +109,13 @@ def shared_prefix_bwd_dq_kernel(
     HAS_PIDX: tl.constexpr, HAS_KV_MASK: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
     HAS_PREFIX_MASK: tl.constexpr, PACK: tl.constexpr,
 ):
-    """dq of BLOCK_M rows: PACK query heads of one kv head (they read the same keys and share
-    one causal limit) x BLOCK_M / PACK query positions, so that each K/V tile loaded serves PACK
-    heads and short queries still fill a large tile. Row r is head h0 + r // POS at position
-    pid_m * POS + r % POS."""
+    """dq of BLOCK_M query rows of PACK heads (forward._packed_rows): each K/V tile loaded serves
+    PACK heads, and short queries still fill a large tile."""
     POS: tl.constexpr = BLOCK_M // PACK
     pid = tl.program_id(0).to(tl.int64)  # B * Hq / PACK on axis 0 (axes 1, 2 stop at 65535); 64-bit offsets
     pid_m = tl.program_id(1)
-    packs = Hq // PACK
-    b = pid // packs
-    h0 = (pid % packs) * PACK
-    hk = h0 // group
-    offs_r = tl.arange(0, BLOCK_M)
-    h = h0 + offs_r // POS
-    pos = pid_m * POS + offs_r % POS
-    row_ok = pos < Lq
-    offs_d = tl.arange(0, BLOCK_D)
-    ld = row_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
-    rows = pos.to(tl.int64)[:, None]
+    b, hk, h, pos, offs_d, row_ok, ld, rows = _packed_rows(pid, pid_m, Hq, group, Lq, HEAD_DIM, BLOCK_D, BLOCK_M,
+                                                           PACK)
     q = tl.load(Q + b * sqb + h[:, None] * sqh + rows * sqm + offs_d[None, :] * sqd, mask=ld, other=0.0)
     do = tl.load(DO + b * sdob + h[:, None] * sdoh + rows * sdom + offs_d[None, :] * sdod, mask=ld, other=0.0)
     bh = b * Hq + h  # per row

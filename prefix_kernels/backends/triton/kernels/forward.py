@@ -37,6 +37,27 @@ def _visible(offs_m, offs_n, L, MASK_BASE, stride_mask, q_shift,
 
 
 @triton.jit
+def _packed_rows(pid, pid_m, Hq, group, Lq, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                 PACK: tl.constexpr):
+    """The rows of a program that stacks PACK query heads of one kv head (they read the same keys
+    and share one causal limit) x BLOCK_M / PACK query positions: row r is head h0 + r // POS at
+    position pid_m * POS + r % POS, so each K/V tile loaded serves PACK heads. pid (int64) runs
+    over B * Hq / PACK. Returns (b, hk, h, pos, offs_d, row_ok, ld: the (rows, BLOCK_D) load
+    mask, rows: pos as an int64 column)."""
+    POS: tl.constexpr = BLOCK_M // PACK
+    packs = Hq // PACK
+    b = pid // packs
+    h0 = (pid % packs) * PACK
+    offs_r = tl.arange(0, BLOCK_M)
+    h = h0 + offs_r // POS
+    pos = pid_m * POS + offs_r % POS
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = pos < Lq
+    ld = row_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
+    return b, h0 // group, h, pos, offs_d, row_ok, ld, pos.to(tl.int64)[:, None]
+
+
+@triton.jit
 def _fwd_segment(acc, m_i, l_i, q, K_BASE, V_BASE, skn, skd, svn, svd, L, lo, hi,
                  offs_m, offs_d, MASK_BASE, stride_mask, q_shift, qk_scale,
                  CAUSAL: tl.constexpr, HAS_KV_MASK: tl.constexpr, HEAD_DIM: tl.constexpr,
@@ -78,18 +99,17 @@ def shared_prefix_fwd_kernel(
     Hq, Lq, Lk, P, group, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_PIDX: tl.constexpr, HAS_KV_MASK: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
-    HAS_PREFIX_MASK: tl.constexpr,
+    HAS_PREFIX_MASK: tl.constexpr, PACK: tl.constexpr,
 ):
-    bh = tl.program_id(0).to(tl.int64)  # B * Hq on axis 0 (axes 1, 2 stop at 65535); 64-bit offsets
+    """BLOCK_M query rows of PACK heads (_packed_rows) through the prefix, then the own keys."""
+    POS: tl.constexpr = BLOCK_M // PACK
+    pid = tl.program_id(0).to(tl.int64)  # B * Hq / PACK on axis 0 (axes 1, 2 stop at 65535); 64-bit offsets
     pid_m = tl.program_id(1)
     if CAUSAL:  # the last query blocks see the most keys: launch them first
         pid_m = tl.num_programs(1) - 1 - pid_m
-    b = bh // Hq
-    h = bh % Hq
-    hk = h // group
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    q = _load_rows(Q + b * sqb + h * sqh, sqm, sqd, offs_m, offs_d, Lq, HEAD_DIM)
+    b, hk, h, offs_m, offs_d, row_ok, ld, rows = _packed_rows(pid, pid_m, Hq, group, Lq, HEAD_DIM, BLOCK_D, BLOCK_M,
+                                                              PACK)
+    q = tl.load(Q + b * sqb + h[:, None] * sqh + rows * sqm + offs_d[None, :] * sqd, mask=ld, other=0.0)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -120,8 +140,8 @@ def shared_prefix_fwd_kernel(
     # block's first row's diagonal, without kv_mask; the tiles from there to hi are masked.
     full = Lk
     if CAUSAL:
-        hi = tl.minimum(Lk, (pid_m + 1) * BLOCK_M + q_shift)
-        full = tl.minimum(Lk, pid_m * BLOCK_M + q_shift + 1)
+        hi = tl.minimum(Lk, (pid_m + 1) * POS + q_shift)
+        full = tl.minimum(Lk, pid_m * POS + q_shift + 1)
     o_full = tl.maximum(full, 0) // BLOCK_N * BLOCK_N
     if HAS_KV_MASK:
         o_full = 0
@@ -138,7 +158,6 @@ def shared_prefix_fwd_kernel(
     empty = l_i == 0.0  # no visible key (P == 0 or every prefix key masked, no own key): out 0, lse -inf
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     lse = tl.where(empty, float("-inf"), (m_i + tl.log2(tl.where(empty, 1.0, l_i))) * LN2)
-    row_ok = offs_m < Lq
-    o_ptrs = O + b * sob + h * soh + offs_m.to(tl.int64)[:, None] * som + offs_d[None, :] * sod
-    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
-    tl.store(LSE + bh * Lq + offs_m, lse, mask=row_ok)
+    o_ptrs = O + b * sob + h[:, None] * soh + rows * som + offs_d[None, :] * sod
+    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=ld)
+    tl.store(LSE + (b * Hq + h) * Lq + offs_m, lse, mask=row_ok)
