@@ -43,17 +43,22 @@ def build_table(rows: list[dict]) -> dict:
     return table
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rows", type=Path, default=ROOT / "benchmarks" / "results" / "decode.jsonl")
-    ap.add_argument("--out", type=Path, default=TABLE)
+def write_table(build, doc: str, rows_default: Path, out_default: Path, argv=None) -> dict:
+    """The command line of a choice table (this one and train_choice.py's): read --rows (smoke
+    rows left out), build, write --out."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rows", type=Path, default=rows_default)
+    ap.add_argument("--out", type=Path, default=out_default)
     args = ap.parse_args(argv)
-    rows = [r for r in read_rows(args.rows) if not r.get("smoke")]
-    table = build_table(rows)
+    table = build([r for r in read_rows(args.rows) if not r.get("smoke")])
     args.out.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
     n = sum(len(v) for v in table.values())
     print(f"{n} shapes on {len(table)} GPU(s) -> {args.out}")
     return table
+
+
+def main(argv=None):
+    return write_table(build_table, __doc__, ROOT / "benchmarks" / "results" / "decode.jsonl", TABLE, argv)
 
 
 if __name__ == "__main__":

@@ -10,8 +10,6 @@ one first on CUDA for the nearest shape (prefix_kernels/backends/train_choice.py
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -21,7 +19,7 @@ sys.path.insert(0, str(ROOT))
 from prefix_kernels.backends.train_choice import TABLE  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from rows import read_rows  # noqa: E402
+from decode_choice import write_table  # noqa: E402
 
 PROVIDER = {"prefix_kernels_composed": "composed", "prefix_kernels_triton": "triton"}
 
@@ -47,16 +45,7 @@ def build_table(rows: list[dict]) -> dict:
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rows", type=Path, default=ROOT / "benchmarks" / "results" / "attention.jsonl")
-    ap.add_argument("--out", type=Path, default=TABLE)
-    args = ap.parse_args(argv)
-    rows = [r for r in read_rows(args.rows) if not r.get("smoke")]
-    table = build_table(rows)
-    args.out.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
-    n = sum(len(v) for v in table.values())
-    print(f"{n} shapes on {len(table)} GPU(s) -> {args.out}")
-    return table
+    return write_table(build_table, __doc__, ROOT / "benchmarks" / "results" / "attention.jsonl", TABLE, argv)
 
 
 if __name__ == "__main__":
