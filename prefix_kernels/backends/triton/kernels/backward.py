@@ -20,7 +20,8 @@ that row carries (measured: ~1e-3 relative gradient error in fp32, against ~1e-6
 reference that normalises its softmax). The dq kernel visits every key of its rows anyway, so
 it also sums its p: 1 in exact arithmetic. It divides its dq by that sum and stores the
 correction 1 / sum per row in CORR, which the dK/dV kernels multiply their p by. The per-key
-error left is that of s itself, as in any float32 softmax.
+error left is that of s itself, as in any float32 softmax. Only float32 (PRECISION "ieee") does
+this: in 16-bit inputs the rounding of the inputs and of p itself is ~10x that of lse.
 """
 
 import triton
@@ -63,7 +64,8 @@ def _dq_segment(dq, psum, q, do, lse2, delta, K_BASE, V_BASE, skn, skd, svn, svd
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
-        psum += tl.sum(p, 1)
+        if PRECISION == "ieee":  # float32: the row renormalisation (module docstring)
+            psum += tl.sum(p, 1)
     return dq, psum
 
 
@@ -141,9 +143,10 @@ def shared_prefix_bwd_dq_kernel(
         Lk, hi, pos, offs_d, KVM + b * smb, smn, q_shift, qk_scale,
         CAUSAL, HAS_KV_MASK, HEAD_DIM, BLOCK_N, PRECISION,
     )
-    corr = _renormaliser(psum)
-    dq = dq * corr[:, None]
-    tl.store(CORR + bh * Lq + pos, corr, mask=row_ok)  # fp32 (B, Hq, Lq), contiguous
+    if PRECISION == "ieee":  # float32: the row renormalisation (module docstring)
+        corr = _renormaliser(psum)
+        dq = dq * corr[:, None]
+        tl.store(CORR + bh * Lq + pos, corr, mask=row_ok)  # fp32 (B, Hq, Lq), contiguous
     # DQ is a fresh (B, Hq, Lq, D) tensor, unit stride along D.
     dq_ptrs = DQ + b * sdqb + h[:, None] * sdqh + rows * sdqm + offs_d[None, :]
     tl.store(dq_ptrs, (dq * scale).to(DQ.dtype.element_ty), mask=ld)
@@ -163,10 +166,12 @@ def _dkdv_rows(dk, dv, k, v, Q_ROW, DO_ROW, LSE_ROW, DELTA_ROW, CORR_ROW, sqm, s
         q = _load_rows(Q_ROW, sqm, sqd, offs_m, offs_d, Lq, HEAD_DIM)
         do = _load_rows(DO_ROW, sdom, sdod, offs_m, offs_d, Lq, HEAD_DIM)
         lse2, delta = _row_stats(LSE_ROW, DELTA_ROW, offs_m, Lq)
-        corr = tl.load(CORR_ROW + offs_m, mask=offs_m < Lq, other=1.0)
         st = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale  # (BLOCK_N, BLOCK_M)
         ok = tl.trans(_visible(offs_m, offs_n, L, MASK_BASE, stride_mask, q_shift, CAUSAL, HAS_KV_MASK))
-        pt = tl.where(ok, tl.exp2(st - lse2[None, :]) * corr[None, :], 0.0)
+        pt = tl.exp2(st - lse2[None, :])
+        if PRECISION == "ieee":  # float32: the row renormalisation (module docstring)
+            pt = pt * tl.load(CORR_ROW + offs_m, mask=offs_m < Lq, other=1.0)[None, :]
+        pt = tl.where(ok, pt, 0.0)
         dv += tl.dot(pt.to(do.dtype), do, input_precision=PRECISION)
         dpt = tl.dot(v, tl.trans(do), input_precision=PRECISION)
         dst = pt * (dpt - delta[None, :])
