@@ -20,7 +20,7 @@ from . import demo, demo_grpo, verify
 PACKAGE_ROOT = Path(prefix_kernels.__file__).resolve().parent
 
 # The backends `verify` checks (verify.BACKENDS; a test keeps the two equal).
-VERIFY_BACKENDS = ("cuda", "triton", "torch")
+VERIFY_BACKENDS = ("cuda", "triton", "torch", "composed")
 
 
 def positive_int(text: str) -> int:

@@ -96,7 +96,7 @@ def check(c: Case, backend: str, device, decode: bool) -> dict:
 REASONS = registry.reasons_table(decode=False)
 DECODE_REASONS = registry.reasons_table(decode=True)
 # The backends verify checks, in the registry's order; "reference" is what they are checked against.
-BACKENDS = tuple(b for b in DECODE_REASONS if b != "reference")
+BACKENDS = tuple(dict.fromkeys(b for table in (DECODE_REASONS, REASONS) for b in table if b != "reference"))
 
 
 def _check_backends(backends) -> tuple:
