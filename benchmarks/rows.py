@@ -15,7 +15,6 @@ from pathlib import Path
 
 import torch
 
-import analytic  # benchmarks/ is on the path of every script that imports rows
 from prefix_kernels.cli.commands import positive_int  # noqa: F401  (the scripts' argparse type)
 
 # Fields that say *what* was measured; a rerun with the same values replaces the old row. "smoke"
@@ -138,6 +137,8 @@ def with_prediction(row: dict) -> dict:
     """The row with the analytic model's `predicted_ms` and `predicted_bound` (analytic.py)
     beside its measurement, for the workloads the model covers (attention, decode)."""
     if row.get("workload") in ("attention", "decode") and "predicted_ms" not in row:
+        import analytic  # beside this file; benchmarks/ is on the path of every script that imports rows
+
         try:
             prediction = analytic.for_row(row)
         except (KeyError, TypeError) as exc:  # a row without the shape fields the model reads
