@@ -396,3 +396,21 @@ def test_deterministic_mode_rules_out_the_efficient_kernel(monkeypatch):
         assert K.ATEN_FLASH.reasons(BF16, 64, cuda) == [] or not torch.backends.cuda.is_flash_attention_available()
     finally:
         torch.use_deterministic_algorithms(False)
+
+
+def test_prefix_groups_read_back_once_per_index(monkeypatch):
+    """Grouping requests by prefix reads prefix_index back to the host: every layer and the
+    backward share one reading of the same index; an in-place change is seen."""
+    calls = []
+    real = compose.prefix_groups
+    monkeypatch.setattr(compose, "prefix_groups", lambda index: calls.append(1) or real(index))
+    monkeypatch.setattr(compose, "_groups_cache", (None, None, None))
+    inp = make_inputs(4, 4, 2, 6, 6, 5, 16, 2, FP32, "cpu")
+    for _ in range(3):  # three "layers"
+        out = run_op(inp, causal=True, backend="composed")
+        out.backward(torch.randn_like(out))
+    assert len(calls) == 1
+    with torch.no_grad():
+        inp["prefix_index"][0] = 1 - inp["prefix_index"][0]
+    assert_close_to_reference(inp, causal=True, return_lse=False, backend="composed", desc="index changed in place")
+    assert len(calls) >= 2

@@ -119,6 +119,26 @@ def _mask_key(kv_mask):
     return (kv_mask.data_ptr(), tuple(kv_mask.shape), kv_mask.stride(), kv_mask._version)
 
 
+# The last grouping of requests by prefix. prefix_groups reads the index back to the host (a
+# sync); every layer of a forward, and the backward, pass the same index, so they share one.
+# Kept alive with its key, as _own_cache.
+_groups_cache: tuple = (None, None, None)
+
+
+def groups_of(prefix_index) -> list:
+    """prefix_groups(prefix_index), computed once per index tensor and version."""
+    global _groups_cache
+    if prefix_index is None:
+        return prefix_groups(None)
+    key = _mask_key(prefix_index)
+    held, cached_key, value = _groups_cache
+    if cached_key == key and held is not None:
+        return value
+    value = prefix_groups(prefix_index)
+    _groups_cache = (prefix_index, key, value)
+    return value
+
+
 def own_needs_bias(Lq: int, Lk: int, kv_mask, causal: bool) -> bool:
     return kv_mask is not None or (causal and Lq != Lk)
 
@@ -248,7 +268,7 @@ def forward(q, k, v, prefix_k, prefix_v, prefix_index, kv_mask, causal, scale, p
         out_r, lse_r = torch.zeros_like(q), neg_inf
     if P > 0:
         kernel = _kernel(q.dtype, D, q.device, prefix_mask is not None)
-        groups = prefix_groups(prefix_index)
+        groups = groups_of(prefix_index)
         if len(groups) == 1:
             g = groups[0][0]
             bias, visible = _prefix_bias(kernel, prefix_mask, g, q.dtype)
@@ -321,7 +341,7 @@ def backward(dout, dlse, q, k, v, prefix_k, prefix_v, prefix_index, kv_mask, cau
     if P > 0:
         kernel = _kernel(q.dtype, D, q.device, prefix_mask is not None)
         dq = dq if dq.dtype == torch.float32 else dq.float()
-        for g, rows in prefix_groups(prefix_index):
+        for g, rows in groups_of(prefix_index):
             pick = (lambda x: x) if rows is None else (lambda x: x[rows])
             dq_g, dpk[g], dpv[g] = _prefix_backward(pick(dout), pick(q), pick(out), pick(lse_in), prefix_k[g],
                                                     prefix_v[g], prefix_mask, g, scale, kernel)
