@@ -236,8 +236,8 @@ def _run_meta(monkeypatch, kernels, groups=None, **shape):
     return rec.calls, (q, k, v, pk_, pv_), out
 
 
-@pytest.mark.parametrize("kernels", [(K.ATEN_FLASH, K.ATEN_EFFICIENT), (K.ATEN_EFFICIENT,)],
-                         ids=["aten_flash", "aten_efficient"])
+@pytest.mark.parametrize("kernels", [(K.ATEN_FLASH, K.ATEN_EFFICIENT), (K.ATEN_CUDNN, K.ATEN_EFFICIENT),
+                                     (K.ATEN_EFFICIENT,)], ids=["aten_flash", "aten_cudnn", "aten_efficient"])
 def test_cuda_call_sites_unmasked(monkeypatch, kernels):
     calls, (q, k, v, pk_, pv_), out = _run_meta(monkeypatch, kernels)
     names = [(n, kind) for n, kind, _, _ in calls]
@@ -336,7 +336,7 @@ def test_composed_matrix_gpu(case):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("kernels", ["aten_flash,aten_efficient", "aten_efficient"])
+@pytest.mark.parametrize("kernels", ["aten_flash,aten_efficient", "aten_cudnn,aten_efficient", "aten_efficient"])
 @pytest.mark.parametrize("dtype", [BF16, FP16], ids=["bf16", "fp16"])
 def test_composed_each_cuda_kernel(monkeypatch, kernels, dtype):
     monkeypatch.setenv("PREFIX_KERNELS_COMPOSED_KERNELS", kernels)

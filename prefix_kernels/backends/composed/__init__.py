@@ -3,8 +3,8 @@
 Each call is split into its prefix part and its own part, each run by a vendor kernel and merged
 by natural-log log-sum-exp (backends/vendor/compose.py has the method and why its gradients are
 exact). Kernels, best first where present (backends/vendor/kernels.py): on CUDA the flash_attn
-package (FlashAttention 2 >= 2.7, an optional extra), torch's own flash kernel, then its
-memory-efficient kernel (the one for masks: kv_mask, prefix_mask, non-square causal); on a CPU
+package (FlashAttention 2 >= 2.7, an optional extra), torch's own flash kernel, its cuDNN kernel,
+then its memory-efficient kernel (the one for masks: kv_mask, prefix_mask, non-square causal); on a CPU
 ATen's CPU flash kernel, which the torch backend's CPU path runs through the same code.
 PREFIX_KERNELS_COMPOSED_KERNELS names the kernels to try instead (benchmarks compare them).
 

@@ -190,7 +190,7 @@ def _aten_efficient_reasons(dtype, D, device) -> list:
     why = _cuda_reasons(device, min_capability=(5, 0))
     if why:
         return why
-    if torch.are_deterministic_algorithms_enabled() and not torch.is_deterministic_algorithms_warn_only_enabled():
+    if _deterministic_requested():
         why.append("its backward accumulates with atomics, and torch.use_deterministic_algorithms(True) is set")
     align = 4 if dtype == torch.float32 else 8
     if D % align:
@@ -226,6 +226,49 @@ def _aten_efficient_backward(dout, q, k, v, out, lse, *, causal, bias, scale):
 
 ATEN_EFFICIENT = Kernel("aten_efficient", _aten_efficient_reasons, _aten_efficient_forward,
                         _aten_efficient_backward, native_gqa=False, bias_align=16, deterministic=False)
+
+
+# ---- ATen's cuDNN kernel: fp16/bf16, head dim <= 128; no bias, k and v expanded for GQA here ----
+# (cuDNN's own GQA and bias support depend on the cuDNN and torch versions; not relied on.)
+
+
+def _deterministic_requested() -> bool:
+    return torch.are_deterministic_algorithms_enabled() and not torch.is_deterministic_algorithms_warn_only_enabled()
+
+
+def _aten_cudnn_reasons(dtype, D, device) -> list:
+    why = _cuda_reasons(device)
+    if why:
+        return why
+    if not torch.backends.cudnn.is_available() or (torch.backends.cudnn.version() or 0) < 90000:
+        why.append("needs cuDNN >= 9 with this torch")
+    if dtype not in HALF:
+        why.append(f"cuDNN attention takes float16/bfloat16, got {dtype}")
+    if D % 8 or D > 128:
+        why.append(f"cuDNN attention is used here for head dims that are multiples of 8 up to 128, got {D}")
+    if _deterministic_requested():
+        why.append("its backward is not promised deterministic, and torch.use_deterministic_algorithms(True) is set")
+    return why
+
+
+def _aten_cudnn_forward(q, k, v, *, causal, bias, scale):
+    out, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, causal, False,
+                                                                  scale=scale)[:2]
+    return out, lse.reshape(lse.shape[:3])  # cuDNN's lse is (B, H, L, 1)
+
+
+def _aten_cudnn_backward(dout, q, k, v, out, lse, *, causal, bias, scale):
+    seed, offset = (torch.empty((), dtype=torch.int64, device=q.device) for _ in range(2))
+    if dout.stride() != out.stride():  # cuDNN reads dO with O's strides
+        dout = torch.empty_like(out).copy_(dout)
+    # None passes an undefined tensor: no bias, and dense (not nested) inputs for cum_seq_q/k
+    return torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
+        dout, q, k, v, out, lse.contiguous().unsqueeze(-1), seed, offset, None, None, None, q.shape[2], k.shape[2],
+        0.0, causal, scale=scale)
+
+
+ATEN_CUDNN = Kernel("aten_cudnn", _aten_cudnn_reasons, _aten_cudnn_forward, _aten_cudnn_backward,
+                    takes_bias=False, native_gqa=False, deterministic=False)
 
 
 # ---- the flash_attn package (FlashAttention 2, >= 2.7): fp16/bf16, no bias, GQA -----------------
@@ -286,11 +329,11 @@ def _flash_attn_backward(dout, q, k, v, out, lse, *, causal, bias, scale):
 FLASH_ATTN = Kernel("flash_attn", _flash_attn_reasons, _flash_attn_forward, _flash_attn_backward, takes_bias=False)
 
 
-# Preference order on CUDA: the flash_attn package where installed, ATen's flash kernel, then the
-# memory-efficient kernel (the one that takes a bias: kv_mask, prefix_mask, non-square causal).
-# Not here: FlashAttention 3 (flash_attn_interface), whose low-level forward/backward arguments
-# change between releases, and cuDNN, whose ATen backward takes cum_seq_q/cum_seq_k as required
-# tensors that must be undefined for dense inputs, which Python cannot pass (docs/backends.md).
-CUDA_ORDER = (FLASH_ATTN, ATEN_FLASH, ATEN_EFFICIENT)
+# Preference order on CUDA: the flash_attn package where installed, ATen's flash kernel, cuDNN's
+# (reached where flash declines; PREFIX_KERNELS_COMPOSED_KERNELS puts it first, for the benchmark
+# to measure), then the memory-efficient kernel (the one that takes a bias: kv_mask,
+# prefix_mask, non-square causal). Not here: FlashAttention 3 (flash_attn_interface), whose
+# low-level forward/backward arguments change between releases (docs/backends.md).
+CUDA_ORDER = (FLASH_ATTN, ATEN_FLASH, ATEN_CUDNN, ATEN_EFFICIENT)
 CPU_ORDER = (ATEN_CPU,)
-BY_NAME = {k.name: k for k in (ATEN_CPU, FLASH_ATTN, ATEN_FLASH, ATEN_EFFICIENT)}
+BY_NAME = {k.name: k for k in (ATEN_CPU, FLASH_ATTN, ATEN_FLASH, ATEN_CUDNN, ATEN_EFFICIENT)}
