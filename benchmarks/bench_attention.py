@@ -11,6 +11,8 @@ Providers (each reported as skipped with its reason when it cannot run):
                    this package, backend="composed": vendor attention kernels (FlashAttention,
                    cuDNN, SDPA) for the prefix part and the own part, merged by log-sum-exp;
                    skipped with the reason where that backend is unknown or declines the case
+  prefix_kernels_composed_cudnn
+                   the same with cuDNN's kernel tried first (PREFIX_KERNELS_COMPOSED_KERNELS)
   sdpa_copied      what PEFT on transformers runs today: each request's prefix copied in front of
                    its keys, GQA heads repeated, SDPA with a bool mask. The mask is built once
                    per forward, as transformers builds it (not per layer), so outside the timed
@@ -66,6 +68,7 @@ from rows import Progress, environment  # noqa: E402
 from timing import time_ms, warm  # noqa: E402
 
 from prefix_kernels import shared_prefix_attention  # noqa: E402
+from prefix_kernels._core import env  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "attention.jsonl"
 COMPILE_CAP_S = 120.0  # default --compile-cap-s: one Flex compile (a shape and mode) at most
@@ -148,6 +151,20 @@ def provider_prefix_kernels_composed(q, k, v, pk, pv, prefix_index=None, kv_mask
     the row is skipped with that reason."""
     return shared_prefix_attention(q, k, v, pk, pv, prefix_index=prefix_index, kv_mask=kv_mask, causal=True,
                                    backend="composed")
+
+
+def provider_prefix_kernels_composed_cudnn(q, k, v, pk, pv, prefix_index=None, kv_mask=None):
+    """backend="composed" with cuDNN's kernel first (PREFIX_KERNELS_COMPOSED_KERNELS), to measure
+    it against the default order's flash kernel; masked parts keep the memory-efficient kernel."""
+    previous = os.environ.get(env.COMPOSED_KERNELS)
+    os.environ[env.COMPOSED_KERNELS] = "aten_cudnn,aten_efficient"
+    try:
+        return provider_prefix_kernels_composed(q, k, v, pk, pv, prefix_index, kv_mask)
+    finally:
+        if previous is None:
+            del os.environ[env.COMPOSED_KERNELS]
+        else:
+            os.environ[env.COMPOSED_KERNELS] = previous
 
 
 def hf_mask(B: int, L: int, P: int, kv_mask, device) -> torch.Tensor:
@@ -244,6 +261,7 @@ PROVIDERS = {
     "prefix_kernels": provider_prefix_kernels,
     "prefix_kernels_triton": provider_prefix_kernels_triton,
     "prefix_kernels_composed": provider_prefix_kernels_composed,
+    "prefix_kernels_composed_cudnn": provider_prefix_kernels_composed_cudnn,
     "sdpa_copied": provider_sdpa_copied,
     "flex_broadcast": provider_flex_broadcast,
 }

@@ -130,9 +130,9 @@ def _planned(requested: str, p: Problem, decode: bool, variables: tuple) -> str:
 
 
 def _variables() -> tuple:
-    """The variables that change a choice: part of a plan's key (torch's deterministic mode rules
-    out a kernel whose backward uses atomics)."""
-    return (*(os.environ.get(name) for name in (env.DISABLE_CUDA, env.DISABLE_CPU_KERNEL)),
+    """The variables that change a choice: part of a plan's key (the composed backend's kernel
+    order; torch's deterministic mode rules out a kernel whose backward uses atomics)."""
+    return (*(os.environ.get(name) for name in (env.DISABLE_CUDA, env.DISABLE_CPU_KERNEL, env.COMPOSED_KERNELS)),
             torch.are_deterministic_algorithms_enabled())
 
 
