@@ -46,7 +46,7 @@ def test_the_shipped_table_allows_the_defaults():
             for D in (64, 128, 256):
                 for kind in tiles.KINDS:
                     key = f"{tiles.dtype_class(dtype)}/{D}/{kind}"
-                    default = tiles.blocks(D, dtype, torch.device("cuda"), backward=kind != "forward")
+                    default = tiles.blocks(D, dtype, torch.device("cuda"), kind)
                     allowed = [tiles.Blocks(*c) for c in table[arch][key]]
                     assert default in allowed, (arch, key, default)
 
@@ -73,10 +73,8 @@ def test_launchers_read_the_tuned_table(monkeypatch, tmp_path):
         cuda = torch.device("cuda")
         assert tiles.kernel_blocks("dq", 128, torch.bfloat16, cuda) == tiles.Blocks(128, 32, 8, 3)
         assert tiles.kernel_blocks("dq", 96, torch.float16, cuda) == tiles.Blocks(128, 32, 8, 3)  # block 128
-        assert tiles.kernel_blocks("forward", 128, torch.bfloat16, cuda) == tiles.blocks(128, torch.bfloat16, cuda,
-                                                                                         backward=False)
-        assert tiles.kernel_blocks("dq", 128, torch.float32, cuda) == tiles.blocks(128, torch.float32, cuda,
-                                                                                   backward=True)
+        assert tiles.kernel_blocks("forward", 128, torch.bfloat16, cuda) == tiles.blocks(128, torch.bfloat16, cuda)
+        assert tiles.kernel_blocks("dq", 128, torch.float32, cuda) == tiles.blocks(128, torch.float32, cuda, "dq")
         # CPU tensors never consult it (nor ask for a GPU's name)
         assert tiles.kernel_blocks("dq", 128, torch.bfloat16, torch.device("cpu")) == tiles.Blocks(16, 16, 1, 1)
     finally:

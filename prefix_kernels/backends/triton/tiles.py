@@ -34,26 +34,33 @@ class Blocks:
     stages: int
 
 
-def blocks(D: int, dtype: torch.dtype, device: torch.device, backward: bool) -> Blocks:
-    """Tile sizes, chosen to fit shared memory and registers rather than tuned. Forward at D = 128
-    in 16-bit: Q 64x128x2 B = 16 KB plus K and V 64x128x2 B x 2 x 3 stages = 96 KB, inside an
-    A100's 164 KB. Backward programs keep two fp32 accumulators of (BLOCK, D), hence smaller
-    tiles. fp32 takes exact products (PRECISION "ieee"), which hold whole operand tiles in
+def blocks(D: int, dtype: torch.dtype, device: torch.device, kind: str = "forward") -> Blocks:
+    """The default tiles of a launch kind ("forward", "dq", "dkdv"), chosen to fit shared memory
+    and registers (every one is among the candidates the offline compile tables allow on sm_80
+    and sm_90, data/triton_configs.json) until a GPU's tuning run replaces them
+    (kernel_blocks). 16-bit, D <= 128: the forward and dq on 128-row tiles of 8 warps (wgmma's
+    64-row warpgroups; with the heads of a kv group stacked in them), dK/dV on 128-key tiles of 8
+    warps taking 16 query rows a step through a 5-stage pipeline (no spills on sm_80 or sm_90 at
+    D <= 128, where 32 rows a step spilled 64-120 B per thread). fp32 takes exact products (PRECISION "ieee"), which hold whole operand tiles in
     registers: small tiles on 8 warps keep them out of the stack; 16-bit D > 128 takes 8 warps
     for the same reason (the spill tables behind both are in benchmarks/NOTES.md).
     Under the interpreter 16 x 16 tiles make every test shape cross several blocks in a few steps."""
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     if not on_gpu(device):
         return Blocks(16, 16, 1, 1)
     wide = D > 128
     if dtype == torch.float32:
-        if backward:
+        if kind != "forward":
             return Blocks(32, 16, 8, 1)
         return Blocks(32, 32, 8, 2) if D <= 64 else Blocks(32, 16, 8, 2)
-    if backward:
-        return Blocks(16, 32, 4, 1) if wide else Blocks(32, 64, 4, 2)
+    if kind == "dq":
+        return Blocks(16, 32, 4, 1) if wide else Blocks(128, 64, 8, 2)
+    if kind == "dkdv":
+        return Blocks(16, 32, 4, 1) if wide else Blocks(16, 128, 8, 5)
     if D <= 64:
         return Blocks(128, 64, 4, 3)
-    return Blocks(64, 32, 8, 2) if wide else Blocks(64, 64, 4, 3)
+    return Blocks(64, 32, 8, 2) if wide else Blocks(128, 64, 8, 3)
 
 
 def preprocess_rows(device: torch.device, D: int) -> int:
@@ -131,7 +138,7 @@ def kernel_blocks(kind: str, D: int, dtype: torch.dtype, device: torch.device) -
         entry = tuned.get(f"{dtype_class(dtype)}/{block_d(D)}/{kind}")
         if entry is not None:
             return Blocks(*entry)
-    return blocks(D, dtype, device, backward=kind != "forward")
+    return blocks(D, dtype, device, kind)
 
 
 @lru_cache(maxsize=None)
@@ -221,7 +228,7 @@ def decode_blocks(D: int, R: int, dtype: torch.dtype, device: torch.device) -> D
     blocks and tiles."""
     if not on_gpu(device):
         return DecodeBlocks(16, 32, max(16, min(32, triton.next_power_of_2(R))), 32, 1, 1)
-    fwd = blocks(D, dtype, device, backward=False)
+    fwd = blocks(D, dtype, device, "forward")
     own_m = max(16, min(fwd.m, triton.next_power_of_2(R)))
     return DecodeBlocks(fwd.m, fwd.n, own_m, fwd.n, fwd.warps, fwd.stages)
 
