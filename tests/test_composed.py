@@ -414,3 +414,29 @@ def test_prefix_groups_read_back_once_per_index(monkeypatch):
         inp["prefix_index"][0] = 1 - inp["prefix_index"][0]
     assert_close_to_reference(inp, causal=True, return_lse=False, backend="composed", desc="index changed in place")
     assert len(calls) >= 2
+
+
+@pytest.mark.parametrize("dtype", [FP32, FP16], ids=["fp32", "fp16"])
+def test_merge_kernel_matches_the_eager_merge(triton_device, dtype):
+    """The one-kernel merge (CUDA tensors; here under the interpreter) against compose's eager
+    merge: strided parts as the fold leaves them, rows where one part or both see nothing."""
+    from prefix_kernels.backends.vendor import merge_kernel
+
+    torch.manual_seed(0)
+    B, Hq, Lq, D = 3, 4, 7, 40
+    q = torch.empty(B, Hq, Lq, D, dtype=dtype, device=triton_device)
+    out_p = compose.unfold(torch.randn(1, Hq, B * Lq, D, dtype=dtype, device=triton_device), B)  # strided
+    out_r = torch.randn(B, Lq, Hq, D, dtype=dtype, device=triton_device).transpose(1, 2)
+    lse_p = compose._unfold_lse(torch.randn(1, Hq, B * Lq, device=triton_device) * 3, B)
+    lse_r = torch.randn(B, Hq, Lq, device=triton_device) * 3
+    lse_p[0, 0, 1] = float("-inf")  # this row sees no prefix key
+    lse_r[1, 2, 3] = float("-inf")  # this one no own key
+    lse_p[2, 1, 0] = lse_r[2, 1, 0] = float("-inf")  # and this one nothing
+    out_r[1, 2, 3] = 0.0  # compose sets a part's rows that see nothing to 0 before merging
+    want_out, want_lse = compose.merge(q.cpu(), out_p.cpu(), lse_p.cpu(), out_r.cpu(), lse_r.cpu())
+    got_out, got_lse = merge_kernel.merge(q, out_p, lse_p, out_r, lse_r)
+    tol = 1e-6 if dtype == FP32 else 1e-3
+    torch.testing.assert_close(got_out.cpu().float(), want_out.float(), rtol=tol, atol=tol)
+    torch.testing.assert_close(got_lse.cpu(), want_lse, rtol=1e-6, atol=1e-6)
+    assert got_out.transpose(1, 2).is_contiguous() and got_lse.is_contiguous()
+    assert got_lse[2, 1, 0] == float("-inf") and torch.equal(got_out[2, 1, 0].cpu(), torch.zeros(D, dtype=dtype))

@@ -37,8 +37,9 @@ def _launched_kernel_names() -> set[str]:
     from triton.runtime.jit import JITFunction
 
     from prefix_kernels.backends.triton.kernels import backward, decode, forward
+    from prefix_kernels.backends.vendor import merge_kernel
 
-    return {name for module in (forward, backward, decode) for name, obj in vars(module).items()
+    return {name for module in (forward, backward, decode, merge_kernel) for name, obj in vars(module).items()
             if isinstance(obj, (JITFunction, InterpretedFunction)) and not name.startswith("_")}
 
 

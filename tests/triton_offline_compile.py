@@ -158,6 +158,12 @@ def run(capability: int) -> dict:
         decode.forward(q, k, v, pk, pv, pidx, mask, flags["causal"], D ** -0.5, **extra)
         if _fused_case(dtype, D, flags):
             decode.forward(q, k, v, pk, pv, pidx, mask, flags["causal"], D ** -0.5, fuse_parts=True, **extra)
+    from prefix_kernels.backends.vendor import merge_kernel  # the composed backend's merge
+
+    for dtype, D in itertools.product((torch.float16, torch.bfloat16, torch.float32), (64, 128, 256)):
+        q = torch.empty(4, 200, 8, D, dtype=dtype).transpose(1, 2)
+        lse = torch.empty(4, 8, 200, dtype=torch.float32)
+        merge_kernel.merge(q, q, lse, q, lse)
     rows, seen = [], set()
     for name, constexprs, warps, stages, kernel in compiled:
         if id(kernel) in seen:  # the same specialisation again (the JIT cache returned it)

@@ -36,6 +36,10 @@ from ..._core.masks import visible_keys
 from . import kernels as K
 
 
+# Whether CUDA tensors merge in the Triton kernel (tests switch it off to compare).
+MERGE_KERNEL = True
+
+
 def unit_last(x):
     """x with a contiguous last dim, which every kernel here reads as contiguous whatever its
     stride says (ATen's CPU flash kernel gave errors of 2.4 for a D-strided bf16 q). Copied only
@@ -240,7 +244,13 @@ def _prefix_forward(q, pk, pv, bias, visible, scale, kernel):
 
 
 def merge(q, out_p, lse_p, out_r, lse_r):
-    """Both parts combined by their natural-log lse (either may be -inf), in the package's layout."""
+    """Both parts combined by their natural-log lse (either may be -inf), in the package's layout.
+    On CUDA one Triton kernel (merge_kernel.py), where this eager form moves several times the
+    bytes of the outputs."""
+    if q.device.type == "cuda" and MERGE_KERNEL:
+        from . import merge_kernel
+
+        return merge_kernel.merge(q, out_p, lse_p, out_r, lse_r)
     lse = torch.logaddexp(lse_p, lse_r)
     safe = no_inf(lse)
     w_p, w_r = torch.exp(lse_p - safe)[..., None], torch.exp(lse_r - safe)[..., None]
