@@ -17,11 +17,11 @@ have only run under Triton's interpreter (docs/backends.md).
 from __future__ import annotations
 
 import functools
-import json
 from pathlib import Path
 
 import torch
 
+from . import decode_choice
 from .decode_choice import nearest
 
 TABLE = Path(__file__).resolve().parents[1] / "data" / "train_choice.json"
@@ -29,13 +29,9 @@ CHOICES = ("composed", "triton")
 DEFAULT = "composed"
 
 
-@functools.lru_cache(maxsize=None)
 def load_table(path: Path = TABLE) -> dict:
     """{gpu name: [{"dtype", "D", "B", "L", "P", "faster"}, ...]}; {} when absent."""
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        return {}
+    return decode_choice.load_table(path)  # the same reader, cached per path
 
 
 def faster_train_backend(device: str, dtype: str, D, B, L, P) -> str:

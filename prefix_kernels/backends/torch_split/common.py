@@ -1,5 +1,5 @@
-"""Pieces both halves of the split path share: stacking the rows of the requests that use one
-prefix, masked per-request scores, the log-sum-exp merge of the two parts, the output layout."""
+"""Pieces of the explicit split path: stacking the rows of the requests that use one prefix,
+masked per-request scores, the log-sum-exp merge of the two parts."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import torch
 
 from ..._core.layout import bhld_like
 from ..._core.masks import visible_keys
+from ..vendor.compose import no_inf
 
 
 def stack_rows(x5, rows):
@@ -28,11 +29,6 @@ def scatter(full, rows, part):
         full[rows] = part
 
 
-def no_inf(lse):
-    """lse with -inf (a row that sees no key) replaced by +inf, so exp(s - lse) is 0, not NaN."""
-    return torch.where(torch.isneginf(lse), torch.inf, lse)
-
-
 def per_request_scores(q5, k, kv_mask, causal, scale, Lq):
     """Masked scores (B, Hkv, group * Lq, Lk) of each request's queries against its own keys."""
     B, Hkv, R, _ = q5.shape
@@ -48,11 +44,4 @@ def merge(q, out_p, lse_p, out_r, lse_r):
     lse = torch.logaddexp(lse_p, lse_r)
     safe = no_inf(lse)
     out = torch.exp(lse_p - safe)[..., None] * out_p + torch.exp(lse_r - safe)[..., None] * out_r
-    return out_layout(out.to(q.dtype)), lse
-
-
-def out_layout(out, like=None):
-    """`out` copied into the package's output layout (_core.layout), or an empty one like `like`."""
-    if out is None:
-        return bhld_like(like)
-    return bhld_like(out).copy_(out)
+    return bhld_like(q).copy_(out), lse  # the package's output layout (_core.layout)

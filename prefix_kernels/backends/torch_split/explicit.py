@@ -6,7 +6,8 @@ from __future__ import annotations
 import torch
 
 from ..._core.grouping import prefix_groups
-from .common import merge, no_inf, per_request_scores, scatter, stack_rows, unstack_rows
+from ..vendor.compose import no_inf
+from .common import merge, per_request_scores, scatter, stack_rows, unstack_rows
 
 
 def forward(q, k, v, prefix_k, prefix_v, prefix_index, kv_mask, causal: bool, scale: float, prefix_mask=None):
