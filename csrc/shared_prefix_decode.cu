@@ -88,13 +88,13 @@ bool vec_ok(const void* ptr, const int64_t* stride, int ndim, int elem_bytes) {
 
 // The prefix and per-request kernels as two launches.
 template <typename T, int D>
-cudaError_t launch_parts(const Params& p, const spd_plan& plan, cudaStream_t stream) {
+cudaError_t launch_parts(const Params& p, cudaStream_t stream) {
   using C = Config<T, D>;
   cudaError_t err;
   if (p.prefix_splits > 0) {
     err = cudaFuncSetAttribute(prefix_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize, C::SMEM);
     if (err != cudaSuccess) return err;
-    const dim3 grid(static_cast<unsigned>(plan.prefix_grid_x), static_cast<unsigned>(p.Hkv),
+    const dim3 grid(static_cast<unsigned>(p.prefix_grid_x), static_cast<unsigned>(p.Hkv),
                     static_cast<unsigned>(p.prefix_splits));
     SPD_LAUNCH(grid, C::THREADS, C::SMEM, stream, p, prefix_kernel<T, D>);
     err = cudaGetLastError();
@@ -113,10 +113,10 @@ cudaError_t launch_parts(const Params& p, const spd_plan& plan, cudaStream_t str
 }
 
 template <typename T, int D>
-cudaError_t launch_typed(const Params& p, const spd_plan& plan, cudaStream_t stream, bool fuse_parts) {
+cudaError_t launch_typed(const Params& p, cudaStream_t stream, bool fuse_parts) {
   using C = Config<T, D>;
   cudaError_t err;
-  const int64_t n_prefix = plan.prefix_grid_x * p.Hkv * p.prefix_splits;
+  const int64_t n_prefix = p.prefix_grid_x * p.Hkv * p.prefix_splits;
   const int64_t n_request = static_cast<int64_t>(p.B) * p.Hkv * p.request_row_blocks * p.request_splits;
   // One grid when asked for, both parts have blocks, and their sum fits gridDim.x (else two launches).
   if (fuse_parts && n_prefix > 0 && n_request > 0 && n_prefix + n_request <= INT_MAX) {
@@ -127,7 +127,7 @@ cudaError_t launch_typed(const Params& p, const spd_plan& plan, cudaStream_t str
     err = cudaGetLastError();
     if (err != cudaSuccess) return err;
   } else {
-    err = launch_parts<T, D>(p, plan, stream);
+    err = launch_parts<T, D>(p, stream);
     if (err != cudaSuccess) return err;
   }
   const unsigned merge_blocks = static_cast<unsigned>(cdiv(p.rows_total, kMergeWarps));
@@ -136,9 +136,9 @@ cudaError_t launch_typed(const Params& p, const spd_plan& plan, cudaStream_t str
 }
 
 template <typename T>
-cudaError_t launch_dim(const Params& p, const spd_plan& plan, cudaStream_t stream, bool fuse_parts) {
+cudaError_t launch_dim(const Params& p, cudaStream_t stream, bool fuse_parts) {
 #define SPD_CASE(d) \
-  if (p.D == d) return launch_typed<T, d>(p, plan, stream, fuse_parts);
+  if (p.D == d) return launch_typed<T, d>(p, stream, fuse_parts);
   SPD_FOR_EACH_HEAD_DIM(SPD_CASE)
 #undef SPD_CASE
   return cudaErrorInvalidValue;
@@ -211,6 +211,7 @@ extern "C" const char* spd_make_plan(const spd_problem* pr, int num_sms, spd_pla
   const int64_t n_splits = plan->prefix_splits + plan->request_splits;
   plan->ws_lse_elems = n_splits * rows_total;
   plan->ws_out_elems = plan->ws_lse_elems * pr->D;
+  plan->group_ws_elems = pr->B + 2 * (pr->G + 1) + pr->G;  // order, starts, block_starts, counters
   return nullptr;
 }
 
@@ -235,9 +236,23 @@ extern "C" int spd_launch(const spd_problem* pr, const spd_plan* plan, const spd
   p.pmask = a->prefix_mask;
   p.out = a->out;
   p.lse = a->lse;
+  // Tables of requests by prefix: the caller's; else built by group_kernel from prefix_index;
+  // else none (every request on prefix 0: the prefix grid is exactly its row blocks).
   p.order = a->order;
   p.starts = a->starts;
   p.block_starts = a->block_starts;
+  p.pidx = a->prefix_index;
+  p.pidx_stride = a->prefix_index_stride;
+  p.pidx64 = a->prefix_index_is_int64 != 0;
+  p.group_ws = a->group_ws;
+  p.rows_per_block = static_cast<int>(plan->rows_per_block);
+  const bool group_on_device = a->order == nullptr && a->prefix_index != nullptr;
+  if (group_on_device) {
+    if (a->group_ws == nullptr) return static_cast<int>(cudaErrorInvalidValue);
+    p.order = a->group_ws;
+    p.starts = a->group_ws + pr->B;
+    p.block_starts = p.starts + pr->G + 1;
+  }
   p.ws_out = a->ws_out;
   p.ws_lse = a->ws_lse;
   for (int i = 0; i < 4; ++i) {
@@ -269,7 +284,7 @@ extern "C" int spd_launch(const spd_problem* pr, const spd_plan* plan, const spd
   p.request_chunk = static_cast<int>(plan->request_chunk);
   p.request_row_blocks = static_cast<int>(plan->request_row_blocks);
   p.n_splits = p.prefix_splits + p.request_splits;
-  p.prefix_grid_x = plan->prefix_grid_x;
+  p.prefix_grid_x = p.order != nullptr ? plan->prefix_grid_x : spd::cdiv(pr->B * plan->group_rows, plan->rows_per_block);
   p.causal = a->causal != 0;
   p.vec_q = spd::vec_ok(a->q, a->q_stride, 4, elem);
   p.vec_kv = spd::vec_ok(a->k, a->k_stride, 4, elem) && spd::vec_ok(a->v, a->v_stride, 4, elem);
@@ -277,11 +292,16 @@ extern "C" int spd_launch(const spd_problem* pr, const spd_plan* plan, const spd
   p.qk_scale = a->scale * 1.4426950408889634f;  // log2(e): scores in log2 units, exp2 in the kernels
 
   cudaStream_t s = static_cast<cudaStream_t>(stream);
+  if (group_on_device && plan->prefix_splits > 0) {  // only the prefix part reads the tables
+    SPD_LAUNCH(dim3(1), spd::kGroupThreads, spd::kGroupSmem, s, p, spd::group_kernel);
+    const cudaError_t group_err = cudaGetLastError();
+    if (group_err != cudaSuccess) return static_cast<int>(group_err);
+  }
   cudaError_t err = cudaErrorInvalidValue;
   switch (pr->dtype) {
-    case SPD_FLOAT16: err = spd::launch_dim<__half>(p, *plan, s, a->fuse_parts != 0); break;
-    case SPD_BFLOAT16: err = spd::launch_dim<__nv_bfloat16>(p, *plan, s, a->fuse_parts != 0); break;
-    case SPD_FLOAT32: err = spd::launch_dim<float>(p, *plan, s, a->fuse_parts != 0); break;
+    case SPD_FLOAT16: err = spd::launch_dim<__half>(p, s, a->fuse_parts != 0); break;
+    case SPD_BFLOAT16: err = spd::launch_dim<__nv_bfloat16>(p, s, a->fuse_parts != 0); break;
+    case SPD_FLOAT32: err = spd::launch_dim<float>(p, s, a->fuse_parts != 0); break;
   }
   return static_cast<int>(err);
 }

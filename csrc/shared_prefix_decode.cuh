@@ -54,9 +54,14 @@ struct Params {
   const uint8_t* pmask;  // prefix_mask (G, P), NULL: none
   void* out;
   float* lse;
-  const int32_t* order;
+  const int32_t* order;         // NULL: every request uses prefix 0, in batch order (no tables)
   const int32_t* starts;
   const int32_t* block_starts;
+  const void* pidx;             // prefix_index (B,), for group_kernel
+  int64_t pidx_stride;
+  int pidx64;                   // pidx is int64 (else int32)
+  int32_t* group_ws;            // group_kernel's output: order, starts, block_starts, counters
+  int rows_per_block;           // the attention kernels' ROWS (group_kernel sizes the row blocks)
   float* ws_out;
   float* ws_lse;
   int64_t sq[4], sk[4], sv[4], spk[4], spv[4], so[4];
@@ -101,6 +106,12 @@ struct Config {
   static constexpr int OFF_P = OFF_V + 2 * static_cast<int>(sizeof(T)) * N * LDS; // fp32: float [WARPS][16][PLD]
   static constexpr int SMEM = OFF_P + (kHalf ? 0 : 4 * WARPS * 16 * PLD);
   static_assert(SMEM <= 99 * 1024, "tile does not fit the shared memory of every sm_80+ GPU");
+  // Blocks per multiprocessor the attention kernels ask registers for (__launch_bounds__): 16-bit
+  // at 64 < D <= 128 fits four in shared memory on sm_80 and sm_90 (at most 53 KB a block), and
+  // 128 registers a thread hold them without spills. At D = 64 (64-key tiles: 32 score registers)
+  // 128 spilled, so ptxas chooses (about 147: three blocks); elsewhere shared memory or registers
+  // allow fewer anyway (benchmarks/NOTES.md has the register table).
+  static constexpr int MIN_BLOCKS = (kHalf && D > 64 && D <= 128) ? 4 : 1;
 };
 
 // ------------------------------------------------------------------------------------------------
@@ -136,7 +147,7 @@ __device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float lo, float hi) {
 }
 
 #ifdef SPD_EMULATE
-// Host emulation (tests/cuda_emu): the same four helpers without PTX.
+// Host emulation (tests/cuda_emu): the same PTX helpers without PTX.
 template <typename T>
 __device__ __forceinline__ void mma16816(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
                                          uint32_t b0, uint32_t b1) {
@@ -152,6 +163,10 @@ __device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool fu
 __device__ __forceinline__ void cp_async_commit() {}
 template <int PENDING>
 __device__ __forceinline__ void cp_async_wait() {}
+template <bool TRANS>
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* row) {
+  spd_emu_ldmatrix_x4(r, row, TRANS);
+}
 #else
 // d (16x8, fp32) += a (16x16, row-major) * b (16x8, column-major), one warp.
 template <typename T>
@@ -187,9 +202,27 @@ template <int PENDING>
 __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(PENDING) : "memory");
 }
+
+// Four 8x8 matrices of 16-bit elements from shared memory in one instruction (one warp). Lane l
+// gives the address of row l % 8 of matrix l / 8 (16-byte aligned). r[i] receives matrix i's
+// elements (l / 4, 2 (l % 4)) and (l / 4, 2 (l % 4) + 1), lower column in bits 0-15: an mma
+// A or B fragment. TRANS: the matrices transposed, i.e. elements (2 (l % 4), l / 4) and
+// (2 (l % 4) + 1, l / 4), which turns a row-major V tile into the B operand of P V.
+template <bool TRANS>
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* row) {
+  const unsigned addr = static_cast<unsigned>(__cvta_generic_to_shared(row));
+  if constexpr (TRANS) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(addr));
+  } else {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(addr));
+  }
+}
 #endif  // SPD_EMULATE
 
-__device__ __forceinline__ uint32_t lds32(const void* p) { return *reinterpret_cast<const uint32_t*>(p); }
 
 // ------------------------------------------------------------------------------------------------
 // Tile loads (all threads of the block)
@@ -373,17 +406,23 @@ __device__ __forceinline__ void attend(const Params& p, unsigned char* smem, con
 
       // ---- S = Q K^T --------------------------------------------------------------------------
       if constexpr (C::kHalf) {
+        static_assert(NT % 2 == 0, "ldmatrix_x4 takes two 8-key tiles at a time");
 #pragma unroll
         for (int kk = 0; kk < D / 16; ++kk) {
-          const int col = kk * 16 + 2 * tig;
-          const uint32_t a0 = lds32(q_s + r0 * LDS + col);
-          const uint32_t a1 = lds32(q_s + r1 * LDS + col);
-          const uint32_t a2 = lds32(q_s + r0 * LDS + col + 8);
-          const uint32_t a3 = lds32(q_s + r1 * LDS + col + 8);
+          // Q's A fragment: the warp's rows 0-7 and 8-15 at columns 16 kk (a0, a1), then + 8 (a2, a3).
+          // Reloaded every tile rather than held in registers: D / 4 more registers a thread (ptxas
+          // then took about 168 at D = 128) would cost a block per multiprocessor, for one ldmatrix
+          // in eight mma here (benchmarks/NOTES.md, "CUDA decode: shared-memory loads per mma").
+          uint32_t a[4];
+          ldmatrix_x4<false>(a, q_s + (warp * 16 + (lane & 15)) * LDS + kk * 16 + (lane >> 4) * 8);
 #pragma unroll
-          for (int j = 0; j < NT; ++j) {
-            const T* krow = kt + (j * 8 + gid) * LDS + col;
-            mma16816<T>(s[j], a0, a1, a2, a3, lds32(krow), lds32(krow + 8));
+          for (int j = 0; j < NT; j += 2) {
+            // K rows are keys (the mma's n), contiguous in the head dim (its k): matrices keys
+            // 8j..8j+7 at columns 16 kk and 16 kk + 8 (b0, b1 of tile j), then tile j + 1's.
+            uint32_t b[4];
+            ldmatrix_x4<false>(b, kt + ((j + (lane >> 4)) * 8 + (lane & 7)) * LDS + kk * 16 + ((lane >> 3) & 1) * 8);
+            mma16816<T>(s[j], a[0], a[1], a[2], a[3], b[0], b[1]);
+            mma16816<T>(s[j + 1], a[0], a[1], a[2], a[3], b[2], b[3]);
           }
         }
       } else {
@@ -450,7 +489,7 @@ __device__ __forceinline__ void attend(const Params& p, unsigned char* smem, con
 
       // ---- O += P V -----------------------------------------------------------------------------
       if constexpr (C::kHalf) {
-        const uint16_t* vb = reinterpret_cast<const uint16_t*>(vt);
+        static_assert(DT % 2 == 0, "ldmatrix_x4 takes two 8-column tiles at a time");
 #pragma unroll
         for (int kk = 0; kk < N / 16; ++kk) {
           // The accumulator layout of score tiles 2kk, 2kk+1 is the A-operand layout of keys
@@ -459,15 +498,15 @@ __device__ __forceinline__ void attend(const Params& p, unsigned char* smem, con
           const uint32_t a1 = pack2<T>(s[2 * kk][2], s[2 * kk][3]);
           const uint32_t a2 = pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]);
           const uint32_t a3 = pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3]);
-          const int key = kk * 16 + 2 * tig;
 #pragma unroll
-          for (int j = 0; j < DT; ++j) {
-            const int col = j * 8 + gid;
-            const uint32_t b0 = static_cast<uint32_t>(vb[key * LDS + col]) |
-                                (static_cast<uint32_t>(vb[(key + 1) * LDS + col]) << 16);
-            const uint32_t b1 = static_cast<uint32_t>(vb[(key + 8) * LDS + col]) |
-                                (static_cast<uint32_t>(vb[(key + 9) * LDS + col]) << 16);
-            mma16816<T>(acc[j], a0, a1, a2, a3, b0, b1);
+          for (int j = 0; j < DT; j += 2) {
+            // V is row-major (keys x columns); the B operand needs key pairs of one column, so
+            // the matrices are loaded transposed: keys 16kk..+7 and +8..+15 of columns 8j..8j+7
+            // (b0, b1 of tile j), then of columns 8j+8.. (tile j + 1).
+            uint32_t b[4];
+            ldmatrix_x4<true>(b, vt + (kk * 16 + (lane & 15)) * LDS + (j + (lane >> 4)) * 8);
+            mma16816<T>(acc[j], a0, a1, a2, a3, b[0], b[1]);
+            mma16816<T>(acc[j + 1], a0, a1, a2, a3, b[2], b[3]);
           }
         }
       } else {
@@ -532,17 +571,24 @@ __device__ __forceinline__ void attend(const Params& p, unsigned char* smem, con
 template <typename T, int D>
 __device__ __forceinline__ void prefix_block(const Params& p, unsigned char* smem, int rb, int hk, int split) {
   using C = Config<T, D>;
-  if (rb >= p.block_starts[p.G]) return;  // the grid is an upper bound (whole block exits)
-  // Prefix g owns row blocks [block_starts[g], block_starts[g+1]): largest g with block_starts[g] <= rb.
-  int lo = 0, hi = p.G;  // block_starts[lo] <= rb < block_starts[hi]
-  while (hi - lo > 1) {
-    const int mid = (lo + hi) >> 1;
-    if (p.block_starts[mid] <= rb) lo = mid; else hi = mid;
+  int g = 0, first = 0;
+  int64_t stacked = static_cast<int64_t>(p.B) * p.group_rows;  // no tables: every request on prefix 0
+  int64_t row0 = static_cast<int64_t>(rb) * C::ROWS;
+  if (p.order != nullptr) {
+    if (rb >= p.block_starts[p.G]) return;  // the grid is an upper bound (whole block exits)
+    // Prefix g owns row blocks [block_starts[g], block_starts[g+1]): largest g with block_starts[g] <= rb.
+    int lo = 0, hi = p.G;  // block_starts[lo] <= rb < block_starts[hi]
+    while (hi - lo > 1) {
+      const int mid = (lo + hi) >> 1;
+      if (p.block_starts[mid] <= rb) lo = mid; else hi = mid;
+    }
+    g = lo;
+    first = p.starts[g];
+    stacked = static_cast<int64_t>(p.starts[g + 1] - first) * p.group_rows;
+    row0 = static_cast<int64_t>(rb - p.block_starts[g]) * C::ROWS;
+  } else if (row0 >= stacked) {
+    return;
   }
-  const int g = lo;
-  const int first = p.starts[g];
-  const int64_t stacked = static_cast<int64_t>(p.starts[g + 1] - first) * p.group_rows;
-  const int64_t row0 = static_cast<int64_t>(rb - p.block_starts[g]) * C::ROWS;
 
   int64_t* qoff_s = reinterpret_cast<int64_t*>(smem + C::OFF_QOFF);
   int64_t* orow_s = reinterpret_cast<int64_t*>(smem + C::OFF_OROW);
@@ -551,7 +597,8 @@ __device__ __forceinline__ void prefix_block(const Params& p, unsigned char* sme
     const int64_t srow = row0 + t;  // stacked row: (request of prefix g, head of group, query row)
     int64_t qoff = -1, orow = 0;
     if (srow < stacked) {
-      const int64_t b = p.order[first + srow / p.group_rows];
+      const int64_t pos = first + srow / p.group_rows;
+      const int64_t b = p.order != nullptr ? p.order[pos] : pos;
       const int r = static_cast<int>(srow % p.group_rows);
       const int h = hk * p.group + r / p.Lq;
       const int i = r % p.Lq;
@@ -580,7 +627,7 @@ __device__ __forceinline__ void prefix_block(const Params& p, unsigned char* sme
 }
 
 template <typename T, int D>
-__global__ void __launch_bounds__(Config<T, D>::THREADS) prefix_kernel(const Params p) {
+__global__ void __launch_bounds__(Config<T, D>::THREADS, Config<T, D>::MIN_BLOCKS) prefix_kernel(const Params p) {
   extern __shared__ __align__(16) unsigned char smem[];
   prefix_block<T, D>(p, smem, blockIdx.x, blockIdx.y, blockIdx.z);
 }
@@ -631,7 +678,7 @@ __device__ __forceinline__ void request_block(const Params& p, unsigned char* sm
 
 // blockIdx.x: (b * Hkv + hk) * request_row_blocks + row block, blockIdx.y: split along T.
 template <typename T, int D>
-__global__ void __launch_bounds__(Config<T, D>::THREADS) request_kernel(const Params p) {
+__global__ void __launch_bounds__(Config<T, D>::THREADS, Config<T, D>::MIN_BLOCKS) request_kernel(const Params p) {
   extern __shared__ __align__(16) unsigned char smem[];
   request_block<T, D>(p, smem, blockIdx.x, blockIdx.y);
 }
@@ -667,10 +714,104 @@ __global__ void __launch_bounds__(Config<T, D>::THREADS, 2) parts_kernel(const P
   }
 }
 
+constexpr int kGroupThreads = 256;
+constexpr int kGroupSmem = 3 * kGroupThreads * 4;
+
+// prefix_index -> the tables prefix_block reads, in one block on the device (replacing a sort,
+// a search and a handful of small torch ops per call in the binding). group_ws holds, in int32:
+//   order[B]          the requests of prefix 0, then of prefix 1, ..., each in batch order
+//   starts[G + 1]     order[starts[g] .. starts[g+1]) use prefix g
+//   block_starts[G+1] prefix g's first row block: ceil(count * group_rows / rows_per_block) each
+//   counter[G]        scratch: per-prefix counts, then placement cursors
+// A request whose index is outside [0, G) is left out (the public op checks the range).
+__device__ __forceinline__ int prefix_of(const Params& p, int64_t b) {
+  const int64_t g = p.pidx64 ? static_cast<const int64_t*>(p.pidx)[b * p.pidx_stride]
+                             : static_cast<int64_t>(static_cast<const int32_t*>(p.pidx)[b * p.pidx_stride]);
+  return (g >= 0 && g < p.G) ? static_cast<int>(g) : -1;
+}
+
+__global__ void __launch_bounds__(kGroupThreads) group_kernel(const Params p) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  int* s_idx = reinterpret_cast<int*>(smem);  // [kGroupThreads]
+  int* s_cnt = s_idx + kGroupThreads;         // [kGroupThreads] scan of counts
+  int* s_blk = s_cnt + kGroupThreads;         // [kGroupThreads] scan of row blocks
+  const int t = static_cast<int>(threadIdx.x);
+  int32_t* order = p.group_ws;
+  int32_t* starts = order + p.B;
+  int32_t* bstarts = starts + p.G + 1;
+  int32_t* counter = bstarts + p.G + 1;
+
+  for (int g = t; g < p.G; g += kGroupThreads) counter[g] = 0;
+  __syncthreads();
+  for (int b = t; b < p.B; b += kGroupThreads) {
+    const int g = prefix_of(p, b);
+    if (g >= 0) atomicAdd(&counter[g], 1);
+  }
+  __syncthreads();
+  // Exclusive prefix sums of the counts and of the row blocks, kGroupThreads prefixes at a time
+  // (Hillis-Steele in shared memory), carried across chunks.
+  int carry_cnt = 0, carry_blk = 0;
+  for (int g0 = 0; g0 < p.G; g0 += kGroupThreads) {
+    const int g = g0 + t;
+    const int cnt = g < p.G ? counter[g] : 0;
+    s_cnt[t] = cnt;
+    s_blk[t] = static_cast<int>((static_cast<int64_t>(cnt) * p.group_rows + p.rows_per_block - 1) / p.rows_per_block);
+    __syncthreads();
+    for (int off = 1; off < kGroupThreads; off <<= 1) {
+      const int add_cnt = t >= off ? s_cnt[t - off] : 0;
+      const int add_blk = t >= off ? s_blk[t - off] : 0;
+      __syncthreads();
+      s_cnt[t] += add_cnt;
+      s_blk[t] += add_blk;
+      __syncthreads();
+    }
+    if (g < p.G) {
+      starts[g + 1] = carry_cnt + s_cnt[t];
+      bstarts[g + 1] = carry_blk + s_blk[t];
+    }
+    carry_cnt += s_cnt[kGroupThreads - 1];
+    carry_blk += s_blk[kGroupThreads - 1];
+    __syncthreads();  // the next chunk rewrites s_cnt, s_blk
+  }
+  if (t == 0) {
+    starts[0] = 0;
+    bstarts[0] = 0;
+  }
+  for (int g = t; g < p.G; g += kGroupThreads) counter[g] = 0;
+  __syncthreads();
+  // Stable placement, kGroupThreads requests at a time: a request goes after the requests of its
+  // prefix in earlier chunks (counter) and before those later in its own chunk (rank).
+  for (int b0 = 0; b0 < p.B; b0 += kGroupThreads) {
+    const int b = b0 + t;
+    const int g = b < p.B ? prefix_of(p, b) : -1;
+    s_idx[t] = g;
+    __syncthreads();
+    if (g >= 0) {
+      int rank = 0;
+      for (int u = 0; u < t; ++u) rank += s_idx[u] == g ? 1 : 0;
+      order[starts[g] + counter[g] + rank] = b;
+    }
+    __syncthreads();  // every read of counter before this chunk's additions
+    if (g >= 0) atomicAdd(&counter[g], 1);
+    __syncthreads();  // the additions, and s_idx free, before the next chunk
+  }
+}
+
 constexpr int kMergeWarps = 4;
-constexpr int kMergeMaxPerLane = 8;  // D <= 256
+constexpr int kMergeVecs = 2;  // float4 per lane: D <= 256
 
 // One warp per output row (b, h, i): out = sum_s w_s out_s / sum_s w_s with w_s = exp2(lse_s - max).
+// The splits are taken in parallel: lane s reads split s's lse (32 at a time), the warp reduces
+// the maximum and the weights by shuffles, and each split's D floats are read as float4 by the
+// lanes together, the loads of several splits in flight at once (no lse load between them).
+// acc += w x, except that an empty split (w = 0) adds nothing even if its partial holds a NaN.
+__device__ __forceinline__ void add_weighted(float4& acc, float w, const float4& x) {
+  acc.x += w != 0.f ? w * x.x : 0.f;
+  acc.y += w != 0.f ? w * x.y : 0.f;
+  acc.z += w != 0.f ? w * x.z : 0.f;
+  acc.w += w != 0.f ? w * x.w : 0.f;
+}
+
 template <typename T>
 __global__ void __launch_bounds__(32 * kMergeWarps) merge_kernel(const Params p) {
   const int lane = threadIdx.x & 31;
@@ -682,32 +823,54 @@ __global__ void __launch_bounds__(32 * kMergeWarps) merge_kernel(const Params p)
   const int64_t b = bh / p.Hq;
 
   float mx = -INFINITY;
-  for (int s = 0; s < p.n_splits; ++s) mx = fmaxf(mx, p.ws_lse[s * p.rows_total + row]);
+  for (int s = lane; s < p.n_splits; s += 32) mx = fmaxf(mx, p.ws_lse[s * p.rows_total + row]);
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
   // fmaxf skips a NaN lse; its weight exp2(NaN) does not, so a NaN split makes the row NaN.
   const float m_use = mx == -INFINITY ? 0.f : mx;
-  float acc[kMergeMaxPerLane];
+
+  float4 acc[kMergeVecs];
 #pragma unroll
-  for (int u = 0; u < kMergeMaxPerLane; ++u) acc[u] = 0.f;
-  float wsum = 0.f;
-  for (int s = 0; s < p.n_splits; ++s) {
-    const int64_t ws_row = s * p.rows_total + row;
-    const float w = exp2f(p.ws_lse[ws_row] - m_use);  // empty split: exp2(-inf) = 0
-    if (w == 0.f) continue;
-    wsum += w;
-    const float* src = p.ws_out + ws_row * p.D;
+  for (int u = 0; u < kMergeVecs; ++u) acc[u] = make_float4(0.f, 0.f, 0.f, 0.f);
+  float wsum = 0.f;  // this lane's splits
+  for (int s0 = 0; s0 < p.n_splits; s0 += 32) {
+    const int s_lane = s0 + lane;
+    const float w_lane = s_lane < p.n_splits ? exp2f(p.ws_lse[s_lane * p.rows_total + row] - m_use) : 0.f;
+    wsum += w_lane;
+    const int count = p.n_splits - s0 < 32 ? p.n_splits - s0 : 32;
+    // Two splits a step, both loads issued before either is used.
+    for (int t = 0; t < count; t += 2) {
+      const bool second = t + 1 < count;
+      const float w0 = __shfl_sync(0xffffffffu, w_lane, t);
+      const float w1 = __shfl_sync(0xffffffffu, w_lane, second ? t + 1 : t);
+      const float* src0 = p.ws_out + (static_cast<int64_t>(s0 + t) * p.rows_total + row) * p.D;
+      const float* src1 = second ? src0 + p.rows_total * p.D : src0;
 #pragma unroll
-    for (int u = 0; u < kMergeMaxPerLane; ++u) {
-      const int d = lane + 32 * u;
-      if (d < p.D) acc[u] += w * src[d];
+      for (int u = 0; u < kMergeVecs; ++u) {
+        const int d = 4 * (lane + 32 * u);
+        if (d < p.D) {
+          const float4 x0 = *reinterpret_cast<const float4*>(src0 + d);
+          const float4 x1 = *reinterpret_cast<const float4*>(src1 + d);
+          add_weighted(acc[u], w0, x0);
+          if (second) add_weighted(acc[u], w1, x1);
+        }
+      }
     }
   }
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) wsum += __shfl_xor_sync(0xffffffffu, wsum, o);
   const bool empty = wsum == 0.f;  // no visible key at all: out 0, lse -inf
   const float inv = empty ? 0.f : 1.f / wsum;
   T* o = reinterpret_cast<T*>(p.out) + b * p.so[0] + h * p.so[1] + i * p.so[2];
 #pragma unroll
-  for (int u = 0; u < kMergeMaxPerLane; ++u) {
-    const int d = lane + 32 * u;
-    if (d < p.D) o[d * p.so[3]] = from_float<T>(acc[u] * inv);
+  for (int u = 0; u < kMergeVecs; ++u) {
+    const int d = 4 * (lane + 32 * u);
+    if (d < p.D) {
+      o[(d + 0) * p.so[3]] = from_float<T>(acc[u].x * inv);
+      o[(d + 1) * p.so[3]] = from_float<T>(acc[u].y * inv);
+      o[(d + 2) * p.so[3]] = from_float<T>(acc[u].z * inv);
+      o[(d + 3) * p.so[3]] = from_float<T>(acc[u].w * inv);
+    }
   }
   if (lane == 0) p.lse[row] = empty ? -INFINITY : (m_use + log2f(wsum)) * kLn2;
 }

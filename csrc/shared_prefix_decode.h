@@ -12,9 +12,11 @@
  * Calling sequence (see torch_binding.cpp):
  *   1. spd_unsupported(dtype, D, Lq)       NULL, or why these kernels cannot take the case
  *   2. spd_make_plan(&problem, sms, &plan)  splits, grid sizes, rows per block, workspace sizes
- *   3. allocate the workspace and the grouping tables (order, starts, block_starts; below)
- *   4. spd_launch(&args, &plan, stream)     three kernels on `stream` (two with fuse_parts), no host
- *                                           synchronisation
+ *   3. allocate the workspace (plan.ws_*_elems floats, plan.group_ws_elems int32)
+ *   4. spd_launch(&args, &plan, stream)     the kernels on `stream`, no host synchronisation: the
+ *                                           grouping of requests by prefix (when prefix_index is
+ *                                           given), the prefix and per-request parts (one launch
+ *                                           with fuse_parts), the merge
  *
  * All strides are in elements and 64-bit. Sizes must fit in int32 (checked by spd_make_plan).
  */
@@ -60,6 +62,7 @@ typedef struct {
   int64_t ws_out_elems;       /* float32 elements of the partial-output workspace */
   int64_t ws_lse_elems;       /* float32 elements of the partial-lse workspace */
   int64_t smem_bytes;         /* dynamic shared memory of the attention kernels */
+  int64_t group_ws_elems;     /* int32 elements of the grouping workspace (args.group_ws) */
 } spd_plan;
 
 /* Device pointers and strides of one call. */
@@ -73,10 +76,13 @@ typedef struct {
   int64_t kv_mask_stride[2];
   void* out;      int64_t out_stride[4]; /* (B, Hq, Lq, D), q's dtype */
   float* lse;                            /* (B, Hq, Lq) contiguous, natural log */
-  /* Requests grouped by prefix (int32, on the device):
+  /* Requests grouped by prefix (int32, on the device), optional:
    *   order[starts[g] .. starts[g+1])  the requests that use prefix g        order (B,), starts (G+1,)
    *   block_starts[g]                  sum over g' < g of ceil(count(g') * group_rows / rows_per_block)
-   *                                    (G+1,); block_starts[G] is the number of prefix row blocks. */
+   *                                    (G+1,); block_starts[G] is the number of prefix row blocks.
+   * NULL (the usual call): spd_launch groups the requests itself, from prefix_index (below) with
+   * one small kernel into group_ws, or, without prefix_index, knows that every request uses
+   * prefix 0 and needs no table at all. */
   const int32_t* order;
   const int32_t* starts;
   const int32_t* block_starts;
@@ -88,6 +94,14 @@ typedef struct {
                      (parts_kernel); same partials, same result. Untimed: off by default. */
   const uint8_t* prefix_mask;            /* (G, P), nonzero = may attend; NULL: every prefix key */
   int64_t prefix_mask_stride[2];         /* its row (per prefix) and key strides */
+  /* Used when order is NULL. prefix_index (B,) int32 or int64 on the device, values in [0, G)
+   * (not checked here: that would sync the host; a request with another value gets no prefix
+   * part), or NULL: prefix 0 for every request. group_ws: plan.group_ws_elems int32 that the
+   * grouping kernel fills (order, starts, block_starts, and a counter per prefix). */
+  const void* prefix_index;
+  int prefix_index_is_int64;
+  int64_t prefix_index_stride;
+  int32_t* group_ws;
 } spd_args;
 
 /* NULL when (dtype, D, Lq) is supported, else a static sentence saying why not. */

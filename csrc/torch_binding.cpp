@@ -1,5 +1,5 @@
-// torch binding of the shared-prefix decode kernels: checks, allocation, grouping of requests by
-// prefix (torch ops on the device, no host synchronisation) and the op registration
+// torch binding of the shared-prefix decode kernels: checks, allocation and the op registration
+// (the grouping of requests by prefix happens inside spd_launch, on the device)
 //   torch.ops.prefix_kernels_cuda.decode(q, k, v, pk, pv, prefix_index?, kv_mask?, causal, scale,
 //                                        fuse_parts=False, prefix_mask=None)
 //       -> (out, lse)
@@ -101,31 +101,14 @@ std::tuple<at::Tensor, at::Tensor> decode(const at::Tensor& q, const at::Tensor&
   why = spd_make_plan(&problem, sms, &plan);
   TORCH_CHECK(why == nullptr, "prefix_kernels_cuda.decode: ", why);
 
-  // Requests grouped by prefix: order[starts[g]:starts[g+1]] use prefix g, and prefix g's
-  // ceil(count * group_rows / rows_per_block) row blocks start at block_starts[g]. All on the device.
-  const at::TensorOptions i32 = q.options().dtype(at::kInt);
-  const at::TensorOptions i64 = q.options().dtype(at::kLong);
-  at::Tensor order, starts, block_starts;
-  if (!prefix_index.has_value()) {  // every request uses prefix 0
-    order = at::arange(B, i32);
-    starts = at::cat({at::zeros({1}, i32), at::full({G}, B, i32)});
-    const int64_t blocks = (B * plan.group_rows + plan.rows_per_block - 1) / plan.rows_per_block;
-    block_starts = at::cat({at::zeros({1}, i32), at::full({G}, blocks, i32)});
-  } else {
-    // Values must lie in [0, G) (the public op checks them); checking here would sync the host.
-    const at::Tensor idx = prefix_index->to(at::kLong);
-    auto sorted = at::sort(idx, /*stable=*/true, /*dim=*/0, /*descending=*/false);
-    const at::Tensor& values = std::get<0>(sorted);
-    order = std::get<1>(sorted).to(at::kInt);
-    const at::Tensor starts64 = at::searchsorted(values, at::arange(G + 1, i64));  // #requests with index < g
-    const at::Tensor counts = starts64.slice(0, 1, G + 1) - starts64.slice(0, 0, G);
-    const at::Tensor blocks = at::floor_divide(counts * plan.group_rows + (plan.rows_per_block - 1), plan.rows_per_block);
-    starts = starts64.to(at::kInt);
-    block_starts = at::cat({at::zeros({1}, i64), at::cumsum(blocks, 0)}).to(at::kInt);
-  }
   const at::TensorOptions f32 = q.options().dtype(at::kFloat);
   at::Tensor ws_out = at::empty({plan.ws_out_elems > 0 ? plan.ws_out_elems : 1}, f32);
   at::Tensor ws_lse = at::empty({plan.ws_lse_elems > 0 ? plan.ws_lse_elems : 1}, f32);
+  // The requests are grouped by prefix inside spd_launch (one small kernel into group_ws; none
+  // without prefix_index): no sort or table ops here, nothing that could sync the host, and a
+  // step that a CUDA graph can capture. The values must lie in [0, G): the public op checks them.
+  at::Tensor group_ws;
+  if (prefix_index.has_value()) group_ws = at::empty({plan.group_ws_elems}, q.options().dtype(at::kInt));
 
   spd_args args{};
   args.q = q.data_ptr();
@@ -145,9 +128,9 @@ std::tuple<at::Tensor, at::Tensor> decode(const at::Tensor& q, const at::Tensor&
   args.out = out.data_ptr();
   for (int i = 0; i < 4; ++i) args.out_stride[i] = out.stride(i);
   args.lse = lse.data_ptr<float>();
-  args.order = order.data_ptr<int32_t>();
-  args.starts = starts.data_ptr<int32_t>();
-  args.block_starts = block_starts.data_ptr<int32_t>();
+  args.order = nullptr;  // spd_launch groups the requests (below)
+  args.starts = nullptr;
+  args.block_starts = nullptr;
   args.ws_out = ws_out.data_ptr<float>();
   args.ws_lse = ws_lse.data_ptr<float>();
   args.causal = causal ? 1 : 0;
@@ -156,6 +139,12 @@ std::tuple<at::Tensor, at::Tensor> decode(const at::Tensor& q, const at::Tensor&
   if (pmask.defined()) {
     args.prefix_mask = static_cast<const uint8_t*>(pmask.data_ptr());
     strides_of(pmask, args.prefix_mask_stride);
+  }
+  if (prefix_index.has_value()) {
+    args.prefix_index = prefix_index->data_ptr();
+    args.prefix_index_is_int64 = prefix_index->scalar_type() == at::kLong ? 1 : 0;
+    args.prefix_index_stride = prefix_index->stride(0);
+    args.group_ws = group_ws.data_ptr<int32_t>();
   }
 
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream(q.get_device()).stream();

@@ -456,3 +456,77 @@ def test_plan_split_partials_within_a_tenth_of_the_step(B, P):
     assert 2 * rows * (D + 1) * 4 * (plan.prefix_splits + plan.request_splits) <= 0.1 * step
     if B == 8 and P >= 4096:
         assert plan.prefix_splits > 1
+
+
+def _emu():
+    sys.path.insert(0, str(Path(__file__).resolve().parent / "cuda_emu"))
+    import spd_emu
+
+    if spd_emu.compiler() is None:
+        pytest.skip("no g++ to build the emulation")
+    return spd_emu, spd_emu.build()
+
+
+# (B, G, index pattern, dtype, stride): chunks of 256 requests and of 256 prefixes crossed, unused
+# prefixes (between and after the used ones), every request on one prefix, int32 and int64, a
+# strided index.
+GROUPING = [
+    (7, 3, "mod", torch.int64, 1),
+    (300, 5, "mod", torch.int32, 1),
+    (600, 300, "random", torch.int64, 2),
+    (70, 400, "random", torch.int32, 3),
+    (9, 4, "all_last", torch.int64, 1),
+]
+
+
+@pytest.mark.parametrize("B,G,pattern,index_dtype,stride", GROUPING)
+def test_group_kernel_builds_the_tables_emulated(B, G, pattern, index_dtype, stride):
+    """spd_launch groups the requests by prefix on the device (group_kernel, one block) instead
+    of the binding's torch ops: its order, starts and block_starts equal _core.grouping's (a
+    stable sort: batch order within a prefix), and the outputs are bit-identical to passing those
+    tables in."""
+    from prefix_kernels._core.grouping import row_block_starts, sorted_by_prefix
+
+    spd_emu, dll = _emu()
+    gen = torch.Generator().manual_seed(B * 1000 + G)
+    if pattern == "mod":
+        index = torch.arange(B) * 7 % G
+    elif pattern == "random":
+        index = torch.randint(0, G, (B,), generator=gen)
+    else:
+        index = torch.full((B,), G - 1)
+    backing = torch.full((B * stride,), -1, dtype=index_dtype)  # the gaps hold an invalid index
+    backing[::stride] = index.to(index_dtype)
+    prefix_index = backing[::stride]
+    inp = make_inputs(B, 2, 1, 1, 3, 16, 64, G, FP16, padding=None, requires_grad=False)
+    args = [inp[n] for n in TENSORS]
+
+    workspace = []
+    out, lse = spd_emu.decode(dll, *args, prefix_index, None, True, 0.125, group_ws=workspace)
+    ref_out, ref_lse = spd_emu.decode(dll, *args, prefix_index.contiguous().long(), None, True, 0.125, tables=True)
+    assert torch.equal(out, ref_out) and torch.equal(lse, ref_lse)
+
+    plan = spd_emu.Plan()
+    problem = spd_emu.Problem(spd_emu.DTYPES[FP16], B, 2, 1, 1, 3, 64, G, 16)
+    dll.spd_make_plan(spd_emu.ctypes.byref(problem), spd_emu.H100_SMS, spd_emu.ctypes.byref(plan))
+    order, starts = sorted_by_prefix(index, B, G, "cpu")
+    block_starts = row_block_starts(starts, plan.group_rows, plan.rows_per_block, G)
+    ws = workspace[0]
+    assert torch.equal(ws[:B], order)
+    assert torch.equal(ws[B:B + G + 1], starts)
+    assert torch.equal(ws[B + G + 1:B + 2 * G + 2], block_starts)
+
+
+def test_no_index_needs_no_tables_emulated():
+    """Without prefix_index (every request on prefix 0, whatever G) spd_launch builds no table and
+    launches no grouping kernel: the prefix grid is exactly the stacked rows' blocks. Same result,
+    bit for bit, as the tables path, with G > 1 (prefixes 1.. unused) and rows crossing blocks."""
+    spd_emu, dll = _emu()
+    inp = make_inputs(70, 4, 2, 2, 5, 33, 64, 3, BF16, padding="left", requires_grad=False)
+    args = [inp[n] for n in TENSORS]
+    workspace = []
+    out, lse = spd_emu.decode(dll, *args, None, inp["kv_mask"], True, 0.125, group_ws=workspace)
+    ref_out, ref_lse = spd_emu.decode(dll, *args, None, inp["kv_mask"], True, 0.125, tables=True)
+    assert torch.equal(out, ref_out) and torch.equal(lse, ref_lse)
+    assert torch.all(workspace[0] == -7)  # untouched
+    check_case(functools.partial(spd_emu.decode, dll), {**inp, "prefix_index": None}, desc="no index, G 3")

@@ -36,7 +36,7 @@ class Plan(ctypes.Structure):
     _fields_ = [(n, ctypes.c_int64) for n in (
         "rows_per_block", "keys_per_tile", "group_rows", "prefix_splits", "prefix_chunk", "prefix_grid_x",
         "request_splits", "request_chunk", "request_row_blocks", "rows_total", "ws_out_elems", "ws_lse_elems",
-        "smem_bytes")]
+        "smem_bytes", "group_ws_elems")]
 
 
 class Args(ctypes.Structure):
@@ -53,6 +53,8 @@ class Args(ctypes.Structure):
         ("ws_out", ctypes.c_void_p), ("ws_lse", ctypes.c_void_p),
         ("causal", ctypes.c_int), ("scale", ctypes.c_float), ("fuse_parts", ctypes.c_int),
         ("prefix_mask", ctypes.c_void_p), ("prefix_mask_stride", ctypes.c_int64 * 2),
+        ("prefix_index", ctypes.c_void_p), ("prefix_index_is_int64", ctypes.c_int),
+        ("prefix_index_stride", ctypes.c_int64), ("group_ws", ctypes.c_void_p),
     ]
 
 
@@ -83,10 +85,14 @@ def build() -> ctypes.CDLL:
 
 
 def decode(dll, q, k, v, pk, pv, prefix_index, kv_mask, causal: bool, scale: float, sms: int = H100_SMS,
-           fuse_parts: bool = False, prefix_mask=None):
+           fuse_parts: bool = False, prefix_mask=None, tables: bool = False, group_ws=None):
     """(out (B, Hq, Lq, D) in q's dtype, memory (B, Lq, Hq, D); lse (B, Hq, Lq) float32, natural log).
 
-    prefix_mask: (G, P) bool/uint8 or None, any strides (passed as they are, like kv_mask)."""
+    prefix_mask: (G, P) bool/uint8 or None, any strides (passed as they are, like kv_mask).
+    As the binding does, the requests are grouped by prefix inside spd_launch (group_kernel from
+    prefix_index; no table without it). tables=True instead passes order, starts and block_starts
+    built here with prefix_kernels._core.grouping (the caller-tables path of the C API).
+    group_ws: a list that receives the grouping workspace tensor, for tests that read it."""
     from prefix_kernels._core.grouping import row_block_starts as _block_starts, sorted_by_prefix
 
     B, Hq, Lq, D = q.shape
@@ -99,10 +105,17 @@ def decode(dll, q, k, v, pk, pv, prefix_index, kv_mask, causal: bool, scale: flo
         raise ValueError(why.decode())
     out = torch.full((B, Lq, Hq, D), float("nan"), dtype=q.dtype).transpose(1, 2)  # NaN: unwritten shows
     lse = torch.full((B, Hq, Lq), float("nan"), dtype=torch.float32)
-    if prefix_index is None:
-        prefix_index = torch.zeros(B, dtype=torch.long)
-    order, starts = sorted_by_prefix(prefix_index, prefix_index.shape[0], G, prefix_index.device)
-    block_starts = _block_starts(starts, plan.group_rows, plan.rows_per_block, G)
+    if prefix_index is not None and prefix_index.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"prefix_index must be int32 or int64 (as for the binding), got {prefix_index.dtype}")
+    order = starts = block_starts = None
+    if tables:
+        index = torch.zeros(B, dtype=torch.long) if prefix_index is None else prefix_index
+        order, starts = sorted_by_prefix(index, B, G, index.device)
+        block_starts = _block_starts(starts, plan.group_rows, plan.rows_per_block, G)
+    # NaN-free but wrong-looking fill (-7): a table entry the kernel forgets to write shows.
+    gws = torch.full((max(1, plan.group_ws_elems),), -7, dtype=torch.int32)
+    if group_ws is not None:
+        group_ws.append(gws)
     ws_out = torch.full((max(1, plan.ws_out_elems),), float("nan"))
     ws_lse = torch.full((max(1, plan.ws_lse_elems),), float("nan"))
     mask = None if kv_mask is None else kv_mask.view(torch.uint8)
@@ -112,10 +125,15 @@ def decode(dll, q, k, v, pk, pv, prefix_index, kv_mask, causal: bool, scale: flo
         pk.data_ptr(), I64x4(*pk.stride()), pv.data_ptr(), I64x4(*pv.stride()),
         None if mask is None else mask.data_ptr(), (ctypes.c_int64 * 2)(*(mask.stride() if mask is not None else (0, 0))),
         out.data_ptr(), I64x4(*out.stride()), lse.data_ptr(),
-        order.data_ptr(), starts.data_ptr(), block_starts.data_ptr(), ws_out.data_ptr(), ws_lse.data_ptr(),
+        *((None, None, None) if order is None else (order.data_ptr(), starts.data_ptr(), block_starts.data_ptr())),
+        ws_out.data_ptr(), ws_lse.data_ptr(),
         int(causal), float(scale), int(fuse_parts),
         None if pmask is None else pmask.data_ptr(),
         (ctypes.c_int64 * 2)(*(pmask.stride() if pmask is not None else (0, 0))),
+        None if prefix_index is None else prefix_index.data_ptr(),
+        int(prefix_index is not None and prefix_index.dtype == torch.int64),
+        0 if prefix_index is None else prefix_index.stride(0),
+        gws.data_ptr(),
     )
     err = dll.spd_launch(ctypes.byref(problem), ctypes.byref(plan), ctypes.byref(args), None)
     if err != 0:

@@ -4,12 +4,13 @@
 // stands in for cuda_runtime.h, cuda_fp16.h and cuda_bf16.h when the same sources are compiled
 // by g++ with -DSPD_EMULATE, so their logic runs on the CPU: one std::thread per CUDA thread of a
 // block (blocks run one after another on the same threads), __syncthreads and __syncwarp as std::barrier, warp shuffles
-// and mma.sync m16n8k16 as exchanges through per-warp buffers (fragment layouts as in the PTX ISA),
+// and mma.sync m16n8k16 / ldmatrix as exchanges through per-warp buffers (fragment layouts as in the PTX ISA),
 // cp.async as an immediate 16-byte copy. It checks what the kernels compute (indexing, masks,
 // online softmax, splits, merge), not timing, memory ordering or races.
 #pragma once
 
 #include <array>
+#include <atomic>
 #include <barrier>
 #include <cmath>
 #include <cstdint>
@@ -34,6 +35,8 @@ struct dim3 {
 struct __attribute__((aligned(16))) float4 {
   float x, y, z, w;
 };
+
+inline float4 make_float4(float x, float y, float z, float w) { return {x, y, z, w}; }
 
 struct __attribute__((aligned(8))) float2 {
   float x, y;
@@ -134,6 +137,46 @@ inline V __shfl_xor_sync(unsigned, V v, int lane_mask) {
   std::memcpy(&r, &buf[lane ^ lane_mask], 4);
   spd_emu::warp_sync();
   return r;
+}
+
+template <typename V>
+inline V __shfl_sync(unsigned, V v, int src_lane) {
+  static_assert(sizeof(V) == 4, "32-bit shuffles only");
+  auto& buf = spd_emu::block->exchange[threadIdx.x >> 5];
+  const int lane = threadIdx.x & 31;
+  std::memcpy(&buf[lane], &v, 4);
+  spd_emu::warp_sync();
+  V r;
+  std::memcpy(&r, &buf[src_lane & 31], 4);
+  spd_emu::warp_sync();
+  return r;
+}
+
+// atomicAdd on global memory; within one emulated block the threads are real threads.
+inline int atomicAdd(int* address, int value) { return std::atomic_ref<int>(*address).fetch_add(value); }
+
+// ldmatrix.sync.aligned.m8n8.x4[.trans].shared.b16 for one warp: lane l gives the address of row
+// l % 8 of matrix l / 8; r[i] gets matrix i's elements (l / 4, 2 (l % 4) + e), e = 0, 1, or with
+// trans (2 (l % 4) + e, l / 4), e = 0 in bits 0-15.
+inline void spd_emu_ldmatrix_x4(uint32_t (&r)[4], const void* row, bool trans) {
+  auto& buf = spd_emu::block->exchange[threadIdx.x >> 5];
+  const int lane = threadIdx.x & 31;
+  std::memcpy(&buf[lane * 6], &row, sizeof(row));
+  spd_emu::warp_sync();
+  for (int i = 0; i < 4; ++i) {
+    uint32_t word = 0;
+    for (int e = 0; e < 2; ++e) {
+      const int rr = trans ? 2 * (lane % 4) + e : lane / 4;
+      const int cc = trans ? lane / 4 : 2 * (lane % 4) + e;
+      const unsigned char* base;
+      std::memcpy(&base, &buf[(8 * i + rr) * 6], sizeof(base));
+      uint16_t x;
+      std::memcpy(&x, base + 2 * cc, 2);
+      word |= static_cast<uint32_t>(x) << (16 * e);
+    }
+    r[i] = word;
+  }
+  spd_emu::warp_sync();
 }
 
 // d (16x8) += a (16x16, row-major) * b (16x8, column-major) for one warp, from each lane's
