@@ -106,12 +106,13 @@ struct Config {
   static constexpr int OFF_P = OFF_V + 2 * static_cast<int>(sizeof(T)) * N * LDS; // fp32: float [WARPS][16][PLD]
   static constexpr int SMEM = OFF_P + (kHalf ? 0 : 4 * WARPS * 16 * PLD);
   static_assert(SMEM <= 99 * 1024, "tile does not fit the shared memory of every sm_80+ GPU");
-  // Blocks per multiprocessor the attention kernels ask registers for (__launch_bounds__): 16-bit
-  // at 64 < D <= 128 fits four in shared memory on sm_80 and sm_90 (at most 53 KB a block), and
-  // 128 registers a thread hold them without spills. At D = 64 (64-key tiles: 32 score registers)
-  // 128 spilled, so ptxas chooses (about 147: three blocks); elsewhere shared memory or registers
-  // allow fewer anyway (benchmarks/NOTES.md has the register table).
-  static constexpr int MIN_BLOCKS = (kHalf && D > 64 && D <= 128) ? 4 : 1;
+  // Blocks per multiprocessor the attention kernels ask registers for (__launch_bounds__): as
+  // many as shared memory allows on an H100 where 65536 / (THREADS x that) registers hold the
+  // kernel without spills. Four (128 registers) at 16-bit 64 < D <= 128 (at most 53 KB a block)
+  // and fp32 D <= 96; three (170) at 16-bit D = 64, where 128 spilled, and fp32 D = 128 (73 KB a
+  // block). Stating a minimum matters: without one ptxas took up to 172, with one up to 184
+  // (benchmarks/NOTES.md, "CUDA decode kernels after issue 18").
+  static constexpr int MIN_BLOCKS = D > 128 ? 1 : (kHalf ? (D > 64 ? 4 : 3) : (D <= 96 ? 4 : 3));
 };
 
 // ------------------------------------------------------------------------------------------------
