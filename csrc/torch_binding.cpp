@@ -11,6 +11,8 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <array>
+#include <atomic>
 #include <optional>
 #include <tuple>
 
@@ -46,6 +48,19 @@ at::Tensor mask_bytes(const std::optional<at::Tensor>& mask, const char* name, c
   TORCH_CHECK(m.dim() == 2 && m.size(0) == rows && m.size(1) == cols, "prefix_kernels_cuda.decode: ", name,
               " must have shape (", rows, ", ", cols, "), got ", m.sizes());
   return m.scalar_type() == at::kBool ? m.view(at::kByte) : m;
+}
+
+// Multiprocessor count of a device, queried once per device and process: the plan needs it on
+// every call, and a decode step should make no device queries (it may be captured in a graph).
+int sm_count(int device) {
+  static std::array<std::atomic<int>, 64> cache{};  // 0: not asked yet
+  if (device < 0 || device >= static_cast<int>(cache.size())) return spd_device_sm_count(device);
+  int n = cache[device].load(std::memory_order_relaxed);
+  if (n <= 0) {
+    n = spd_device_sm_count(device);
+    if (n > 0) cache[device].store(n, std::memory_order_relaxed);
+  }
+  return n;
 }
 
 void check_4d(const at::Tensor& x, const char* name, const at::Tensor& q, std::initializer_list<int64_t> shape) {
@@ -97,7 +112,7 @@ std::tuple<at::Tensor, at::Tensor> decode(const at::Tensor& q, const at::Tensor&
 
   const spd_problem problem{dtype, B, Hq, Hkv, Lq, T, D, G, P};
   spd_plan plan;
-  const int sms = spd_device_sm_count(q.get_device());
+  const int sms = sm_count(q.get_device());
   why = spd_make_plan(&problem, sms, &plan);
   TORCH_CHECK(why == nullptr, "prefix_kernels_cuda.decode: ", why);
 
