@@ -6,6 +6,10 @@ Providers (each reported as skipped with its reason when it cannot run):
                          the same with the triton launcher's fuse_parts on: the prefix and own
                          parts in one interleaved grid (off by default until timed; at B = 256
                          the prefix part is compute-bound, see NOTES.md)
+  prefix_kernels_triton_unfused_merge
+                         the same with FUSE_MERGE off: the merge in a launch of its own even where
+                         the own-cache kernel could merge (one own split), to time what fusing the
+                         merge saves (on by default)
   prefix_kernels_cuda    shared_prefix_decode(backend="cuda") (the optional CUDA extension)
   prefix_kernels_cuda_fused
                          the same with the extension's fuse_parts on (parts_kernel)
@@ -98,19 +102,22 @@ def setup_prefix_kernels(backend):
     return setup
 
 
-def setup_fused(backend):
-    """shared_prefix_decode(backend=...) with FUSE_PARTS on for the call: the dispatch, checks
-    and custom op exactly as a user gets them, only the launch differs."""
+def setup_fused(backend, switch="FUSE_PARTS", value=True):
+    """shared_prefix_decode(backend=...) with one of _core.config's switches (FUSE_PARTS,
+    FUSE_MERGE) set to `value` for the call: the dispatch, checks and custom op exactly as a user
+    gets them, only the launches differ."""
 
     def setup(q, k, v, pk, pv):
         from prefix_kernels._core import config as module
 
+        table = getattr(module, switch)
+
         def step():
-            before, module.FUSE_PARTS[backend] = module.FUSE_PARTS[backend], True
+            before, table[backend] = table[backend], value
             try:
                 return shared_prefix_decode(q, k, v, pk, pv, backend=backend)
             finally:
-                module.FUSE_PARTS[backend] = before
+                table[backend] = before
 
         step()  # raises NoBackendError with reasons
         return step
@@ -186,6 +193,7 @@ def setup_flashinfer_cascade(q, k, v, pk, pv):
 PROVIDERS = {
     "prefix_kernels_triton": setup_prefix_kernels("triton"),
     "prefix_kernels_triton_fused": setup_fused("triton"),
+    "prefix_kernels_triton_unfused_merge": setup_fused("triton", "FUSE_MERGE", False),
     "prefix_kernels_cuda": setup_prefix_kernels("cuda"),
     "prefix_kernels_cuda_fused": setup_fused("cuda"),
     "sdpa_expanded": setup_sdpa_expanded,

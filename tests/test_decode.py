@@ -275,8 +275,9 @@ FUSED = [
 @pytest.mark.parametrize("B,Hq,Hkv,Lq,T,P,G,padding,causal", FUSED)
 def test_triton_fused_parts(triton_device, monkeypatch, B, Hq, Hkv, Lq, T, P, G, padding, causal):
     """fuse_parts runs the prefix and own programs in one interleaved grid: right against the
-    reference, bit-identical to the three-launch path under the interpreter (same splits, same
-    partials, same merge), and the fused kernel is the one launched when both parts have keys."""
+    reference, bit-identical to the three-launch path (FUSE_MERGE off) under the interpreter (same
+    splits, same partials, same merge), and the fused kernel is the one launched when both parts
+    have keys."""
     from prefix_kernels.backends.triton import decode as launcher
 
     inp = make_inputs(B, Hq, Hkv, Lq, T, P, 16, G, FP16, triton_device, padding=padding, requires_grad=False)
@@ -294,9 +295,174 @@ def test_triton_fused_parts(triton_device, monkeypatch, B, Hq, Hkv, Lq, T, P, G,
     assert len(launched) == (1 if P and T else 0)
     if triton_interpreting():
         monkeypatch.setitem(config.FUSE_PARTS, "triton", False)
+        monkeypatch.setitem(config.FUSE_MERGE, "triton", False)
         out3, lse3 = run_decode(inp, causal=causal, return_lse=True, backend="triton")
         assert torch.equal(out, out3) and torch.equal(lse, lse3)
         assert len(launched) == (1 if P and T else 0)
+
+
+# --------------------------------------------------------------------------
+# The merge fused into the own-cache kernel (FUSE_MERGE, one own split)
+# --------------------------------------------------------------------------
+
+DECODE_KERNELS = ("decode_prefix_kernel", "decode_own_kernel", "decode_merge_kernel", "decode_parts_kernel")
+
+
+class LaunchSpy:
+    """Stands in for one kernel object of the Triton decode launcher: records each launch's grid
+    and keyword arguments (constexprs, warps), then launches the real kernel."""
+
+    def __init__(self, kernel, calls):
+        self.kernel, self.calls = kernel, calls
+
+    def __getitem__(self, grid):
+        launch = self.kernel[grid]
+
+        def run(*args, **kwargs):
+            self.calls.append((grid, kwargs))
+            return launch(*args, **kwargs)
+
+        return run
+
+
+def spy_decode_launches(monkeypatch) -> dict:
+    """{kernel name: [(grid, keyword arguments), ...]}, filled by every launch the Triton decode
+    launcher makes from now on (cleared by the caller between runs)."""
+    from prefix_kernels.backends.triton import decode as launcher
+
+    calls = {}
+    for name in DECODE_KERNELS:
+        calls[name] = []
+        monkeypatch.setattr(launcher, name, LaunchSpy(getattr(launcher, name), calls[name]))
+    return calls
+
+
+def merged_in_own(calls) -> bool:
+    """Whether the launches recorded by spy_decode_launches merged in the own kernel: one own
+    launch with MERGE and one split, and no merge launch. Raises on a mixture."""
+    own = calls["decode_own_kernel"]
+    if any(kw["MERGE"] for _, kw in own):
+        assert len(own) == 1 and own[0][0][1] == 1, own  # one launch, one split
+        assert not calls["decode_merge_kernel"] and not calls["decode_parts_kernel"], calls
+        return True
+    return False
+
+
+def forget_launches(calls):
+    for launches in calls.values():
+        launches.clear()
+
+
+# (B, Hq, Hkv, Lq, T, P, G, padding, prefix_padding, causal, dtype, cpu_splits). Under the
+# interpreter each part takes tiles.CPU_SPLITS splits of its 32-key tiles, so T <= 32 (or
+# cpu_splits 1) gives the own part the one split that FUSE_MERGE needs, while P > 32 keeps two
+# prefix partials to merge with it.
+FUSED_MERGE = [
+    (3, 8, 2, 1, 20, 0, 1, "left", None, True, FP32, 2),  # no prefix: nothing to merge; an empty request
+    (3, 4, 2, 3, 0, 45, 2, None, None, False, FP16, 2),  # no own key: the merge launch stays
+    (5, 8, 2, 3, 25, 57, 3, "left", None, True, FP16, 2),  # three prefixes (prefix_index), two prefix splits
+    (4, 4, 1, 1, 30, 70, 2, "right", None, False, FP32, 2),  # MQA, right padding
+    (5, 4, 2, 4, 17, 40, 2, "left", "left", True, FP32, 2),  # prefix_mask: the last request sees nothing
+    (3, 8, 2, 16, 9, 21, 2, "left", "right", True, FP16, 2),  # Lq 16 > T: two own row blocks; rows see nothing
+    (3, 8, 2, 3, 70, 100, 1, "left", None, True, FP32, 1),  # no prefix_index; three own tiles in one split
+    (2, 4, 2, 2, 32, 33, 1, None, None, False, FP16, 2),  # a full own tile; a prefix split of one key
+]
+
+
+def fused_merge_id(c):
+    B, Hq, Hkv, Lq, T, P, G, padding, prefix_padding, causal, dtype, splits = c
+    return (f"B{B}-Hq{Hq}-Hkv{Hkv}-Lq{Lq}-T{T}-P{P}-G{G}-{padding or 'nopad'}-pm{prefix_padding or 'none'}-"
+            f"{'causal' if causal else 'full'}-{DTYPE_NAMES[dtype]}-splits{splits}")
+
+
+# Between the fused merge and the merge launch: fp32 rounding (another summation order) of values
+# of order 1, so a few fp32 ulps; an fp16 output may round to the neighbouring fp16 value.
+FP32_ROUNDING = dict(rtol=4e-6, atol=4e-6)
+OUT_ROUNDING = {FP32: FP32_ROUNDING, FP16: dict(rtol=2**-10, atol=2**-14)}
+
+
+@pytest.mark.parametrize("case", FUSED_MERGE, ids=fused_merge_id)
+def test_triton_fused_merge(triton_device, monkeypatch, case):
+    """With one own split the own kernel merges the prefix partials itself (no merge launch):
+    right against the float64 reference (rows that see nothing: out 0, lse -inf, no NaN), and
+    equal to the three launches (FUSE_MERGE off) up to fp32 rounding."""
+    from prefix_kernels.backends.triton import tiles
+
+    B, Hq, Hkv, Lq, T, P, G, padding, prefix_padding, causal, dtype, splits = case
+    monkeypatch.setattr(tiles, "CPU_SPLITS", splits)
+    inp = make_inputs(B, Hq, Hkv, Lq, T, P, 16, G, dtype, triton_device, padding=padding,
+                      prefix_padding=prefix_padding, requires_grad=False)
+    if G == 1:
+        inp["prefix_index"] = None
+    calls = spy_decode_launches(monkeypatch)
+    monkeypatch.setitem(config.FUSE_MERGE, "triton", True)
+    out, lse, truth = assert_decode_close(inp, backend="triton", causal=causal, desc=fused_merge_id(case))
+    if not triton_interpreting():
+        return  # on a GPU the launcher picks its own splits: the path below is not this one
+    assert merged_in_own(calls) == (T > 0)
+    assert len(calls["decode_merge_kernel"]) == (0 if T else 1)
+    assert len(calls["decode_prefix_kernel"]) == (1 if P else 0)
+    if (P == 0 or prefix_padding) and padding == "left":  # a request with no key at all
+        assert torch.isneginf(truth["lse"]).any()  # the rows that see nothing are covered
+
+    forget_launches(calls)
+    monkeypatch.setitem(config.FUSE_MERGE, "triton", False)
+    out3, lse3 = run_decode(inp, causal=causal, return_lse=True, backend="triton")
+    assert not merged_in_own(calls) and len(calls["decode_merge_kernel"]) == 1
+    assert torch.equal(torch.isneginf(lse), torch.isneginf(lse3))
+    torch.testing.assert_close(lse, lse3, **FP32_ROUNDING)
+    torch.testing.assert_close(out, out3, **OUT_ROUNDING[dtype])
+
+
+@pytest.mark.parametrize("T,fuse_merge,fuse_parts,merged", [
+    (20, True, False, True),  # one own split: the own kernel merges
+    (70, True, False, False),  # two own splits: the merge launch
+    (20, False, False, False),  # FUSE_MERGE off
+    (20, True, True, False),  # FUSE_PARTS: the prefix programs share the own programs' grid
+])
+def test_triton_merge_launch_only_where_needed(triton_device, monkeypatch, T, fuse_merge, fuse_parts, merged):
+    """No merge launch exactly when the own part has one split, the parts run in separate
+    launches and FUSE_MERGE is on; the merge launch otherwise. Right against the reference each
+    way."""
+    inp = make_inputs(3, 4, 2, 2, T, 50, 16, 2, FP32, triton_device, padding="left", requires_grad=False)
+    calls = spy_decode_launches(monkeypatch)
+    monkeypatch.setitem(config.FUSE_MERGE, "triton", fuse_merge)
+    monkeypatch.setitem(config.FUSE_PARTS, "triton", fuse_parts)
+    assert_decode_close(inp, backend="triton")
+    if not triton_interpreting():
+        return
+    own_splits = {grid[1] for grid, _ in calls["decode_own_kernel"]}
+    assert own_splits == (set() if fuse_parts else {1 if T <= 32 else 2})
+    assert merged_in_own(calls) == merged
+    assert len(calls["decode_merge_kernel"]) == (0 if merged else 1)
+
+
+@pytest.mark.parametrize("fuse_merge", [True, False], ids=["fused_merge", "3launches"])
+@pytest.mark.parametrize("where", ["q", "k", "v", "prefix_k", "prefix_v"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_triton_nan_and_inf_propagate_like_the_reference(triton_device, monkeypatch, where, bad, fuse_merge):
+    """Decode's version of test_numerics' test: a NaN or Inf in an input gives NaN and Inf exactly
+    where the reference gives them (a hidden key does not leak into rows that cannot see it), with
+    the merge in the own kernel (T = 6: one own split) and in its own launch."""
+    from prefix_kernels.backends.reference import reference_attention
+
+    monkeypatch.setitem(config.FUSE_MERGE, "triton", fuse_merge)
+    inp = make_inputs(3, 4, 2, 5, 6, 40, 16, 1, FP32, triton_device, padding="right", requires_grad=False)
+    x = inp[where].clone()
+    x[0 if where.startswith("prefix") else 1, 0, 2, 3] = bad
+    inp[where] = x
+    calls = spy_decode_launches(monkeypatch)
+    out = run_decode(inp, causal=True, backend="triton")
+    ref, _ = reference_attention(*(inp[n] for n in TENSOR_ARGS), prefix_index=inp["prefix_index"],
+                                 kv_mask=inp["kv_mask"], causal=True)
+    assert not torch.isfinite(ref).all()  # the case is not vacuous
+    if triton_interpreting():
+        assert merged_in_own(calls) == fuse_merge
+    for name, kind in (("NaN", torch.isnan), ("Inf", torch.isinf)):
+        assert torch.equal(kind(out), kind(ref)), (
+            f"{name} pattern differs: triton {int(kind(out).sum())}, reference {int(kind(ref).sum())}")
+    finite = torch.isfinite(ref)
+    torch.testing.assert_close(out[finite], ref[finite].to(out.dtype), rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("dtype", [FP32, FP16], ids=DTYPE_NAMES.get)
@@ -507,6 +673,19 @@ def test_choose_splits():
     assert choose_splits(1, 1 << 20, 64, 132, big) == MAX_SPLITS
     assert choose_splits(8, 16384, 64, 132, 4) == 4  # partials may not outweigh the keys read
     assert choose_splits(8, 16384, 64, 132, 0) == 1
+
+
+def test_merge_fits_in_registers():
+    """The fused merge's register guard (tiles.merge_fits): 16 fp32 accumulator values per thread
+    at most on a GPU (on_gpu reads only the device's type: nothing touches CUDA)."""
+    from prefix_kernels.backends.triton import tiles
+
+    gpu = torch.device("cuda")
+    assert tiles.merge_fits(16, 128, 8, gpu)  # Lq = 1, GQA up to 16: the serving case
+    assert tiles.merge_fits(32, 128, 8, gpu) and tiles.merge_fits(16, 256, 8, gpu)
+    assert not tiles.merge_fits(64, 128, 8, gpu) and not tiles.merge_fits(32, 256, 8, gpu)
+    assert tiles.merge_fits(32, 64, 4, gpu) and not tiles.merge_fits(64, 64, 4, gpu)  # spilled on sm_80
+    assert tiles.merge_fits(128, 256, 1, torch.device("cpu"))  # the interpreter has no registers
 
 
 # --------------------------------------------------------------------------

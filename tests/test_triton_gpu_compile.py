@@ -9,7 +9,9 @@ about 2.5 minutes on a 2-core machine). Each launch must:
 - ask for no more dynamic shared memory than the card has (A100 163 KB, H100 227 KB), or its
   first launch on that card fails;
 - keep its stack (where spilled registers go) under STACK_LIMIT bytes per thread. The fp32
-  tiles used before this check existed spilled 4-7 KB per thread at D >= 80.
+  tiles used before this check existed spilled 4-7 KB per thread at D >= 80;
+- and the decode own kernel's fused-merge variant (MERGE) no stack at all, at the row blocks
+  tiles.merge_fits lets it merge.
 """
 
 from __future__ import annotations
@@ -45,6 +47,8 @@ def _launched_kernel_names() -> set[str]:
 
 def _compile(arch: int, out: Path) -> tuple[int, str]:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    # The kernels of this checkout, whatever an installed (editable) copy of the package points at.
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(HERE.parent), env.get("PYTHONPATH")) if p)
     try:
         proc = subprocess.run([sys.executable, str(SCRIPT), "--arch", str(arch), "--out", str(out)],
                               capture_output=True, text=True, timeout=TIMEOUT_S, env=env)
@@ -83,3 +87,15 @@ def test_shared_memory_fits_the_card(compiled, arch):
 def test_no_heavy_register_spills(compiled, arch):
     heavy = [row for row in compiled[arch]["launches"] if row["stack_bytes"] > STACK_LIMIT]
     assert not heavy, json.dumps(heavy, indent=1)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_fused_merge_compiles_without_spills(compiled, arch):
+    """The own kernel's fused-merge variant (MERGE: the merge in registers, the output in q's
+    dtype) is compiled at every head dim, and at the row blocks tiles.merge_fits lets merge it
+    keeps every register: no stack at all."""
+    merged = [row for row in compiled[arch]["launches"]
+              if row["kernel"] == "decode_own_kernel" and row["constexprs"].get("MERGE") == "True"]
+    assert {row["constexprs"]["HEAD_DIM"] for row in merged} == {"16", "64", "128", "256"}
+    spilled = [row for row in merged if row["stack_bytes"]]
+    assert not spilled, json.dumps(spilled, indent=1)

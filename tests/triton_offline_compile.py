@@ -120,6 +120,19 @@ def _decode_cases():
     yield torch.bfloat16, 128, 4, ALL_OFF
 
 
+# The own cache's length for the fused-merge variant (decode_own_kernel with MERGE): at most 128
+# keys is one own split on a GPU (tiles.MIN_KEYS_PER_SPLIT), which FUSE_MERGE needs; 300 keys
+# (the other decode launches) are split two or three ways, which keeps the merge launch.
+MERGE_T = 100
+
+
+def _merge_heads(Lq):
+    """Query heads (of 2 kv heads) for the fused-merge compiles at Lq: the decode cases' 8, and at
+    Lq = 16 also 4 (32-row blocks: the largest tiles.merge_fits lets merge at D = 128; 64 rows,
+    as with 8 heads, keep the merge launch there)."""
+    return (8, 4) if Lq == 16 else (8,)
+
+
 def _fused_case(dtype, D, flags) -> bool:
     """Which decode cases also compile the fused launch (decode_parts_kernel): bf16 at every
     head dim, fp32 at D = 128 and the flags-off case; a subset, as each costs ~1.6 s a compile."""
@@ -155,9 +168,15 @@ def run(capability: int) -> dict:
                            D ** -0.5, out, lse, **extra)
     for dtype, D, Lq, flags in _decode_cases():
         q, k, v, pk, pv, pidx, mask, extra = _inputs(dtype, D, Lq, 300, flags)
-        decode.forward(q, k, v, pk, pv, pidx, mask, flags["causal"], D ** -0.5, **extra)
+        # The three launches (the merge in a launch of its own), whatever the own splits.
+        decode.forward(q, k, v, pk, pv, pidx, mask, flags["causal"], D ** -0.5, fuse_merge=False, **extra)
         if _fused_case(dtype, D, flags):
             decode.forward(q, k, v, pk, pv, pidx, mask, flags["causal"], D ** -0.5, fuse_parts=True, **extra)
+        # One own split: the own kernel merges (MERGE) where the row block fits (the default
+        # serving path), else the three launches.
+        for Hq in _merge_heads(Lq):
+            q, k, v, pk, pv, pidx, mask, extra = _inputs(dtype, D, Lq, MERGE_T, flags, Hq=Hq)
+            decode.forward(q, k, v, pk, pv, pidx, mask, flags["causal"], D ** -0.5, fuse_merge=True, **extra)
     from prefix_kernels.backends.vendor import merge_kernel  # the composed backend's merge
 
     for dtype, D in itertools.product((torch.float16, torch.bfloat16, torch.float32), (64, 128, 256)):

@@ -1,21 +1,29 @@
 """Launcher of the shared-prefix decode kernels: splits, grids, block sizes, allocation.
 
 Inputs arrive checked by _core.problem (and 1 <= Lq <= 16 by the decode path). Any
-strides are accepted. One decode step is three launches (see kernels/decode.py):
+strides are accepted. One decode step is at most three launches (see kernels/decode.py):
 
   prefix   grid (row blocks, Hkv, prefix splits)   each prefix tile read once per BLOCK_M
                                                     stacked rows of all requests sharing it
   own      grid (B * Hkv, own splits, row blocks)   flash-decoding over each request's cache
   merge    grid (B * Hq * Lq,)                      log-sum-exp merge of all partials
 
+With fuse_merge (_core.config.FUSE_MERGE, on by default) and one own split, the common case at
+serving batch sizes, where B * Hkv * row blocks programs already fill the GPU, there is no merge
+launch: the own kernel (MERGE) merges each row's in-register state with the prefix partials the
+prefix launch wrote before it on the stream, and writes out and lse itself (merge_in_own). The
+own partial is then neither written nor read back. With several own splits, or a row block too
+large to merge in registers (tiles.merge_fits), the three launches stay (merge_in_own says why).
+
 With fuse_parts the prefix and own grids run as one launch whose program ids alternate between
 the two parts (decode_parts_kernel), so that the compute-bound prefix programs of a large batch
-can overlap the memory-bound own-cache programs (benchmarks/NOTES.md, "A compute floor too").
-Off by default (_core.config.FUSE_PARTS): it has not been timed on a GPU yet.
+can overlap the memory-bound own-cache programs (benchmarks/NOTES.md, "A compute floor too"),
+followed by the merge launch. Off by default (_core.config.FUSE_PARTS): it has not been timed on
+a GPU yet.
 
 The partials are fp32 (B * Hq * Lq, S, D) and (B * Hq * Lq, S) with S = prefix splits + own
-splits; tiles.split_caps keeps all of them (written and read back) within a tenth of the bytes the
-step reads.
+splits (prefix splits alone when the own kernel merges); tiles.split_caps keeps all of them
+(written and read back) within a tenth of the bytes the step reads.
 """
 
 from __future__ import annotations
@@ -30,8 +38,23 @@ from ..._core.layout import bhld
 from .train import LOG2E, mask_args, precision
 from .kernels.decode import decode_merge_kernel, decode_own_kernel, decode_parts_kernel, decode_prefix_kernel
 
+
+def merge_in_own(fuse_parts: bool, fuse_merge: bool, o_splits: int, fits: bool) -> bool:
+    """Whether the own kernel merges (MERGE) instead of a merge launch: fuse_merge on, the parts
+    in separate launches, exactly one own split (o_splits == 0: no own key, nothing to fuse), and
+    a tile whose merge fits in registers (fits: tiles.merge_fits).
+
+    Why not with fuse_parts: the prefix programs then share the own programs' grid, so a prefix
+    partial may not be written yet when an own program finishes. Why not with several own
+    splits: the split to finish last would have to merge, which needs a per-row counter (an
+    atomic) and memory ordering between programs (fences) that nothing here can check without a
+    GPU (the interpreter runs programs one after the other); the merge launch orders them instead.
+    """
+    return fuse_merge and not fuse_parts and o_splits == 1 and fits
+
+
 def forward(q, k, v, prefix_k, prefix_v, prefix_index, kv_mask, causal: bool, scale: float,
-            fuse_parts: bool | None = None, prefix_mask=None):
+            fuse_parts: bool | None = None, prefix_mask=None, fuse_merge: bool | None = None):
     """Returns out (B, Hq, Lq, D) in q's dtype (a (B, Lq, Hq, D) tensor transposed, as
     _core.layout) and the natural-log lse (B, Hq, Lq) float32.
 
@@ -39,9 +62,15 @@ def forward(q, k, v, prefix_k, prefix_v, prefix_index, kv_mask, causal: bool, sc
     that sees no key at all gets out 0 and lse -inf.
 
     fuse_parts: run the prefix and own parts as one launch (None: _core.config.FUSE_PARTS["triton"]). Same splits,
-    same partials, same merge: the result is bit-identical either way."""
+    same partials, same merge: the result is bit-identical either way.
+
+    fuse_merge: with one own split (of a row block that fits), merge in the own kernel instead of
+    a merge launch (None: _core.config.FUSE_MERGE["triton"]; merge_in_own). Same arithmetic: the result differs from
+    the merge launch's by fp32 rounding only."""
     if fuse_parts is None:
         fuse_parts = config.FUSE_PARTS["triton"]
+    if fuse_merge is None:
+        fuse_merge = config.FUSE_MERGE["triton"]
     B, Hq, Lq, D = q.shape
     G, Hkv, P, _ = prefix_k.shape
     T = k.shape[2]
@@ -80,9 +109,10 @@ def forward(q, k, v, prefix_k, prefix_v, prefix_index, kv_mask, causal: bool, sc
     o_splits = tiles.choose_splits(B * Hkv * own_row_blocks, T, blk.own_n, sm, o_cap)
     o_per, o_splits = tiles.keys_per_split(T, o_splits, blk.own_n)
 
-    S = p_splits + o_splits
-    if S == 0:  # no key at all (P == 0 and T == 0): every row is empty
+    if p_splits + o_splits == 0:  # no key at all (P == 0 and T == 0): every row is empty
         return out.zero_(), lse.fill_(float("-inf"))
+    merge = merge_in_own(fuse_parts, fuse_merge, o_splits, tiles.merge_fits(blk.own_m, BLOCK_D, blk.warps, dev))
+    S = p_splits if merge else p_splits + o_splits  # partial slots per row
     part_out = torch.empty((rows, S, D), dtype=torch.float32, device=dev)
     part_lse = torch.empty((rows, S), dtype=torch.float32, device=dev)
 
@@ -119,14 +149,18 @@ def forward(q, k, v, prefix_k, prefix_v, prefix_index, kv_mask, causal: bool, sc
                 num_warps=blk.warps, num_stages=blk.stages,
             )
         if n_own > 0:
+            # With MERGE this launch comes after the prefix launch on the same stream: every
+            # prefix partial it reads is written.
             decode_own_kernel[(B * Hkv, o_splits, own_row_blocks)](
-                q, k, v, kvm, part_out, part_lse,
-                *q.stride(), *k.stride(), *v.stride(), smb, smn,
+                q, k, v, kvm, part_out, part_lse, out, lse,
+                *q.stride(), *k.stride(), *v.stride(), smb, smn, *out.stride(),
                 Hq, Hkv, Lq, T, group, qk_scale, o_per, p_splits, S,
                 HEAD_DIM=D, BLOCK_D=BLOCK_D, BLOCK_M=blk.own_m, BLOCK_N=blk.own_n,
                 HAS_KV_MASK=kv_mask is not None, CAUSAL=bool(causal), PRECISION=precision_, WIDE=wide,
-                num_warps=blk.warps, num_stages=blk.stages,
+                MERGE=merge, num_warps=blk.warps, num_stages=blk.stages,
             )
+    if merge:
+        return out, lse
     block_s = min(16, triton.next_power_of_2(S))
     decode_merge_kernel[(rows,)](
         part_out, part_lse, out, lse, Hq, Lq, S, *out.stride(),

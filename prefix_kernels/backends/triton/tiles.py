@@ -233,6 +233,25 @@ def decode_blocks(D: int, R: int, dtype: torch.dtype, device: torch.device) -> D
     return DecodeBlocks(fwd.m, fwd.n, own_m, fwd.n, fwd.warps, fwd.stages)
 
 
+# The fused merge (decode_own_kernel with MERGE) holds each loaded (own_m, BLOCK_D) fp32 prefix
+# partial beside the (own_m, BLOCK_D) fp32 accumulator, and writes the output in q's dtype from
+# the accumulator's layout. Compiled offline (triton 3.9, benchmarks/NOTES.md), 16 accumulator
+# values per thread compile without spills on sm_80 and sm_90; at 32 the 16-bit 64 x 64 tile on
+# 4 warps (D = 64, Lq = 16) took 255 registers and 8 B of stack on sm_80 (the unfused kernel 182,
+# none), and at 64 (128 x 128 on 8 warps: D = 128, group 8, Lq = 16) 56 B. Past this the merge
+# keeps its own launch: the serving case (Lq = 1, own_m = 16) holds 8 at D = 128.
+MERGE_VALUES_PER_THREAD = 16
+
+
+def merge_fits(own_m: int, block_d: int, warps: int, device: torch.device) -> bool:
+    """Whether the own kernel may merge in registers (the launcher's merge_in_own): at most
+    MERGE_VALUES_PER_THREAD accumulator values per thread on a GPU; always under the interpreter,
+    which has no registers."""
+    if not on_gpu(device):
+        return True
+    return own_m * block_d <= MERGE_VALUES_PER_THREAD * 32 * warps
+
+
 # The most the split partials may weigh, written and read back, as a share of the bytes a decode
 # step reads (the caches and the queries): more splits fill more SMs but move more bytes, and a
 # decode step is bound by the bytes it moves.

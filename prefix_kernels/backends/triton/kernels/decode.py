@@ -14,7 +14,10 @@ A decode step (Lq = 1..16 new tokens per request) is split in three launches:
   decode_merge_kernel   combines the partial (out, lse) of every split by log-sum-exp.
 
 decode_parts_kernel runs the first two as one launch, their programs interleaved (the launcher's
-fuse_parts; see its docstring for why).
+fuse_parts; see its docstring for why). decode_own_kernel with MERGE does the merge itself when
+the own part has one split and the prefix kernel ran before it on the stream: each program merges
+its rows' in-register state with their prefix partials and writes the final out and lse, so the
+own partial and the merge launch are not needed (the launcher's merge_in_own says when).
 
 With HAS_PREFIX_MASK, prefix_mask's row g hides prefix keys in the prefix part as kv_mask hides
 own keys in the own part (the hidden keys are not loaded).
@@ -92,19 +95,69 @@ def _split_softmax(Q_ROWS, sqd, K_BASE, V_BASE, skn, skd, svn, svd, lo, hi,
 
 
 @triton.jit
+def _normalised(acc, m_i, l_i):
+    """A split's state (acc, m_i in log2 units, l_i) as its partial: (out = acc / l_i, natural-log
+    lse). A row with nothing visible in the split gets out 0 and lse -inf, so a merge weighs it 0."""
+    empty = l_i == 0.0
+    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    lse = tl.where(empty, float("-inf"), (m_i + tl.log2(tl.where(empty, 1.0, l_i))) * LN2)
+    return out, lse
+
+
+@triton.jit
 def _store_partial(OP, LP, row_id, slot, S_total, acc, m_i, l_i, row_ok, offs_d, HEAD_DIM: tl.constexpr):
     """Write one split's normalised partial out (fp32) and natural-log lse for each row.
 
     OP is a contiguous (rows, S_total, HEAD_DIM) fp32 buffer, LP a (rows, S_total) one; row_id
     is the row's index (b * Hq + h) * Lq + i (int64), slot the split's index in [0, S_total).
     """
-    empty = l_i == 0.0  # nothing visible in this split: out 0, lse -inf (the merge weighs it 0)
-    out = acc / tl.where(empty, 1.0, l_i)[:, None]
-    lse = tl.where(empty, float("-inf"), (m_i + tl.log2(tl.where(empty, 1.0, l_i))) * LN2)
+    out, lse = _normalised(acc, m_i, l_i)
     cell = row_id * S_total + slot
     o_mask = row_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
     tl.store(OP + cell[:, None] * HEAD_DIM + offs_d[None, :], out, mask=o_mask)
     tl.store(LP + cell, lse, mask=row_ok)
+
+
+@triton.jit
+def _store_merged(OP, LP, O, LSE, row_id, out_rows, sod, S_total, acc, m_i, l_i, row_ok, offs_d,
+                  HEAD_DIM: tl.constexpr):
+    """Merge one split's state (acc, m_i in log2 units, l_i: the own part's only split) with the
+    S_total partials already in OP, LP for each row, and write the final out and lse.
+
+    The arithmetic of decode_merge_kernel, with this split's partial taken from registers instead
+    of memory: out = sum_s exp(lse_s - m) out_s / sum_s exp(lse_s - m), lse = m + log(sum ...),
+    m the largest lse_s, in a fixed order (this split, then slots 0..S_total-1: deterministic).
+    A split that sees no key (lse -inf) weighs exactly 0; a row that sees none at all gets out 0
+    and lse -inf, with no NaN. OP, LP: as in _store_partial (natural-log lse); out_rows: the
+    pointer of each row's output in O (q's dtype, any strides; sod along D); LSE: (rows,) fp32.
+    """
+    d_ok = offs_d < HEAD_DIM
+    own_out, own_lse = _normalised(acc, m_i, l_i)
+    cells = row_id * S_total
+    # Two passes as in decode_merge_kernel: the largest lse first (lse loads only), so that no
+    # weight exceeds 1 and the sums need no rescaling.
+    m = own_lse
+    for s in range(0, S_total):
+        m = tl.maximum(m, tl.load(LP + cells + s, mask=row_ok, other=float("-inf")))
+    m_safe = tl.where(m == float("-inf"), 0.0, m)  # exp(-inf - -inf) would be NaN
+    w = tl.exp(own_lse - m_safe)
+    acc = own_out * w[:, None]
+    den = w
+    for s in range(0, S_total):
+        w = tl.exp(tl.load(LP + cells + s, mask=row_ok, other=float("-inf")) - m_safe)
+        o = tl.load(OP + (cells + s)[:, None] * HEAD_DIM + offs_d[None, :],
+                    mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        # One fma, not acc += w * o: written as a product then a sum, Triton computed the
+        # product in the score tile's layout (w's) and converted it to acc's, two conversions of
+        # a (BLOCK_M, BLOCK_D) fp32 tile that spilled at 64 x 256 on sm_90; the fma converts o alone.
+        acc = tl.fma(o, w[:, None], acc)
+        den += w
+    empty = den == 0.0
+    out = acc / tl.where(empty, 1.0, den)[:, None]
+    lse = tl.where(empty, float("-inf"), m + tl.log(tl.where(empty, 1.0, den)))
+    tl.store(out_rows[:, None] + offs_d[None, :] * sod, out.to(O.dtype.element_ty),
+             mask=row_ok[:, None] & d_ok[None, :])
+    tl.store(LSE + row_id, lse, mask=row_ok)
 
 
 @triton.jit
@@ -195,17 +248,19 @@ def decode_prefix_kernel(
 
 
 @triton.jit
-def _own_program(
-    bk, split, rb, Q, K, V, KVM, OP, LP,
+def _own_split(
+    bk, split, rb, Q, K, V, KVM,
     sqb, sqh, sqm, sqd,
     skb, skh, skn, skd,
     svb, svh, svn, svd,
     smb, smn,
-    Hq, Hkv, Lq, T, group, qk_scale, keys_per_split, slot0, S_total,
+    Hkv, Lq, T, group, qk_scale, keys_per_split,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_KV_MASK: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr, WIDE: tl.constexpr,
 ):
-    """The own part's program (bk = b * Hkv + hk, int64; split; rb: row block).
+    """One split of the own part (bk = b * Hkv + hk, int64; split; rb: row block): returns the
+    split's state (acc (BLOCK_M, BLOCK_D), m_i in log2 units, l_i) and its rows (b, h, row_i,
+    row_ok), which the caller stores as a partial or merges.
 
     Row r of a program's block is query head hk * group + r // Lq at position r % Lq: the GQA heads
     of one kv head share every K/V tile. Causal is bottom-right aligned: position i sees own key
@@ -227,13 +282,12 @@ def _own_program(
         lo, hi, row_ok, row_i, offs_d, KVM + b * smb, smn, T - Lq, qk_scale,
         CAUSAL, HAS_KV_MASK, HEAD_DIM, BLOCK_M, BLOCK_D, BLOCK_N, PRECISION, WIDE,
     )
-    row_id = (b * Hq + h) * Lq + row_i
-    _store_partial(OP, LP, row_id, slot0 + split, S_total, acc, m_i, l_i, row_ok, offs_d, HEAD_DIM)
+    return acc, m_i, l_i, b, h, row_i, row_ok
 
 
 @triton.jit
-def decode_own_kernel(
-    Q, K, V, KVM, OP, LP,
+def _own_program(
+    bk, split, rb, Q, K, V, KVM, OP, LP,
     sqb, sqh, sqm, sqd,
     skb, skh, skn, skd,
     svb, svh, svn, svd,
@@ -242,14 +296,57 @@ def decode_own_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_KV_MASK: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr, WIDE: tl.constexpr,
 ):
-    """Grid (B * Hkv, key splits, row blocks of group * Lq); B * Hkv on axis 0 (no 65535 limit)."""
-    _own_program(
-        tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2),
-        Q, K, V, KVM, OP, LP,
+    """The own part's program that writes its split's partial to slot slot0 + split (see _own_split)."""
+    acc, m_i, l_i, b, h, row_i, row_ok = _own_split(
+        bk, split, rb, Q, K, V, KVM,
         sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, smb, smn,
-        Hq, Hkv, Lq, T, group, qk_scale, keys_per_split, slot0, S_total,
+        Hkv, Lq, T, group, qk_scale, keys_per_split,
         HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, HAS_KV_MASK, CAUSAL, PRECISION, WIDE,
     )
+    row_id = (b * Hq + h) * Lq + row_i
+    _store_partial(OP, LP, row_id, slot0 + split, S_total, acc, m_i, l_i, row_ok, tl.arange(0, BLOCK_D), HEAD_DIM)
+
+
+@triton.jit
+def decode_own_kernel(
+    Q, K, V, KVM, OP, LP, O, LSE,
+    sqb, sqh, sqm, sqd,
+    skb, skh, skn, skd,
+    svb, svh, svn, svd,
+    smb, smn,
+    sob, soh, som, sod,
+    Hq, Hkv, Lq, T, group, qk_scale, keys_per_split, slot0, S_total,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_KV_MASK: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr, WIDE: tl.constexpr,
+    MERGE: tl.constexpr,
+):
+    """Grid (B * Hkv, key splits, row blocks of group * Lq); B * Hkv on axis 0 (no 65535 limit).
+
+    MERGE False: each split writes its partial to slot slot0 + split of OP, LP (S_total slots);
+    O, LSE and their strides are unused. MERGE True (one split, launched after the prefix kernel
+    on the same stream, so every prefix partial is written): OP, LP hold the S_total prefix
+    partials of each row, and each program writes its rows' merged out to O (q's dtype, strides
+    sob, soh, som, sod) and natural-log lse to LSE (B, Hq, Lq) fp32; slot0 is unused.
+    """
+    bk = tl.program_id(0).to(tl.int64)
+    if MERGE:
+        acc, m_i, l_i, b, h, row_i, row_ok = _own_split(
+            bk, 0, tl.program_id(2), Q, K, V, KVM,
+            sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, smb, smn,
+            Hkv, Lq, T, group, qk_scale, keys_per_split,
+            HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, HAS_KV_MASK, CAUSAL, PRECISION, WIDE,
+        )
+        row_id = (b * Hq + h) * Lq + row_i
+        _store_merged(OP, LP, O, LSE, row_id, O + b * sob + h * soh + row_i * som, sod, S_total,
+                      acc, m_i, l_i, row_ok, tl.arange(0, BLOCK_D), HEAD_DIM)
+    else:
+        _own_program(
+            bk, tl.program_id(1), tl.program_id(2),
+            Q, K, V, KVM, OP, LP,
+            sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, smb, smn,
+            Hq, Hkv, Lq, T, group, qk_scale, keys_per_split, slot0, S_total,
+            HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, HAS_KV_MASK, CAUSAL, PRECISION, WIDE,
+        )
 
 
 @triton.jit
