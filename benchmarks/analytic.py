@@ -17,7 +17,8 @@ The model, per call (bf16/fp16; fp32 moves twice the bytes and runs at the TF32 
 
   time = max(FLOPs / (peak * MATMUL_EFF), bytes / (HBM * HBM_EFF)) + LAUNCH_US per kernel
 
-MATMUL_EFF and HBM_EFF are the fractions a good kernel reaches (FlashAttention 2's forward on an
+MATMUL_EFF and HBM_EFF (with the datasheet table, in prefix_kernels/_core/gpus.py, which the
+package's model-driven defaults share) are the fractions a good kernel reaches (FlashAttention 2's forward on an
 H100 runs at about 35-50% of the dense bf16 peak; a streaming read reaches ~85-90% of the HBM
 datasheet rate). They are assumptions to be tested: the first GPU run compares them with the
 measured rows (benchmarks/NOTES.md, "Predicted and measured").
@@ -27,26 +28,10 @@ from __future__ import annotations
 
 import argparse
 
-# Datasheet numbers: dense bf16 tensor TFLOP/s (TF32 half of it), HBM TB/s, SMs.
-GPUS = {
-    "H200": dict(bf16_tflops=989.0, hbm_tbs=4.8, sms=132),
-    "H100": dict(bf16_tflops=989.0, hbm_tbs=3.35, sms=132),  # SXM
-    "A100": dict(bf16_tflops=312.0, hbm_tbs=2.0, sms=108),  # 80GB SXM
-}
-MATMUL_EFF = {"fwd": 0.45, "fwd_bwd": 0.35}
-HBM_EFF = 0.85
+from prefix_kernels._core.gpus import GPUS, HBM_EFF, MATMUL_EFF, gpu_specs  # noqa: F401 (re-exported)
+
 LAUNCH_US = 5.0
 BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
-
-
-def gpu_specs(name: str | None) -> dict | None:
-    """The datasheet entry whose key appears in the GPU's name (torch.cuda.get_device_name), or None."""
-    if not name:
-        return None
-    for key, spec in GPUS.items():
-        if key in name:
-            return dict(spec, key=key)
-    return None
 
 
 def attention_cost(shape: dict, dtype: str, mode: str, copied: bool = False) -> dict:

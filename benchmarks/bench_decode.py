@@ -4,8 +4,11 @@ Providers (each reported as skipped with its reason when it cannot run):
   prefix_kernels_triton  shared_prefix_decode(backend="triton")
   prefix_kernels_triton_fused
                          the same with the triton launcher's fuse_parts on: the prefix and own
-                         parts in one interleaved grid (off by default until timed; at B = 256
-                         the prefix part is compute-bound, see NOTES.md)
+                         parts in one interleaved grid (by default, FUSE_PARTS "auto", only where
+                         a model says the prefix part is compute-bound enough to gain; NOTES.md)
+  prefix_kernels_triton_separate_parts
+                         the same with fuse_parts off: the parts as separate launches everywhere,
+                         so that the default, fused and separate are all timed
   prefix_kernels_triton_unfused_merge
                          the same with FUSE_MERGE off: the merge in a launch of its own even where
                          the own-cache kernel could merge (one own split), to time what fusing the
@@ -13,6 +16,8 @@ Providers (each reported as skipped with its reason when it cannot run):
   prefix_kernels_cuda    shared_prefix_decode(backend="cuda") (the optional CUDA extension)
   prefix_kernels_cuda_fused
                          the same with the extension's fuse_parts on (parts_kernel)
+  prefix_kernels_cuda_separate_parts
+                         the same with fuse_parts off
   sdpa_expanded          SDPA over caches that already hold each request's copy of the prefix
                          (B, Hkv, P + T, D), built outside the timed region: a plain KV cache
                          without prefix sharing
@@ -194,8 +199,10 @@ PROVIDERS = {
     "prefix_kernels_triton": setup_prefix_kernels("triton"),
     "prefix_kernels_triton_fused": setup_fused("triton"),
     "prefix_kernels_triton_unfused_merge": setup_fused("triton", "FUSE_MERGE", False),
+    "prefix_kernels_triton_separate_parts": setup_fused("triton", "FUSE_PARTS", False),
     "prefix_kernels_cuda": setup_prefix_kernels("cuda"),
     "prefix_kernels_cuda_fused": setup_fused("cuda"),
+    "prefix_kernels_cuda_separate_parts": setup_fused("cuda", "FUSE_PARTS", False),
     "sdpa_expanded": setup_sdpa_expanded,
     "flex": setup_flex,
     "flashinfer_cascade": setup_flashinfer_cascade,

@@ -29,7 +29,8 @@ NOT_COMPARED = ("tune",)
 # The row field that says how close to the hardware a provider came, per workload.
 # Timed beside the defaults to decide a default, not what a user gets without asking: left out
 # of the headline (the rows and plots keep them).
-OPT_IN = {"prefix_kernels_triton_fused", "prefix_kernels_triton_unfused_merge", "prefix_kernels_cuda_fused"}
+OPT_IN = {"prefix_kernels_triton_fused", "prefix_kernels_triton_unfused_merge", "prefix_kernels_triton_separate_parts",
+          "prefix_kernels_cuda_fused", "prefix_kernels_cuda_separate_parts"}
 LIMIT_FIELD = {"decode": ("frac_copy_bw", "copy bandwidth"), "attention": ("frac_matmul", "matmul rate")}
 
 

@@ -9,11 +9,12 @@ def test_bench_decode_smoke_writes_rows(tmp_path):
     bench_decode = benchmark_module("bench_decode")
     out = tmp_path / "decode.jsonl"
     providers = ["prefix_kernels_triton", "prefix_kernels_triton_fused", "prefix_kernels_triton_unfused_merge",
-                 "sdpa_expanded", "prefix_kernels_cuda", "prefix_kernels_cuda_fused"]
+                 "prefix_kernels_triton_separate_parts", "sdpa_expanded", "prefix_kernels_cuda",
+                 "prefix_kernels_cuda_fused", "prefix_kernels_cuda_separate_parts"]
     bench_decode.main(["--smoke", "--out", str(out), "--providers", *providers])
     bench_decode.main(["--smoke", "--out", str(out), "--providers", *providers])
     rows = [json.loads(line) for line in out.read_text().splitlines()]
-    assert len(rows) == 2 * 6  # 2 shapes x 6 providers: the rerun upserted, not appended
+    assert len(rows) == 2 * len(providers)  # 2 shapes x each provider: the rerun upserted, not appended
     for row in rows:
         for field in ("workload", "device", "torch", "commit", "prefix_kernels", "shape", "dtype", "bytes"):
             assert field in row

@@ -872,3 +872,73 @@ def test_decode_step_replays_in_a_cuda_graph(backend):
         static_q.copy_(torch.randn_like(static_q))
         graph.replay()
         torch.testing.assert_close(static_out, shared_prefix_decode(static_q, *args[1:], **kw), rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------------------------------------
+# FUSE_PARTS "auto": the model that decides the fused launch
+# ------------------------------------------------------------------------------------------------
+
+
+def test_parts_overlap_gain_follows_the_model():
+    """The serial/overlapped ratio of the decode parts at the benchmark's shapes (Hq 32, Hkv 8,
+    D 128, T 256, one prefix) on an H100: 1 where the prefix part is memory-bound (B = 8), growing
+    with B and P where its matrix products outlast its read; the largest shapes cross the
+    threshold, the small ones do not."""
+    from prefix_kernels._core import gpus
+
+    h100 = gpus.gpu_specs("NVIDIA H100 80GB HBM3")
+    gain = lambda B, P, T=256: config.parts_overlap_gain(B, 32, 8, 1, T, P, 1, 128, h100)  # noqa: E731
+    assert gain(8, 16384) == pytest.approx(1.0)
+    assert gain(64, 1024) < gain(64, 4096) < gain(64, 16384)
+    assert gain(64, 4096) < gain(256, 4096)
+    assert gain(256, 16384) >= config.FUSE_PARTS_GAIN > gain(64, 1024)
+    assert gain(256, 16384, T=0) == pytest.approx(1.0)  # nothing to overlap with
+    # By hand at B 256, P 16384: 68.7 GFLOP at 45% of 989 TFLOP/s, 67 + 268 MB at 85% of 3.35 TB/s.
+    t_math = 4 * 256 * 32 * 16384 * 128 / (989e12 * 0.45)
+    prefix, own = 2 * 8 * 16384 * 128 * 2 / (3.35e12 * 0.85), 2 * 256 * 8 * 256 * 128 * 2 / (3.35e12 * 0.85)
+    assert gain(256, 16384) == pytest.approx((max(t_math, prefix) + own) / max(t_math, prefix + own))
+
+
+def test_fuse_parts_auto_decides_by_the_model(monkeypatch):
+    """FUSE_PARTS "auto" fuses where the model's gain reaches FUSE_PARTS_GAIN on a GPU the table
+    knows, in 16-bit with both parts present; True/False force it; off CUDA (no datasheet entry)
+    it never fuses."""
+    from prefix_kernels._core import gpus
+
+    q16 = torch.empty(256, 32, 1, 128, dtype=torch.bfloat16)
+    assert config.FUSE_PARTS == {"triton": "auto", "cuda": "auto"}
+    assert not config.fuse_parts("triton", q16, 256, 16384, 1, 8)  # a CPU tensor: no GPU entry
+    monkeypatch.setattr(gpus, "device_specs", lambda device: gpus.gpu_specs("NVIDIA H100 80GB HBM3"))
+    assert config.fuse_parts("triton", q16, 256, 16384, 1, 8)
+    assert config.fuse_parts("cuda", q16, 256, 16384, 1, 8)
+    assert not config.fuse_parts("triton", q16[:8], 256, 16384, 1, 8)  # B 8: memory-bound prefix
+    assert not config.fuse_parts("triton", q16, 0, 16384, 1, 8)  # no own keys
+    assert not config.fuse_parts("triton", q16, 256, 0, 1, 8)  # no prefix keys
+    assert not config.fuse_parts("triton", q16.float(), 256, 16384, 1, 8)  # fp32: no tensor-core model
+    monkeypatch.setitem(config.FUSE_PARTS, "triton", False)
+    assert not config.fuse_parts("triton", q16, 256, 16384, 1, 8)
+    monkeypatch.setitem(config.FUSE_PARTS, "triton", True)
+    assert config.fuse_parts("triton", q16[:8], 0, 0, 1, 8)
+
+
+@pytest.mark.parametrize("gain,launched", [(2.0, 1), (1.0, 0)])
+def test_triton_launcher_takes_the_auto_decision(triton_device, monkeypatch, gain, launched):
+    """With FUSE_PARTS "auto" the Triton launcher asks the model for each call: the fused grid is
+    launched exactly when the model's gain reaches the threshold (the GPU facts patched in)."""
+    from prefix_kernels._core import gpus
+    from prefix_kernels.backends.triton import decode as launcher
+
+    monkeypatch.setattr(gpus, "device_specs", lambda device: gpus.gpu_specs("H100"))
+    monkeypatch.setattr(config, "parts_overlap_gain", lambda *a: gain)
+    calls = []
+    fused = launcher.decode_parts_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            calls.append(grid)
+            return fused[grid]
+
+    monkeypatch.setattr(launcher, "decode_parts_kernel", Spy())
+    inp = make_inputs(3, 4, 2, 1, 37, 40, 16, 2, FP16, triton_device, padding="left", requires_grad=False)
+    assert_decode_close(inp, backend="triton")
+    assert len(calls) == launched

@@ -131,10 +131,10 @@ def decode_forward(q, k, v, prefix_k, prefix_v, prefix_index=None, kv_mask=None,
     Returns out (B, Hq, Lq, D) in q's dtype and lse (B, Hq, Lq) float32, natural log; a row with
     no visible key gets out 0 and lse -inf. Call decode_reasons first: this raises when the
     extension cannot be built. fuse_parts: the prefix and per-request kernels as one launch with
-    interleaved blocks (parts_kernel; same result); None takes _core.config.FUSE_PARTS["cuda"].
+    interleaved blocks (parts_kernel; same result); None: _core.config.fuse_parts (FUSE_PARTS["cuda"]).
     """
     if fuse_parts is None:
-        fuse_parts = config.FUSE_PARTS["cuda"]
+        fuse_parts = config.fuse_parts("cuda", q, k.shape[2], prefix_k.shape[2], prefix_k.shape[0], k.shape[1])
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
     if prefix_index is not None and prefix_index.dtype not in (torch.int32, torch.int64):

@@ -18,8 +18,8 @@ large to merge in registers (tiles.merge_fits), the three launches stay (merge_i
 With fuse_parts the prefix and own grids run as one launch whose program ids alternate between
 the two parts (decode_parts_kernel), so that the compute-bound prefix programs of a large batch
 can overlap the memory-bound own-cache programs (benchmarks/NOTES.md, "A compute floor too"),
-followed by the merge launch. Off by default (_core.config.FUSE_PARTS): it has not been timed on
-a GPU yet.
+followed by the merge launch. By default (_core.config.FUSE_PARTS "auto") where a model of the
+GPU says running the parts one after the other would cost 1.25x or more; not timed on a GPU yet.
 
 The partials are fp32 (B * Hq * Lq, S, D) and (B * Hq * Lq, S) with S = prefix splits + own
 splits (prefix splits alone when the own kernel merges); tiles.split_caps keeps all of them
@@ -61,14 +61,14 @@ def forward(q, k, v, prefix_k, prefix_v, prefix_index, kv_mask, causal: bool, sc
     prefix_mask: (G, P) bool, the prefix keys each prefix's rows may see (None: all); a row
     that sees no key at all gets out 0 and lse -inf.
 
-    fuse_parts: run the prefix and own parts as one launch (None: _core.config.FUSE_PARTS["triton"]). Same splits,
+    fuse_parts: run the prefix and own parts as one launch (None: _core.config.fuse_parts). Same splits,
     same partials, same merge: the result is bit-identical either way.
 
     fuse_merge: with one own split (of a row block that fits), merge in the own kernel instead of
     a merge launch (None: _core.config.FUSE_MERGE["triton"]; merge_in_own). Same arithmetic: the result differs from
     the merge launch's by fp32 rounding only."""
     if fuse_parts is None:
-        fuse_parts = config.FUSE_PARTS["triton"]
+        fuse_parts = config.fuse_parts("triton", q, k.shape[2], prefix_k.shape[2], prefix_k.shape[0], k.shape[1])
     if fuse_merge is None:
         fuse_merge = config.FUSE_MERGE["triton"]
     B, Hq, Lq, D = q.shape
