@@ -91,7 +91,8 @@ typedef struct {
   int causal;
   float scale;    /* multiplies q . k (natural units) */
   int fuse_parts; /* nonzero: the prefix and per-request kernels as one launch, blocks interleaved
-                     (parts_kernel); same partials, same result. Untimed: off by default. */
+                     (parts_kernel); same partials, same result. The Python side decides it
+                     per call (prefix_kernels._core.config.fuse_parts). */
   const uint8_t* prefix_mask;            /* (G, P), nonzero = may attend; NULL: every prefix key */
   int64_t prefix_mask_stride[2];         /* its row (per prefix) and key strides */
   /* Used when order is NULL. prefix_index (B,) int32 or int64 on the device, values in [0, G)
