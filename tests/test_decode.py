@@ -278,18 +278,8 @@ def test_triton_fused_parts(triton_device, monkeypatch, B, Hq, Hkv, Lq, T, P, G,
     reference, bit-identical to the three-launch path (FUSE_MERGE off) under the interpreter (same
     splits, same partials, same merge), and the fused kernel is the one launched when both parts
     have keys."""
-    from prefix_kernels.backends.triton import decode as launcher
-
     inp = make_inputs(B, Hq, Hkv, Lq, T, P, 16, G, FP16, triton_device, padding=padding, requires_grad=False)
-    launched = []
-    fused = launcher.decode_parts_kernel
-
-    class Spy:
-        def __getitem__(self, grid):
-            launched.append(grid)
-            return fused[grid]
-
-    monkeypatch.setattr(launcher, "decode_parts_kernel", Spy())
+    launched = spy_decode_launches(monkeypatch)["decode_parts_kernel"]
     monkeypatch.setitem(config.FUSE_PARTS, "triton", True)
     out, lse, _ = assert_decode_close(inp, backend="triton", causal=causal)
     assert len(launched) == (1 if P and T else 0)
@@ -926,19 +916,9 @@ def test_triton_launcher_takes_the_auto_decision(triton_device, monkeypatch, gai
     """With FUSE_PARTS "auto" the Triton launcher asks the model for each call: the fused grid is
     launched exactly when the model's gain reaches the threshold (the GPU facts patched in)."""
     from prefix_kernels._core import gpus
-    from prefix_kernels.backends.triton import decode as launcher
-
     monkeypatch.setattr(gpus, "device_specs", lambda device: gpus.gpu_specs("H100"))
     monkeypatch.setattr(config, "parts_overlap_gain", lambda *a: gain)
-    calls = []
-    fused = launcher.decode_parts_kernel
-
-    class Spy:
-        def __getitem__(self, grid):
-            calls.append(grid)
-            return fused[grid]
-
-    monkeypatch.setattr(launcher, "decode_parts_kernel", Spy())
+    calls = spy_decode_launches(monkeypatch)
     inp = make_inputs(3, 4, 2, 1, 37, 40, 16, 2, FP16, triton_device, padding="left", requires_grad=False)
     assert_decode_close(inp, backend="triton")
-    assert len(calls) == launched
+    assert len(calls["decode_parts_kernel"]) == launched

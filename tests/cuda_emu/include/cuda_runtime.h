@@ -126,30 +126,29 @@ inline void warp_sync() { block->warps[threadIdx.x >> 5]->arrive_and_wait(); }
 inline void __syncthreads() { spd_emu::block->all.arrive_and_wait(); }
 inline void __syncwarp(unsigned = 0xffffffffu) { spd_emu::warp_sync(); }
 
+namespace spd_emu {
+// Every lane publishes v, then reads the value of lane `src` (a lane of the same warp).
+template <typename V>
+inline V shuffle(V v, int src) {
+  static_assert(sizeof(V) == 4, "32-bit shuffles only");
+  auto& buf = block->exchange[threadIdx.x >> 5];
+  std::memcpy(&buf[threadIdx.x & 31], &v, 4);
+  warp_sync();
+  V r;
+  std::memcpy(&r, &buf[src & 31], 4);
+  warp_sync();
+  return r;
+}
+}  // namespace spd_emu
+
 template <typename V>
 inline V __shfl_xor_sync(unsigned, V v, int lane_mask) {
-  static_assert(sizeof(V) == 4, "32-bit shuffles only");
-  auto& buf = spd_emu::block->exchange[threadIdx.x >> 5];
-  const int lane = threadIdx.x & 31;
-  std::memcpy(&buf[lane], &v, 4);
-  spd_emu::warp_sync();
-  V r;
-  std::memcpy(&r, &buf[lane ^ lane_mask], 4);
-  spd_emu::warp_sync();
-  return r;
+  return spd_emu::shuffle(v, static_cast<int>(threadIdx.x & 31) ^ lane_mask);
 }
 
 template <typename V>
 inline V __shfl_sync(unsigned, V v, int src_lane) {
-  static_assert(sizeof(V) == 4, "32-bit shuffles only");
-  auto& buf = spd_emu::block->exchange[threadIdx.x >> 5];
-  const int lane = threadIdx.x & 31;
-  std::memcpy(&buf[lane], &v, 4);
-  spd_emu::warp_sync();
-  V r;
-  std::memcpy(&r, &buf[src_lane & 31], 4);
-  spd_emu::warp_sync();
-  return r;
+  return spd_emu::shuffle(v, src_lane);
 }
 
 // atomicAdd on global memory; within one emulated block the threads are real threads.
