@@ -80,14 +80,14 @@ def forward(q, k, v, prefix_k, prefix_v, prefix_index, kv_mask, causal: bool, sc
     out = bhld(B, Hq, Lq, D, q)
     lse = torch.empty((B, Hq, Lq), dtype=torch.float32, device=dev)
 
-    blk = tiles.decode_blocks(D, R, q.dtype, dev)
+    has_pidx = prefix_index is not None
+    blk = tiles.decode_blocks(D, R, q.dtype, dev, has_pidx=has_pidx)
     sm = tiles.sm_count(dev) if tiles.on_gpu(dev) else None
     BLOCK_D = max(16, triton.next_power_of_2(D))
     precision_ = precision(q.dtype)
     qk_scale = scale * LOG2E
 
     # Prefix part: row blocks over the stacked rows of each prefix's requests.
-    has_pidx = prefix_index is not None
     if has_pidx:
         # Each prefix's rows start a fresh block: at most one partial block per prefix in use.
         row_blocks = triton.cdiv(B * R, blk.prefix_m) + min(G, B)
