@@ -70,3 +70,20 @@ def test_programs_pack_the_heads_of_a_kv_group(monkeypatch, triton_device, Hq, H
                       transposed=True)
     assert_close_to_reference(inp, backend="triton", causal=True, return_lse=kind == "forward",
                               desc=f"{kind} pack Hq={Hq} Hkv={Hkv}")
+
+
+def test_decode_prefix_tiles(h100):
+    """The decode prefix program takes the forward's tiles, but at most 64 rows at 16-bit
+    D <= 128 with a prefix_index or Lq > 1, where 128 rows spilled (per-row indices) and 64 do
+    not; Lq = 1 without an index keeps 128."""
+    cuda = torch.device("cuda")
+    fwd = tiles.blocks(128, torch.bfloat16, cuda, "forward")
+    assert tiles.decode_blocks(128, 4, torch.bfloat16, cuda).prefix_m == fwd.m == 128
+    assert tiles.decode_blocks(128, 4, torch.bfloat16, cuda, has_pidx=True).prefix_m == 64
+    assert tiles.decode_blocks(128, 16, torch.bfloat16, cuda, Lq=4).prefix_m == 64
+    assert tiles.decode_blocks(80, 4, torch.float16, cuda, has_pidx=True).prefix_m == 64
+    assert tiles.decode_blocks(64, 4, torch.bfloat16, cuda, has_pidx=True).prefix_m == 64
+    assert tiles.decode_blocks(256, 4, torch.bfloat16, cuda, has_pidx=True).prefix_m == tiles.blocks(
+        256, torch.bfloat16, cuda, "forward").m
+    assert tiles.decode_blocks(128, 4, torch.float32, cuda, has_pidx=True).prefix_m == tiles.blocks(
+        128, torch.float32, cuda, "forward").m

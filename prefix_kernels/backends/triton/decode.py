@@ -81,7 +81,7 @@ def forward(q, k, v, prefix_k, prefix_v, prefix_index, kv_mask, causal: bool, sc
     lse = torch.empty((B, Hq, Lq), dtype=torch.float32, device=dev)
 
     has_pidx = prefix_index is not None
-    blk = tiles.decode_blocks(D, R, q.dtype, dev, has_pidx=has_pidx)
+    blk = tiles.decode_blocks(D, R, q.dtype, dev, has_pidx=has_pidx, Lq=Lq)
     sm = tiles.sm_count(dev) if tiles.on_gpu(dev) else None
     BLOCK_D = max(16, triton.next_power_of_2(D))
     precision_ = precision(q.dtype)

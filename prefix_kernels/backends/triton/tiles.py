@@ -219,14 +219,16 @@ class DecodeBlocks:
     stages: int
 
 
-def decode_blocks(D: int, R: int, dtype: torch.dtype, device: torch.device, has_pidx: bool = False) -> DecodeBlocks:
+def decode_blocks(D: int, R: int, dtype: torch.dtype, device: torch.device, has_pidx: bool = False,
+                  Lq: int = 1) -> DecodeBlocks:
     """Tile sizes. The prefix program has the forward kernel's shape (BLOCK_M stacked rows
-    against BLOCK_N keys), so it takes the forward's tiles, except with a prefix_index at 16-bit
-    64 < D <= 128: each stacked row's request then comes from the grouping tables, and the
-    per-row indices held across the key loop pushed the 128-row tile to 255 registers and 112 B
-    (sm_90) / 160 B (sm_80) of stack; 64 rows on 8 warps compile without spills on both (202 / 255
-    registers; benchmarks/NOTES.md). The own-cache program takes the group * Lq rows of one
-    request and kv head, padded to tl.dot's minimum of 16 and capped at the forward's BLOCK_M.
+    against BLOCK_N keys), so it takes the forward's tiles, but at most 64 rows at 16-bit
+    D <= 128 when a stacked row's request comes from the grouping tables (has_pidx) or its head
+    and position from a division by Lq > 1 (Lq = 1 is a compile-time constant): the per-row
+    indices held across the key loop pushed the 128-row tile to 255 registers and up to 112 B
+    (sm_90) / 160 B (sm_80) of stack, and 64 rows compile without spills on both
+    (benchmarks/NOTES.md). The own-cache program takes the group * Lq rows of one request and kv
+    head, padded to tl.dot's minimum of 16 and capped at the forward's BLOCK_M.
     Not autotuned: no GPU was at hand when these were set.
     Under the interpreter 16-row blocks and 32-key tiles make the test shapes cross several row
     blocks and tiles."""
@@ -235,7 +237,7 @@ def decode_blocks(D: int, R: int, dtype: torch.dtype, device: torch.device, has_
     fwd = blocks(D, dtype, device, "forward")
     own_m = max(16, min(fwd.m, triton.next_power_of_2(R)))
     prefix_m = fwd.m
-    if has_pidx and dtype != torch.float32 and 64 < D <= 128:
+    if (has_pidx or Lq > 1) and dtype != torch.float32 and D <= 128:
         prefix_m = min(prefix_m, 64)
     return DecodeBlocks(prefix_m, fwd.n, own_m, fwd.n, fwd.warps, fwd.stages)
 
