@@ -452,7 +452,8 @@ def test_triton_nan_and_inf_propagate_like_the_reference(triton_device, monkeypa
         assert torch.equal(kind(out), kind(ref)), (
             f"{name} pattern differs: triton {int(kind(out).sum())}, reference {int(kind(ref).sum())}")
     finite = torch.isfinite(ref)
-    torch.testing.assert_close(out[finite], ref[finite].to(out.dtype), rtol=1e-4, atol=1e-5)
+    # Both sides fp32 (exact products): they differ by a few fp32 roundings (3e-7 measured here).
+    torch.testing.assert_close(out[finite], ref[finite].to(out.dtype), rtol=1e-5, atol=2e-6)
 
 
 @pytest.mark.parametrize("dtype", [FP32, FP16], ids=DTYPE_NAMES.get)
